@@ -1,0 +1,159 @@
+"""The ``onex-export`` command line. The only module that prints and chooses exit codes:
+0 success, 1 a user error (bad file, failed check), 2 bad usage (malformed or unfitting option)."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+import diffusers
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .config import SkipRange
+from .errors import OnexError, SkipRangeError, UsageError
+from .fileio import save_tensors_atomic
+from .models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
+from .models.zoo import TINY_TEXT_LEN
+from .runtime import Conditioning, TorchDenoiser, sample
+from .schedule import SamplingPlan
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VAE_SCALE = 8  # SD3's VAE downsamples by 8: a 1024 px image has 128 x 128 latents
+REAL_TEXT_LEN = 333  # CLIP 77 + T5 256 tokens, SD3's default
+
+
+class _Group(click.Group):
+    """Turns :class:`OnexError` into a clean message and its exit code; bugs keep their traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OnexError as exc:
+            click.secho(f"error: {exc.message}", fg="red", err=True)
+            if exc.hint:
+                click.echo(f"  hint: {exc.hint}", err=True)
+            click.echo("FAILED", err=True)
+            sys.exit(exc.exit_code)
+
+
+def _parse_skip(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return SkipRange.parse(value)
+    except SkipRangeError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onex-export")
+def main():
+    """onex-export: 1.x-Distill SD3/SD3.5 models from PyTorch to TensorRT engines."""
+    diffusers.utils.logging.set_verbosity_error()  # our own output says what matters
+
+
+@main.command()
+def models():
+    """List the embedded models (built in code, no downloads)."""
+    for name, spec in TINY_MODELS.items():
+        click.echo(f"{name:18s} {spec.description}")
+    click.echo("Real models: --model PATH, a local SD3/SD3.5 diffusers folder (or its transformer/ subfolder).")
+
+
+@main.command(name="sample")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Embedded model name (see `onex-export models`) or a local diffusers SD3/SD3.5 folder.")
+@click.option("--mlp", type=click.Path(path_type=Path), default=None,
+              help="Compensation MLP weights (onex or reference-release layout). Default: untrained (plain reuse).")
+@click.option("--skip", default="3-10", show_default=True, callback=_parse_skip,
+              help="Blocks skipped in step two: 1-based, inclusive, as in the paper (3-10 = blocks[2..9]).")
+@click.option("--mode", type=click.Choice(["1x", "student", "teacher"]), default="1x", show_default=True,
+              help="1x: two steps, the second skipping; student: N full steps; teacher: N Euler steps with CFG.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None,
+              help="Steps for --mode student (default 4) or teacher (default 28).")
+@click.option("--guidance", type=click.FloatRange(min=1.0), default=7.0, show_default=True,
+              help="CFG scale for --mode teacher.")
+@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
+              help="Student step: 1 = deterministic Euler, 0 = re-noise like DMD2.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch", type=click.IntRange(1, 256), default=1, show_default=True)
+@click.option("--resolution", type=click.IntRange(16, 4096), default=None,
+              help="Image size in pixels (latents are 1/8). Default: the model's native size.")
+@click.option("--text-len", type=click.IntRange(1, 1024), default=None,
+              help=f"Text tokens (default {TINY_TEXT_LEN} for embedded models, {REAL_TEXT_LEN} for real ones).")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Latents file (safetensors). Default: samples/<model>-<mode>-seed<seed>.safetensors")
+def sample_cmd(model, mlp, skip, mode, steps, guidance, eta, seed, batch, resolution, text_len, device, dtype, out):
+    """Sample latents with the 1.x-NFE schedule (or a baseline) in PyTorch.
+
+    Text embeddings are random (seeded): text encoders come with the runtime. The latents are saved
+    with the schedule in their metadata.
+    """
+    torch_dtype = DTYPES[dtype]
+    transformer = load_transformer(model, torch_dtype)
+    mlp_module = load_compensation(mlp, transformer) if mlp is not None else None
+    split = SplitSD3Transformer(transformer, skip, mlp_module).to(device=device, dtype=torch_dtype)
+    cfg = transformer.config
+
+    if mode == "1x":
+        plan = SamplingPlan.one_x(eta)
+    elif mode == "student":
+        plan = SamplingPlan.student(steps or 4, eta)
+    else:
+        plan = SamplingPlan.teacher(steps or 28, guidance)
+
+    size = resolution or cfg.sample_size * VAE_SCALE
+    latent = size // VAE_SCALE
+    if size % (VAE_SCALE * cfg.patch_size):
+        raise UsageError(
+            f"--resolution {size} is not a multiple of {VAE_SCALE * cfg.patch_size}",
+            f"use e.g. {size // (VAE_SCALE * cfg.patch_size) * VAE_SCALE * cfg.patch_size}",
+        )
+    tokens = text_len or (TINY_TEXT_LEN if model in TINY_MODELS else REAL_TEXT_LEN)
+    gen = torch.Generator().manual_seed(seed + 1)  # embeddings from another stream than the noise
+    cond = Conditioning(
+        text=torch.randn(batch, tokens, cfg.joint_attention_dim, generator=gen),
+        pooled=torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
+        uncond_text=torch.zeros(batch, tokens, cfg.joint_attention_dim) if plan.uses_cfg else None,
+        uncond_pooled=torch.zeros(batch, cfg.pooled_projection_dim) if plan.uses_cfg else None,
+    )
+
+    num_layers = split.num_layers
+    click.echo(f"model     {model} ({num_layers} blocks, width {transformer.inner_dim})")
+    click.echo(f"skip      {skip} (1-based, inclusive) = transformer_blocks[{skip.start0}..{skip.stop0 - 1}] "
+               f"(0-based), {skip.count} of {num_layers} blocks" + ("" if plan.uses_skip else " (unused by this mode)"))
+    shown = [f"{s:.4g}" for s in plan.sigmas]
+    arrows = " -> ".join(shown if len(shown) <= 6 else shown[:3] + ["..."] + shown[-2:]) + " -> 0"
+    steps_text = ", ".join(f"step {i + 1} {'skips' if s else 'full'}" for i, s in enumerate(plan.skips))
+    click.echo(f"schedule  {plan.name}: sigmas {arrows}" + (f"; {steps_text}" if plan.uses_skip else "")
+               + f"; eta {plan.eta}" + (f"; CFG {plan.guidance_scale}" if plan.uses_cfg else ""))
+    nfe = plan.nfe(num_layers, skip)
+    teacher_nfe = SamplingPlan.teacher().nfe(num_layers, None)
+    click.echo(f"NFE       {nfe:.3f} effective (teacher 28x2 = {teacher_nfe:.0f}: {teacher_nfe / nfe:.1f}x fewer)")
+    click.echo(f"text      random embeddings, {batch} x {tokens} tokens (seed {seed + 1}); no text encoder yet")
+
+    start = time.perf_counter()
+    with tqdm(total=len(plan.sigmas), desc="sampling", unit="step", file=sys.stderr, leave=False) as bar:
+        latents = sample(TorchDenoiser(split), plan, cond, (cfg.in_channels, latent, latent), seed,
+                         torch_dtype, device, on_step=lambda i, s: bar.update())
+    elapsed = time.perf_counter() - start
+
+    out = out or Path("samples") / f"{Path(model).name}-{mode}-seed{seed}.safetensors"
+    metadata = {"model": model, "plan": plan.name, "sigmas": ",".join(map(str, plan.sigmas)),
+                "skip": str(skip), "eta": str(plan.eta), "seed": str(seed), "nfe": f"{nfe:.4f}"}
+    save_tensors_atomic({"latents": latents}, out, metadata)
+    click.echo(f"latents   {tuple(latents.shape)} saved to {out}")
+    finite = bool(torch.isfinite(latents).all())
+    verdict = "PASSED" if finite else "FAILED"
+    click.echo(f"{verdict} sample: {plan.name} on {model}, {len(plan.sigmas)} steps in {elapsed:.2f} s, "
+               f"latents {'finite' if finite else 'NOT finite'} (std {latents.float().std():.3f})")
+    sys.exit(0 if finite else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The embedded tiny models and loading of real ones from a local diffusers folder.
+
+Tiny models keep the block topology of the real ones (block count, dual attention, qk norm, the
+``context_pre_only`` last block) at a small width, and are built in code from a fixed seed: no
+downloads. Real models load from the ``transformer`` subfolder of an SD3/SD3.5 pipeline folder, or
+from that subfolder itself.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel
+
+from ..errors import ModelLoadError
+
+TINY_SEED = 0
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """An embedded model: a description and the diffusers config it is built from."""
+
+    description: str
+    config: dict = field(default_factory=dict)
+
+
+def _tiny_config(num_layers: int, **extra) -> dict:
+    return dict(
+        sample_size=16,  # latent 16x16 -> 128x128 pixels, 64 image tokens
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=48,
+        caption_projection_dim=32,
+        pooled_projection_dim=40,
+        pos_embed_max_size=32,
+        **extra,
+    )
+
+
+TINY_MODELS: dict[str, TinySpec] = {
+    "tiny-sd3": TinySpec("SD3-Medium topology: 24 joint blocks, width 32", _tiny_config(24)),
+    "tiny-sd35-medium": TinySpec(
+        "SD3.5-Medium topology: 24 blocks, dual attention in blocks 1-13, qk RMSNorm, width 32",
+        _tiny_config(24, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    ),
+    "tiny-sd35-large": TinySpec(
+        "SD3.5-Large topology: 38 joint blocks, qk RMSNorm, width 32", _tiny_config(38, qk_norm="rms_norm")
+    ),
+}
+DEFAULT_MODEL = "tiny-sd3"
+TINY_TEXT_LEN = 16  # text tokens fed to tiny models (the real SD3 encoders give 77 + 256 = 333)
+
+
+def build_tiny(name: str, seed: int = TINY_SEED) -> SD3Transformer2DModel:
+    """Build an embedded model with weights from ``seed`` (the same on every machine)."""
+    if name not in TINY_MODELS:
+        raise ModelLoadError(f"unknown embedded model {name!r}", f"choose one of {', '.join(TINY_MODELS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SD3Transformer2DModel(**TINY_MODELS[name].config)
+    return model.eval()
+
+
+def load_transformer(spec: str, dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
+    """An embedded model by name, or a diffusers SD3/SD3.5 transformer from a local folder."""
+    if spec in TINY_MODELS:
+        model = build_tiny(spec)
+        return model if dtype == torch.float32 else model.to(dtype)
+    path = Path(spec)
+    if not path.exists():
+        raise ModelLoadError(
+            f"model {spec!r} is neither an embedded model nor an existing folder",
+            f"use one of {', '.join(TINY_MODELS)}, or the path of a local SD3/SD3.5 diffusers folder",
+        )
+    folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"{path} holds no diffusers transformer: neither {path}/config.json nor {path}/transformer/config.json",
+            "point --model at an SD3/SD3.5 pipeline folder or at its transformer subfolder",
+        )
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {config_file}: {exc}") from exc
+    if class_name != "SD3Transformer2DModel":
+        raise ModelLoadError(
+            f"{config_file} describes a {class_name!r}, not an SD3Transformer2DModel",
+            "onex-export supports Stable Diffusion 3 / 3.5 transformers",
+        )
+    try:
+        model = SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise ModelLoadError(f"cannot load the transformer in {folder}: {exc}") from exc
+    return model.eval()

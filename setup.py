@@ -1,0 +1,26 @@
+"""onex-export: 1.x-Distill SD3/SD3.5 models from training to TensorRT engines.
+
+Versions are pinned so that a fresh machine gets what the tests ran with; `constraints.txt` pins the
+transitive dependencies too. torch 2.13.0 is a CPU build on our CI machines and a CUDA build from PyPI.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="onex-export",
+    version="0.1.0",
+    description="Export 1.x-Distill SD3/SD3.5 models (two-step, cache-skipping) to ONNX and TensorRT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["onex_export", "onex_export.*"]),
+    install_requires=[
+        "torch==2.13.0",
+        "diffusers==0.42.1",
+        "safetensors==0.8.0",
+        "click==8.5.1",
+        "tqdm==4.70.1",
+        "numpy==2.4.6",
+    ],
+    extras_require={
+        "test": ["pytest==9.2.0"],
+    },
+    entry_points={"console_scripts": ["onex-export=onex_export.cli:main"]},
+)
