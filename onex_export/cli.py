@@ -17,12 +17,14 @@ from .errors import OnexError, SkipRangeError, UsageError
 from .fileio import save_tensors_atomic
 from .models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
 from .models.zoo import TINY_TEXT_LEN
+from .export.build import REAL_TEXT_LEN, TRT_CHOICES, BuildConfig, ParityFailedError, build
+from .export.shapes import VAE_SCALE, DimRange
+from .export.verify import verify
+from .parity import OutputError, format_table
 from .runtime import Conditioning, TorchDenoiser, sample
 from .schedule import SamplingPlan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-VAE_SCALE = 8  # SD3's VAE downsamples by 8: a 1024 px image has 128 x 128 latents
-REAL_TEXT_LEN = 333  # CLIP 77 + T5 256 tokens, SD3's default
 
 
 class _Group(click.Group):
@@ -153,6 +155,110 @@ def sample_cmd(model, mlp, skip, mode, steps, guidance, eta, seed, batch, resolu
     click.echo(f"{verdict} sample: {plan.name} on {model}, {len(plan.sigmas)} steps in {elapsed:.2f} s, "
                f"latents {'finite' if finite else 'NOT finite'} (std {latents.float().std():.3f})")
     sys.exit(0 if finite else 1)
+
+
+def _echo_parity(parity: dict) -> None:
+    if parity["rows"]:
+        click.echo(format_table([OutputError(**r) for r in parity["rows"]]))
+    else:
+        click.echo(f"parity not run: {parity.get('reason', 'no backend')}")
+
+
+def _parse_range(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return DimRange.parse(value)
+    except UsageError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _dynamic_defaults(model: str, resolution: DimRange | None, text_len: DimRange | None):
+    """--dynamic-shapes without explicit ranges: half to twice the native resolution, text 1/2 to 1x."""
+    transformer_cfg = TINY_MODELS[model].config if model in TINY_MODELS else None
+    if resolution is None:
+        native = (transformer_cfg["sample_size"] if transformer_cfg else 128) * VAE_SCALE
+        limit = (transformer_cfg["pos_embed_max_size"] if transformer_cfg else 192) * VAE_SCALE
+        resolution = DimRange(max(16, native // 2 // 16 * 16), native, min(2 * native, limit))
+    if text_len is None:
+        opt = TINY_TEXT_LEN if transformer_cfg else REAL_TEXT_LEN
+        text_len = DimRange(max(1, opt // 2), opt, opt)
+    return resolution, text_len
+
+
+@main.command(name="build")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Embedded model name or a local diffusers SD3/SD3.5 folder.")
+@click.option("--mlp", type=click.Path(path_type=Path), default=None, help="Compensation MLP weights.")
+@click.option("--skip", default="3-10", show_default=True, callback=_parse_skip,
+              help="Blocks skipped in step two: 1-based, inclusive (3-10 = blocks[2..9]).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Build folder. Default: engines/<model>-skip<range>-<precision>")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Types carried by the ONNX (strongly typed); norms stay fp32 in fp16/bf16.")
+@click.option("--trt", type=click.Choice(list(TRT_CHOICES)), default="auto", show_default=True,
+              help="Engine flavour: tensorrt (data-centre GPUs), tensorrt-rtx (AOT on CPU), none (ONNX only); "
+                   "auto = tensorrt-rtx if installed, else none.")
+@click.option("--batch", default="1:1:4", show_default=True, callback=_parse_range, help="Batch N or MIN:OPT:MAX.")
+@click.option("--resolution", default=None, callback=_parse_range,
+              help="Image pixels N or MIN:OPT:MAX (a range makes latent height/width dynamic). Default: native.")
+@click.option("--text-len", default=None, callback=_parse_range,
+              help="Text tokens N or MIN:OPT:MAX (a range makes it dynamic).")
+@click.option("--dynamic-shapes", is_flag=True,
+              help="Dynamic latent size and text length with default ranges (native/2..2x, text/2..text).")
+@click.option("--opset", type=click.IntRange(17, 23), default=17, show_default=True)
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
+@click.option("--compute-capability", "compute_capabilities", multiple=True,
+              help="TensorRT-RTX target, e.g. 8.6 (repeatable). Default: RTX's defaults (8.0, 8.6, 8.9, 12.0+).")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="Persistent timing cache (full TensorRT only). Default: <out>/../timing-cache.bin")
+@click.option("--allow-parity-failure", is_flag=True, help="Install the build even if the parity gate fails.")
+def build_cmd(model, mlp, skip, out, precision, trt, batch, resolution, text_len, dynamic_shapes, opset, opt_level,
+              compute_capabilities, timing_cache, allow_parity_failure):
+    """Split, export ONNX, compile TensorRT engines, gate on parity, and write manifest.json."""
+    if dynamic_shapes:
+        resolution, text_len = _dynamic_defaults(model, resolution, text_len)
+    out = out or Path("engines") / f"{Path(model).name}-skip{skip}-{precision}"
+    config = BuildConfig(skip=skip, out=out, model=model, mlp=mlp, precision=precision, trt=trt, batch=batch,
+                         resolution=resolution, text_len=text_len, opset=opset, optimization_level=opt_level,
+                         compute_capabilities=tuple(compute_capabilities), timing_cache=timing_cache,
+                         allow_parity_failure=allow_parity_failure)
+    start = time.perf_counter()
+    try:
+        manifest = build(config, log=click.echo)
+    except ParityFailedError as exc:
+        _echo_parity(exc.manifest["parity"])
+        raise
+    elapsed = time.perf_counter() - start
+    click.echo(f"\n{'graph':8s} {'onnx MB':>8s} {'export s':>9s} {'engine MB':>10s} {'build s':>8s} {'weights MB':>11s}")
+    for name, g in manifest["graphs"].items():
+        engine = g["engine"]
+        click.echo(f"{name:8s} {g['onnx']['bytes'] / 1e6:8.3f} {g['export_seconds']:9.2f} "
+                   f"{(engine['bytes'] / 1e6 if engine else 0):10.3f} {g.get('build_seconds', 0):8.2f} "
+                   f"{g['weight_bytes'] / 1e6:11.3f}")
+    w = manifest["weights"]
+    click.echo(f"weights: graphs {w['graph_bytes'] / 1e6:.3f} MB / model {w['model_bytes'] / 1e6:.3f} MB "
+               f"= duplication ratio {w['duplication_ratio']:.4f} (goal <= 1.02)")
+    click.echo(f"skip {manifest['skip']['one_based']} -> effective NFE {manifest['schedule']['effective_nfe']:.3f}; "
+               f"engines: {manifest['trt']}; shapes {manifest['shapes']['ranges']}\n")
+    _echo_parity(manifest["parity"])
+    passed = manifest["status"] == "passed"
+    click.echo(f"{'PASSED' if passed else 'FAILED'} build: {out} in {elapsed:.1f} s"
+               + ("" if passed else " (installed anyway: --allow-parity-failure)"))
+    sys.exit(0 if passed else 1)
+
+
+@main.command(name="verify")
+@click.argument("folder", type=click.Path(path_type=Path))
+def verify_cmd(folder):
+    """Check a build's files against its manifest (sha256) and re-run the parity gate."""
+    start = time.perf_counter()
+    manifest, parity = verify(folder, log=click.echo)
+    _echo_parity(parity)
+    passed = parity["status"] == "passed"
+    click.echo(f"{'PASSED' if passed else 'FAILED'} verify: {folder} ({len(parity['rows'])} checks, "
+               f"{time.perf_counter() - start:.1f} s; engines are not executed without a GPU)")
+    sys.exit(0 if passed else 1)
 
 
 if __name__ == "__main__":

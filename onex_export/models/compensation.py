@@ -61,10 +61,16 @@ class CompensationMLP(nn.Module):
         self.ctx = DeltaMLP(ctx_dim, ctx_hidden)
 
     @classmethod
-    def for_transformer(cls, transformer: nn.Module) -> "CompensationMLP":
-        """An untrained (identity) MLP sized for a diffusers ``SD3Transformer2DModel``."""
+    def for_transformer(cls, transformer: nn.Module, seed: int = 0) -> "CompensationMLP":
+        """An untrained (identity) MLP sized for a diffusers ``SD3Transformer2DModel``.
+
+        ``fc1`` is initialised from ``seed`` (the global RNG is left alone), so that the same model gives
+        the same MLP weights, and content hashes of builds stay stable.
+        """
         img_dim, ctx_dim = stream_dims(transformer)
-        return cls(img_dim, ctx_dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(img_dim, ctx_dim)
 
     def forward(self, delta_img: torch.Tensor, delta_ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f_img(delta_img), f_ctx(delta_ctx))``; shapes (B, N_img, D) and (B, N_txt, D_ctx)."""

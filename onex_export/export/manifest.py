@@ -1,0 +1,72 @@
+"""``manifest.json``: what a service needs to run the 1.x-NFE schedule from a build folder alone.
+
+The schema is documented in ``engines/README.md`` and versioned by ``schema_version``; a reader
+rejects a major version it does not know. Files are listed with sha256 so that a tampered or
+corrupted artifact is caught before it is run.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import OnexError
+from ..fileio import atomic_path
+from .onnx_export import sha256_file
+
+SCHEMA = "onex-export/build-manifest"
+SCHEMA_VERSION = 1
+FILENAME = "manifest.json"
+
+
+class ManifestError(OnexError):
+    """A build folder's manifest is missing, unreadable, or does not match its files."""
+
+
+def file_entry(folder: Path, path: Path) -> dict:
+    """``{"file", "bytes", "sha256"}`` of ``path``, relative to the build ``folder``."""
+    return {"file": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_manifest(folder: Path, manifest: dict) -> Path:
+    with atomic_path(Path(folder) / FILENAME) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return Path(folder) / FILENAME
+
+
+def read_manifest(folder: Path) -> dict:
+    """Load and check the schema of ``folder/manifest.json``."""
+    path = Path(folder) / FILENAME
+    if not path.is_file():
+        raise ManifestError(f"no {FILENAME} in {folder}", "point at a folder written by `onex-export build`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"cannot read {path}: {exc}", "rebuild with `onex-export build`") from exc
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise ManifestError(f"{path} is not an onex-export build manifest")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestError(f"{path} has schema version {manifest.get('schema_version')}, this tool reads "
+                            f"{SCHEMA_VERSION}", "rebuild with this version of onex-export")
+    return manifest
+
+
+def artifact_entries(manifest: dict) -> list[dict]:
+    """Every file entry the manifest lists (ONNX graphs, their external data, engines)."""
+    out = []
+    for graph in manifest["graphs"].values():
+        for kind in ("onnx", "onnx_data", "engine"):
+            if graph.get(kind):
+                out.append(graph[kind])
+    return out
+
+
+def check_files(folder: Path, manifest: dict) -> list[str]:
+    """Problems with the listed files (missing, size or sha256 mismatch); empty when all match."""
+    problems = []
+    for entry in artifact_entries(manifest):
+        path = Path(folder) / entry["file"]
+        if not path.is_file():
+            problems.append(f"{entry['file']}: missing")
+        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            problems.append(f"{entry['file']}: sha256 does not match the manifest (corrupted or tampered)")
+    return problems

@@ -1,0 +1,33 @@
+"""`onex-export verify DIR`: check an existing build's files against its manifest, then re-run the
+parity gate on its graphs against the PyTorch model it was built from."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from ..config import SkipRange
+from ..runtime.graphs import OrtGraph
+from . import manifest as mf
+from .build import load_reference
+from .gate import run_gate
+from .shapes import DimRange, ShapeConfig
+
+
+def verify(folder: Path, log: Callable[[str], None] = lambda _: None) -> tuple[dict, dict]:
+    """Return ``(manifest, parity)``; raises :class:`~manifest.ManifestError` on a file mismatch."""
+    folder = Path(folder)
+    manifest = mf.read_manifest(folder)
+    log(f"checking {len(mf.artifact_entries(manifest))} files against their sha256")
+    problems = mf.check_files(folder, manifest)
+    if problems:
+        raise mf.ManifestError(f"{folder} does not match its manifest:\n    " + "\n    ".join(problems),
+                               "rebuild with `onex-export build`; never edit a build by hand")
+    model = manifest["model"]
+    skip = SkipRange(manifest["skip"]["first"], manifest["skip"]["last"])
+    log(f"loading the reference {model['source']}")
+    split = load_reference(model["source"], Path(model["mlp"]) if model["mlp"] else None, skip)
+    ranges = manifest["shapes"]["ranges"]
+    shapes = ShapeConfig(*(DimRange(*ranges[k]) for k in ("batch", "resolution", "text_len")))
+    graphs = {name: OrtGraph(folder / g["onnx"]["file"]) for name, g in manifest["graphs"].items()}
+    parity = run_gate(split, graphs, "onnxruntime", manifest["precision"], shapes, manifest["schedule"]["eta"], log=log)
+    return manifest, parity

@@ -1,0 +1,80 @@
+"""The one parity comparator, used by `build`, `verify` and the tests.
+
+Errors per output: max and mean absolute error, relative error (max abs error over max |reference|,
+so that near-zero elements do not blow it up) and cosine similarity. Tolerances live in one table,
+per backend and precision; the reference is always the float32 PyTorch split model.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs: float | None  # None: judged by relative error only
+    max_rel: float
+    min_cosine: float
+
+
+# (backend, precision) -> tolerance. fp32 ONNX Runtime must match to 1e-4 absolute; half precisions
+# are judged relative to the output's range (fp16 keeps ~3 decimal digits, bf16 ~2).
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    ("onnxruntime", "fp32"): Tolerance(1e-4, 1e-4, 0.99999),
+    ("onnxruntime", "fp16"): Tolerance(None, 2e-2, 0.999),
+    ("tensorrt", "fp32"): Tolerance(None, 5e-3, 0.9999),  # TF32 tactics may be chosen for fp32 GEMMs
+    ("tensorrt", "fp16"): Tolerance(None, 2e-2, 0.999),
+    ("tensorrt", "bf16"): Tolerance(None, 6e-2, 0.995),
+}
+
+
+def tolerance_for(backend: str, precision: str) -> Tolerance | None:
+    """The tolerance of ``backend`` ("tensorrt-rtx" shares "tensorrt"'s), None if that pair cannot run."""
+    return TOLERANCES.get(("tensorrt" if backend.startswith("tensorrt") else backend, precision))
+
+
+@dataclass(frozen=True)
+class OutputError:
+    case: str
+    output: str
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    cosine: float
+    passed: bool
+
+
+def compare(case: str, reference: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor],
+            tol: Tolerance) -> list[OutputError]:
+    """One row per output of ``reference``; a missing, misshapen or non-finite output fails."""
+    rows = []
+    for name, ref in reference.items():
+        got = candidate.get(name)
+        if got is None or tuple(got.shape) != tuple(ref.shape):
+            rows.append(OutputError(case, name, float("inf"), float("inf"), float("inf"), 0.0, False))
+            continue
+        ref64, got64 = ref.detach().double().cpu(), got.detach().double().cpu()
+        diff = (got64 - ref64).abs()
+        max_abs = float(diff.max())
+        max_rel = max_abs / max(float(ref64.abs().max()), 1e-12)
+        cosine = float(torch.nn.functional.cosine_similarity(got64.flatten(), ref64.flatten(), dim=0))
+        ok = bool(torch.isfinite(got64).all()) and max_rel <= tol.max_rel and cosine >= tol.min_cosine
+        if tol.max_abs is not None:
+            ok = ok and max_abs <= tol.max_abs
+        rows.append(OutputError(case, name, max_abs, float(diff.mean()), max_rel, cosine, ok))
+    return rows
+
+
+def format_table(rows: list[OutputError]) -> str:
+    """A per-output table, one line per row."""
+    head = f"{'case':34s} {'output':10s} {'max abs':>10s} {'mean abs':>10s} {'max rel':>10s} {'cosine':>10s}  result"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.case:34s} {r.output:10s} {r.max_abs:10.3e} {r.mean_abs:10.3e} {r.max_rel:10.3e} "
+                     f"{r.cosine:10.7f}  {'ok' if r.passed else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: list[OutputError]) -> list[dict]:
+    return [asdict(r) for r in rows]

@@ -1,0 +1,77 @@
+"""Runners with one interface: a graph is a callable ``graph(**inputs) -> {output: tensor}``, and a
+:class:`PlanDenoiser` chains graphs through the manifest's plans into the sampler's two calls.
+
+Backends: :class:`TorchGraph` (the PyTorch reference) and :class:`OrtGraph` (ONNX Runtime).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import OnexError
+from ..export.graphs import GraphSpec, run_plan
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TorchGraph:
+    """A subgraph module run in PyTorch, returning named outputs."""
+
+    def __init__(self, module: nn.Module, spec: GraphSpec):
+        self.module, self.spec = module, spec
+
+    @torch.no_grad()
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        args = [inputs[t.name].to(TORCH_DTYPES[t.dtype]) for t in self.spec.inputs]
+        outs = self.module(*args)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return {t.name: o for t, o in zip(self.spec.outputs, outs)}
+
+
+class OrtGraph:
+    """An ONNX graph in an ONNX Runtime session (CPU unless other providers are given)."""
+
+    def __init__(self, path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: shape-merge notices on dynamic graphs are noise
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as exc:  # onnxruntime raises its own exception types for a bad file
+            raise OnexError(f"ONNX Runtime cannot load {path}: {exc}", "rebuild with `onex-export build`") from exc
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.input_types = {i.name: i.type for i in self.session.get_inputs()}
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        feeds = {}
+        for name in self.input_names:
+            dtype = np.float16 if self.input_types[name] == "tensor(float16)" else np.float32
+            feeds[name] = inputs[name].detach().cpu().float().numpy().astype(dtype, copy=False)
+        outs = self.session.run(self.output_names, feeds)
+        return {name: torch.from_numpy(np.asarray(o)) for name, o in zip(self.output_names, outs)}
+
+
+class PlanDenoiser:
+    """The sampler's :class:`~onex_export.runtime.sampler.Denoiser` over any backend's graphs.
+
+    Outputs come back as float32, whatever the graphs' precision.
+    """
+
+    def __init__(self, graphs: dict, plans: dict):
+        self.graphs, self.plans = graphs, plans
+
+    def full(self, x, text, pooled, timestep):
+        out = run_plan(self.plans["full"], self.graphs, dict(
+            hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep))
+        return tuple(out[k].float() for k in ("velocity", "delta_img", "delta_ctx"))
+
+    def skipping(self, x, text, pooled, timestep, delta_img, delta_ctx):
+        out = run_plan(self.plans["skipping"], self.graphs, dict(
+            hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep,
+            delta_img=delta_img, delta_ctx=delta_ctx))
+        return out["velocity"].float()
