@@ -5,6 +5,8 @@ transitive dependencies too. torch 2.13.0 is a CPU build on our CI machines and 
 """
 from setuptools import find_packages, setup
 
+RTX = ["tensorrt-rtx-cu13-bindings==1.7.1.116", "tensorrt-rtx-cu13-libs==1.7.1.116"]
+
 setup(
     name="onex-export",
     version="0.1.0",
@@ -18,9 +20,15 @@ setup(
         "click==8.5.1",
         "tqdm==4.70.1",
         "numpy==2.4.6",
+        "onnx==1.23.2",
+        "onnxruntime==1.31.1",
     ],
     extras_require={
-        "test": ["pytest==9.2.0"],
+        # TensorRT-RTX: installs anywhere and builds engines ahead of time on a CPU (RTX GPUs, SM 7.5-12.x).
+        "tensorrt-rtx": RTX,
+        # Full TensorRT for data-centre GPUs; its libs package downloads from NVIDIA at install time.
+        "tensorrt": ["tensorrt-cu13-bindings==11.4.0.106", "tensorrt-cu13-libs==11.4.0.106"],
+        "test": ["pytest==9.2.0", *RTX],
     },
     entry_points={"console_scripts": ["onex-export=onex_export.cli:main"]},
 )

@@ -118,9 +118,11 @@ def _versions(trt: str) -> dict:
     return out
 
 
-def _clean_stale_temps(parent: Path, name: str) -> None:
-    """Remove temp folders of earlier builds of ``name`` whose process is gone (killed builds)."""
-    for stale in parent.glob(f".{name}.tmp-*"):
+def _clean_stale_temps(parent: Path) -> None:
+    """Remove the temp folders of builds in ``parent`` whose process is gone (killed builds)."""
+    for stale in parent.glob(".*.tmp-*"):
+        if not stale.is_dir():
+            continue
         pid = stale.name.rsplit("-", 1)[-1]
         try:
             os.kill(int(pid), 0)
@@ -215,7 +217,7 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
         options = EngineBuildOptions(trt, config.optimization_level, config.compute_capabilities, cache)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temps(out.parent, out.name)
+    _clean_stale_temps(out.parent)
     previous = None
     if out.is_dir():
         try:
@@ -279,8 +281,7 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
                                    compute_capabilities=list(options.compute_capabilities) or "default")
 
         log("[4/5] parity gate: ONNX Runtime vs PyTorch (engines need a GPU to run)")
-        ort_graphs = {n: OrtGraph(tmp / f"{n}.onnx") for n in torch_graphs}
-        parity = run_gate(split32, ort_graphs, "onnxruntime", config.precision, shapes, config.eta, log=log)
+        parity = run_gate(split32, lambda: {n: OrtGraph(tmp / f"{n}.onnx") for n in torch_graphs}, "onnxruntime", config.precision, shapes, config.eta, log=log)
         graph_bytes = sum(e["weight_bytes"] for e in graphs_json.values())
         manifest = {
             "schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION, "name": out.name,
@@ -309,7 +310,7 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
         os.replace(tmp, failed)
         raise ParityFailedError(
             f"parity gate {parity['status']}" + (f": {parity['reason']}" if parity.get("reason") else "")
-            + f"; the artifacts are kept in {failed} for inspection and {out} was left as it was",
+            + f"; the artifacts are kept in {failed} for inspection; any previous build in {out} is untouched",
             "inspect the table above; --allow-parity-failure installs the build anyway (marked failed)",
             manifest,
         )

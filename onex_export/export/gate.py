@@ -43,7 +43,7 @@ def _inputs(split: SplitSD3Transformer, batch: int, resolution: int, text_len: i
 
 def run_gate(
     split: SplitSD3Transformer,
-    graphs: dict,
+    load_graphs: Callable[[], dict],
     backend: str,
     precision: str,
     shapes: ShapeConfig,
@@ -51,11 +51,16 @@ def run_gate(
     seed: int = 0,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
-    """Run every case and return the manifest's ``parity`` section (status, tolerance, rows)."""
+    """Run every case and return the manifest's ``parity`` section (status, tolerance, rows).
+
+    ``load_graphs()`` gives the candidate graphs; it is not called when ``backend`` cannot run
+    ``precision`` at all (status ``not-run``).
+    """
     tol = tolerance_for(backend, precision)
     if tol is None:
         return {"status": "not-run", "backend": backend, "precision": precision, "rows": [],
-                "reason": f"{backend} on this machine cannot execute {precision} graphs"}
+                "reason": f"{backend} cannot execute {precision} graphs on this machine (verify on a GPU)"}
+    graphs = load_graphs()
     rows = []
     plan = SamplingPlan.one_x(eta)
     for batch, res, text_len in shape_points(shapes):

@@ -28,6 +28,8 @@ def verify(folder: Path, log: Callable[[str], None] = lambda _: None) -> tuple[d
     split = load_reference(model["source"], Path(model["mlp"]) if model["mlp"] else None, skip)
     ranges = manifest["shapes"]["ranges"]
     shapes = ShapeConfig(*(DimRange(*ranges[k]) for k in ("batch", "resolution", "text_len")))
-    graphs = {name: OrtGraph(folder / g["onnx"]["file"]) for name, g in manifest["graphs"].items()}
+    def graphs():
+        return {name: OrtGraph(folder / g["onnx"]["file"]) for name, g in manifest["graphs"].items()}
+
     parity = run_gate(split, graphs, "onnxruntime", manifest["precision"], shapes, manifest["schedule"]["eta"], log=log)
     return manifest, parity
