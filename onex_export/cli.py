@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import SkipRange
-from .errors import OnexError, SkipRangeError, UsageError
+from .errors import OnexError, UsageError
 from .fileio import save_tensors_atomic
 from .models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
 from .models.zoo import TINY_TEXT_LEN
@@ -41,13 +41,22 @@ class _Group(click.Group):
             sys.exit(exc.exit_code)
 
 
-def _parse_skip(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return SkipRange.parse(value)
-    except SkipRangeError as exc:
-        raise click.BadParameter(str(exc)) from exc
+def _parsed_by(parse):
+    """A click callback turning ``parse``'s :class:`UsageError` into click's usage error (exit 2)."""
+
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except UsageError as exc:
+            raise click.BadParameter(str(exc)) from exc
+
+    return callback
+
+
+_parse_skip = _parsed_by(SkipRange.parse)
+_parse_range = _parsed_by(DimRange.parse)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,28 +173,6 @@ def _echo_parity(parity: dict) -> None:
         click.echo(f"parity not run: {parity.get('reason', 'no backend')}")
 
 
-def _parse_range(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return DimRange.parse(value)
-    except UsageError as exc:
-        raise click.BadParameter(str(exc)) from exc
-
-
-def _dynamic_defaults(model: str, resolution: DimRange | None, text_len: DimRange | None):
-    """--dynamic-shapes without explicit ranges: half to twice the native resolution, text 1/2 to 1x."""
-    transformer_cfg = TINY_MODELS[model].config if model in TINY_MODELS else None
-    if resolution is None:
-        native = (transformer_cfg["sample_size"] if transformer_cfg else 128) * VAE_SCALE
-        limit = (transformer_cfg["pos_embed_max_size"] if transformer_cfg else 192) * VAE_SCALE
-        resolution = DimRange(max(16, native // 2 // 16 * 16), native, min(2 * native, limit))
-    if text_len is None:
-        opt = TINY_TEXT_LEN if transformer_cfg else REAL_TEXT_LEN
-        text_len = DimRange(max(1, opt // 2), opt, opt)
-    return resolution, text_len
-
-
 @main.command(name="build")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Embedded model name or a local diffusers SD3/SD3.5 folder.")
@@ -216,11 +203,9 @@ def _dynamic_defaults(model: str, resolution: DimRange | None, text_len: DimRang
 def build_cmd(model, mlp, skip, out, precision, trt, batch, resolution, text_len, dynamic_shapes, opset, opt_level,
               compute_capabilities, timing_cache, allow_parity_failure):
     """Split, export ONNX, compile TensorRT engines, gate on parity, and write manifest.json."""
-    if dynamic_shapes:
-        resolution, text_len = _dynamic_defaults(model, resolution, text_len)
     out = out or Path("engines") / f"{Path(model).name}-skip{skip}-{precision}"
     config = BuildConfig(skip=skip, out=out, model=model, mlp=mlp, precision=precision, trt=trt, batch=batch,
-                         resolution=resolution, text_len=text_len, opset=opset, optimization_level=opt_level,
+                         resolution=resolution, text_len=text_len, dynamic_shapes=dynamic_shapes, opset=opset, optimization_level=opt_level,
                          compute_capabilities=tuple(compute_capabilities), timing_cache=timing_cache,
                          allow_parity_failure=allow_parity_failure)
     start = time.perf_counter()

@@ -62,6 +62,7 @@ class BuildConfig:
     batch: DimRange = field(default_factory=lambda: DimRange(1, 1, 4))
     resolution: DimRange | None = None  # default: the model's native size, static
     text_len: DimRange | None = None  # default: 16 for embedded models, 333 for real ones, static
+    dynamic_shapes: bool = False  # unset ranges become dynamic: resolution native/2..2x, text 1/2..1x
     opset: int = MIN_OPSET
     optimization_level: int = 3
     compute_capabilities: tuple[str, ...] = ()
@@ -177,11 +178,17 @@ def load_reference(model: str, mlp: Path | None, skip: SkipRange) -> SplitSD3Tra
 
 
 def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer) -> ShapeConfig:
+    """The configured ranges, with defaults from the model for those left unset."""
     cfg = split.transformer.config
     native = cfg.sample_size * VAE_SCALE
     text = TINY_TEXT_LEN if config.model in TINY_MODELS else REAL_TEXT_LEN
-    shapes = ShapeConfig(config.batch, config.resolution or DimRange(native, native, native),
-                         config.text_len or DimRange(text, text, text))
+    step = VAE_SCALE * cfg.patch_size
+    if config.dynamic_shapes:
+        res = DimRange(max(step, native // 2 // step * step), native, min(2 * native, cfg.pos_embed_max_size * VAE_SCALE))
+        txt = DimRange(max(1, text // 2), text, text)
+    else:
+        res, txt = DimRange(native, native, native), DimRange(text, text, text)
+    shapes = ShapeConfig(config.batch, config.resolution or res, config.text_len or txt)
     return shapes.validate_for(cfg.patch_size, cfg.pos_embed_max_size)
 
 
