@@ -22,13 +22,16 @@ setup(
         "numpy==2.4.6",
         "onnx==1.23.2",
         "onnxruntime==1.31.1",
+        "transformers==5.23.0",  # the CLIP and T5 text encoders
+        "pillow==13.0.0",
     ],
     extras_require={
         # TensorRT-RTX: installs anywhere and builds engines ahead of time on a CPU (RTX GPUs, SM 7.5-12.x).
         "tensorrt-rtx": RTX,
         # Full TensorRT for data-centre GPUs; its libs package downloads from NVIDIA at install time.
         "tensorrt": ["tensorrt-cu13-bindings==11.4.0.106", "tensorrt-cu13-libs==11.4.0.106"],
-        "test": ["pytest==9.2.0", *RTX],
+        "bench": ["matplotlib==3.11.2"],
+        "test": ["pytest==9.2.0", "matplotlib==3.11.2", *RTX],
     },
     entry_points={"console_scripts": ["onex-export=onex_export.cli:main"]},
 )

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from . import __version__
 from .config import SkipRange
 from .errors import OnexError, UsageError
-from .fileio import save_tensors_atomic
+from .fileio import atomic_path, save_tensors_atomic
 from .models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
 from .models.zoo import TINY_TEXT_LEN
 from .export.build import REAL_TEXT_LEN, TRT_CHOICES, BuildConfig, ParityFailedError, build
@@ -22,6 +22,7 @@ from .export.shapes import VAE_SCALE, DimRange
 from .export.verify import verify
 from .parity import OutputError, format_table
 from .runtime import Conditioning, TorchDenoiser, sample
+from .runtime.pipeline import BuildPipeline
 from .schedule import SamplingPlan
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,6 +40,12 @@ class _Group(click.Group):
                 click.echo(f"  hint: {exc.hint}", err=True)
             click.echo("FAILED", err=True)
             sys.exit(exc.exit_code)
+
+
+def transformers_logging():
+    from transformers.utils import logging
+
+    return logging
 
 
 def _parsed_by(parse):
@@ -64,6 +71,7 @@ _parse_range = _parsed_by(DimRange.parse)
 def main():
     """onex-export: 1.x-Distill SD3/SD3.5 models from PyTorch to TensorRT engines."""
     diffusers.utils.logging.set_verbosity_error()  # our own output says what matters
+    transformers_logging().set_verbosity_error()  # we report truncation ourselves
 
 
 @main.command()
@@ -244,6 +252,47 @@ def verify_cmd(folder):
     click.echo(f"{'PASSED' if passed else 'FAILED'} verify: {folder} ({len(parity['rows'])} checks, "
                f"{time.perf_counter() - start:.1f} s; engines are not executed without a GPU)")
     sys.exit(0 if passed else 1)
+
+
+def save_png(image: torch.Tensor, path: Path) -> Path:
+    """Write one (3, H, W) image in [0, 1] as a PNG, atomically."""
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return path
+
+
+@main.command(name="generate")
+@click.option("--build", "build_dir", type=click.Path(path_type=Path), required=True,
+              help="A build folder written by `onex-export build` (with its text encoders and VAE).")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt (repeatable: one batch).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--images-per-prompt", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--resolution", type=click.IntRange(16, 4096), default=None, help="Pixels. Default: the build's optimum.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="tensorrt needs an NVIDIA GPU; torch runs the float32 reference model.")
+@click.option("--device", default="cpu", show_default=True, help="torch device for the torch backend.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("image.png"), show_default=True,
+              help="PNG path; more images get -1, -2, ... before the suffix.")
+def generate_cmd(build_dir, prompts, seed, images_per_prompt, resolution, backend, device, out):
+    """Text -> image with the 1.x-NFE schedule, from a build folder alone."""
+    start = time.perf_counter()
+    pipe = BuildPipeline(build_dir, backend, device)
+    result = pipe.generate(list(prompts), seed, images_per_prompt, resolution)
+    for line in result.truncated:
+        click.secho(f"truncated: {line}", fg="yellow", err=True)
+    paths = [out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))]
+    for image, path in zip(result.images, paths):
+        save_png(image, path)
+    stages = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in result.seconds.items())
+    click.echo(f"stages    {stages}")
+    if pipe.manifest["model"]["source"] in TINY_MODELS:
+        click.echo("note      the embedded model has random weights: its images are noise by design")
+    h, w = result.images.shape[-2:]
+    click.echo(f"PASSED generate: {len(paths)} image(s) of {w}x{h} with {backend} -> {', '.join(map(str, paths))} "
+               f"in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

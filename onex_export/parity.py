@@ -68,10 +68,10 @@ def compare(case: str, reference: dict[str, torch.Tensor], candidate: dict[str, 
 
 def format_table(rows: list[OutputError]) -> str:
     """A per-output table, one line per row."""
-    head = f"{'case':34s} {'output':10s} {'max abs':>10s} {'mean abs':>10s} {'max rel':>10s} {'cosine':>10s}  result"
+    head = f"{'case':34s} {'output':22s} {'max abs':>10s} {'mean abs':>10s} {'max rel':>10s} {'cosine':>10s}  result"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.case:34s} {r.output:10s} {r.max_abs:10.3e} {r.mean_abs:10.3e} {r.max_rel:10.3e} "
+        lines.append(f"{r.case:34s} {r.output:22s} {r.max_abs:10.3e} {r.mean_abs:10.3e} {r.max_rel:10.3e} "
                      f"{r.cosine:10.7f}  {'ok' if r.passed else 'FAIL'}")
     return "\n".join(lines)
 

@@ -60,11 +60,12 @@ def test_build_passes_with_fp32_parity_at_batch_1_and_3_and_two_resolutions(buil
     _, manifest, _ = built
     rows = manifest["parity"]["rows"]
     assert manifest["status"] == "passed" and manifest["parity"]["status"] == "passed"
-    assert {r["case"].split(" ", 1)[0] for r in rows} == {"full", "skipping", "1.x-nfe"}
+    assert {r["case"].split(" ", 1)[0] for r in rows} == {"full", "skipping", "1.x-nfe", "text", "vae"}
     cases = {r["case"] for r in rows}
     assert any("b1 128px t16" in c for c in cases) and any("b3 64px t8" in c for c in cases)
     assert all(r["max_abs"] <= FP32_ATOL and r["cosine"] > 0.99999 for r in rows)
-    assert len(rows) == 2 * 5  # two shape points x (3 full outputs + skipping + schedule)
+    # two shape points x (3 full outputs + skipping + schedule), then the text (2 outputs) and VAE graphs
+    assert len(rows) == 2 * 5 + 3
 
 
 def test_ort_plans_match_pytorch_independently_of_the_gate(built):
@@ -176,7 +177,7 @@ def test_rebuild_reuses_unchanged_graphs_and_rebuilds_only_what_changed(built, t
     config = dict(skip=SKIP, out=again, trt="tensorrt-rtx" if HAS_RTX else "none", batch=DimRange(1, 1, 3),
                   resolution=DimRange(64, 128, 128), text_len=DimRange(8, 16, 16))
     build(BuildConfig(**config), log=logs.append)
-    assert sum("unchanged, reused" in line for line in logs) == (8 if HAS_RTX else 4)
+    assert sum("unchanged, reused" in line for line in logs) == (12 if HAS_RTX else 6)
     after = tree_digest(again)
     assert {k: v for k, v in after.items() if k != "manifest.json"} == {k: v for k, v in before.items() if k != "manifest.json"}
     # A trained MLP changes the reuse graph only.
@@ -185,7 +186,7 @@ def test_rebuild_reuses_unchanged_graphs_and_rebuilds_only_what_changed(built, t
     path = save_compensation(mlp, tmp_path / "mlp.safetensors")
     logs.clear()
     changed = build(BuildConfig(**config, mlp=path), log=logs.append)
-    assert [line.split()[2] for line in logs if "export" in line and "reused" in line] == ["head", "segment", "tail"]
+    assert [line.split()[2] for line in logs if "export" in line and "reused" in line] == ["head", "segment", "tail", "text", "vae"]
     assert changed["status"] == "passed"
     assert tree_digest(again)["reuse.onnx"] != before["reuse.onnx"]
     assert tree_digest(again)["head.onnx"] == before["head.onnx"]

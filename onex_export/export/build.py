@@ -31,7 +31,8 @@ from ..runtime.graphs import TORCH_DTYPES, OrtGraph, TorchGraph
 from ..schedule import SHIFT, SamplingPlan, timestep_from_sigma
 from . import manifest as mf
 from .gate import run_gate
-from .graphs import PLANS, graph_modules, graph_specs, graph_weights, weight_bytes
+from .components import COMPONENTS, available, component_graphs, component_inputs, load_components, save_tokenizers, text_length
+from .graphs import PLANS, TRANSFORMER_GRAPHS, graph_modules, graph_specs, graph_weights, weight_bytes
 from .onnx_export import MIN_OPSET, PROTOBUF_LIMIT, export_graph, sha256_file
 from .precision import ONNX_DTYPE_NAMES, for_precision
 from .shapes import VAE_SCALE, DimRange, ShapeConfig
@@ -63,6 +64,7 @@ class BuildConfig:
     resolution: DimRange | None = None  # default: the model's native size, static
     text_len: DimRange | None = None  # default: 16 for embedded models, 333 for real ones, static
     dynamic_shapes: bool = False  # unset ranges become dynamic: resolution native/2..2x, text 1/2..1x
+    components: tuple[str, ...] | None = None  # "text", "vae"; None: all the model has
     opset: int = MIN_OPSET
     optimization_level: int = 3
     compute_capabilities: tuple[str, ...] = ()
@@ -177,11 +179,12 @@ def load_reference(model: str, mlp: Path | None, skip: SkipRange) -> SplitSD3Tra
     return SplitSD3Transformer(transformer, skip, load_compensation(mlp, transformer) if mlp else None)
 
 
-def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer) -> ShapeConfig:
-    """The configured ranges, with defaults from the model for those left unset."""
+def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer, text: int | None = None) -> ShapeConfig:
+    """The configured ranges, with defaults from the model (and ``text``, the text encoders' token
+    count, when they are built) for those left unset."""
     cfg = split.transformer.config
     native = cfg.sample_size * VAE_SCALE
-    text = TINY_TEXT_LEN if config.model in TINY_MODELS else REAL_TEXT_LEN
+    text = text or (TINY_TEXT_LEN if config.model in TINY_MODELS else REAL_TEXT_LEN)
     step = VAE_SCALE * cfg.patch_size
     if config.dynamic_shapes:
         res = DimRange(max(step, native // 2 // step * step), native, min(2 * native, cfg.pos_embed_max_size * VAE_SCALE))
@@ -189,6 +192,10 @@ def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer) -> ShapeConf
     else:
         res, txt = DimRange(native, native, native), DimRange(text, text, text)
     shapes = ShapeConfig(config.batch, config.resolution or res, config.text_len or txt)
+    tl = shapes.text_len
+    if not tl.min <= text <= tl.max and config.text_len is not None and config.components != ():
+        raise UsageError(f"--text-len {tl} does not include the text encoders' {text} tokens",
+                         f"use --text-len {text}, or --components vae to build without text encoders")
     return shapes.validate_for(cfg.patch_size, cfg.pos_embed_max_size)
 
 
@@ -213,11 +220,16 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
     out = Path(config.out)
     log(f"[1/5] loading {config.model}" + (f" with MLP {config.mlp}" if config.mlp else " (untrained MLP: plain reuse)"))
     split32 = load_reference(config.model, config.mlp, config.skip)
-    shapes = resolve_shapes(config, split32)
+    cfg = split32.transformer.config
+    wanted = config.components if config.components is not None else (COMPONENTS if available(config.model) else ())
+    comps = load_components(config.model, cfg, wanted)
+    shapes = resolve_shapes(config, split32, text_length(comps) if comps.text is not None else None)
     split = for_precision(split32, config.precision)
-    cfg = split.transformer.config
     specs = graph_specs(split, ONNX_DTYPE_NAMES[config.precision])
     torch_graphs = {n: TorchGraph(m, specs[n]) for n, m in graph_modules(split).items()}
+    weights = {n: graph_weights(split, n) for n in torch_graphs}
+    for name, (module, spec) in component_graphs(comps, cfg).items():
+        torch_graphs[name], specs[name], weights[name] = TorchGraph(module, spec), spec, [module]
     options = None
     if trt != "none":
         cache = config.timing_cache or (out.parent / "timing-cache.bin" if trt == "tensorrt" else None)
@@ -234,6 +246,7 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     versions = _versions(trt)
     model_bytes = weight_bytes([split.transformer, split.mlp])
+    count = len(torch_graphs)
     try:
         tmp.mkdir()
         g = torch.Generator().manual_seed(0)
@@ -244,21 +257,23 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
             pooled_projections=torch.randn(shapes.batch.opt, cfg.pooled_projection_dim, generator=g),
             timestep=torch.full((shapes.batch.opt,), 1000.0),
         )
-        examples = _example_inputs(torch_graphs, feeds)
+        examples = _example_inputs({n: torch_graphs[n] for n in TRANSFORMER_GRAPHS}, feeds)
+        for name, inputs in component_inputs(comps, shapes.batch.opt, lat).items():
+            examples[name] = tuple(inputs[t.name] for t in specs[name].inputs)
         graphs_json: dict[str, dict] = {}
         common = {"precision": config.precision, "opset": config.opset, "dims": sorted(shapes.dynamic_dims),
                   "skip": str(config.skip), "config": public_config(cfg), "versions": {k: versions[k] for k in ("torch", "onnx", "onex_export")}}
         for i, (name, graph) in enumerate(torch_graphs.items(), 1):
-            modules = graph_weights(split, name)
+            modules = weights[name]
             key = _hash(common, asdict(specs[name]), _weights_hash(modules))
             entry = {"onnx_key": key, "inputs": [asdict(t) for t in specs[name].inputs],
                      "outputs": [asdict(t) for t in specs[name].outputs], "weight_bytes": None}
             reused = _reuse(previous, out, name, "onnx", key, tmp)
             if reused:
-                log(f"[2/5] export {name} ({i}/4): unchanged, reused")
+                log(f"[2/5] export {name} ({i}/{count}): unchanged, reused")
                 entry.update(weight_bytes=reused["weight_bytes"], export_seconds=0.0)
             else:
-                log(f"[2/5] export {name} ({i}/4) ...")
+                log(f"[2/5] export {name} ({i}/{count}) ...")
                 art = export_graph(graph.module, specs[name], examples[name], tmp, shapes.dynamic_dims,
                                    weight_bytes(modules), config.opset, config.external_data_threshold)
                 entry.update(weight_bytes=art.weight_bytes, export_seconds=round(art.export_seconds, 3))
@@ -277,10 +292,10 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
             key = _hash(entry["onnx"]["sha256"], profile, asdict(options), versions[trt])
             entry.update(engine_key=key, profile={k: [list(s) for s in v] for k, v in profile.items()})
             if _reuse(previous, out, name, "engine", key, tmp):
-                log(f"[3/5] engine {name} ({i}/4): unchanged, reused")
+                log(f"[3/5] engine {name} ({i}/{count}): unchanged, reused")
                 entry["build_seconds"] = 0.0
             else:
-                log(f"[3/5] engine {name} ({i}/4) with {trt} ...")
+                log(f"[3/5] engine {name} ({i}/{count}) with {trt} ...")
                 report = build_engine(tmp / f"{name}.onnx", tmp / f"{name}.plan", profile, options)
                 entry["build_seconds"] = round(report.build_seconds, 3)
                 log(f"      {name}.plan {report.size_bytes / 1e6:.2f} MB in {report.build_seconds:.1f} s")
@@ -288,8 +303,9 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
                                    compute_capabilities=list(options.compute_capabilities) or "default")
 
         log("[4/5] parity gate: ONNX Runtime vs PyTorch (engines need a GPU to run)")
-        parity = run_gate(split32, lambda: {n: OrtGraph(tmp / f"{n}.onnx") for n in torch_graphs}, "onnxruntime", config.precision, shapes, config.eta, log=log)
-        graph_bytes = sum(e["weight_bytes"] for e in graphs_json.values())
+        parity = run_gate(split32, lambda: {n: OrtGraph(tmp / f"{n}.onnx") for n in torch_graphs}, "onnxruntime",
+                          config.precision, shapes, config.eta, comps, log=log)
+        graph_bytes = sum(graphs_json[n]["weight_bytes"] for n in TRANSFORMER_GRAPHS)
         manifest = {
             "schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION, "name": out.name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -306,6 +322,13 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
             "weights": {"model_bytes": model_bytes, "graph_bytes": graph_bytes,
                         "duplication_ratio": graph_bytes / model_bytes},
             "parity": parity,
+            "pipeline": {
+                "components": list(comps.names),
+                "tokenizers": save_tokenizers(comps.tokenizers, tmp) if comps.tokenizers else {},
+                "text_graph": "text" if comps.text is not None else None,
+                "vae_graph": "vae" if comps.vae is not None else None,
+                "vae_scale_factor": VAE_SCALE, "image_range": [0.0, 1.0], "component_precision": "fp32",
+            },
         }
         log("[5/5] manifest")
         mf.write_manifest(tmp, manifest)

@@ -17,6 +17,8 @@ from ..parity import compare, rows_to_json, tolerance_for
 from ..runtime.graphs import PlanDenoiser
 from ..runtime.sampler import Conditioning, TorchDenoiser, sample
 from ..schedule import SamplingPlan, timestep_from_sigma
+from ..runtime.graphs import TorchGraph
+from .components import Components, component_graphs, component_inputs
 from .graphs import PLANS, run_plan
 from .shapes import VAE_SCALE, ShapeConfig
 
@@ -48,6 +50,7 @@ def run_gate(
     precision: str,
     shapes: ShapeConfig,
     eta: float = 1.0,
+    components: Components | None = None,
     seed: int = 0,
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
@@ -80,5 +83,11 @@ def run_gate(
         ref = sample(TorchDenoiser(split), plan, cond, latent, seed)
         got = sample(PlanDenoiser(graphs, PLANS), plan, cond, latent, seed)
         rows += compare(f"1.x-nfe schedule {tag}", {"latents": ref}, {"latents": got}, tol)
+    if components is not None:
+        # Components are float32 graphs whatever the transformer's precision.
+        comp_tol = tolerance_for(backend, "fp32")
+        for name, inputs in component_inputs(components, shapes.batch.opt, shapes.resolution.opt // VAE_SCALE, seed).items():
+            module, spec = component_graphs(components, split.transformer.config)[name]
+            rows += compare(f"{name} b{shapes.batch.opt}", TorchGraph(module, spec)(**inputs), graphs[name](**inputs), comp_tol)
     return {"status": "passed" if all(r.passed for r in rows) else "failed", "backend": backend,
             "precision": precision, "tolerance": asdict(tol), "rows": rows_to_json(rows)}

@@ -20,6 +20,8 @@ from ..models.split import SplitSD3Transformer
 
 # Symbolic dimension names shared by all graphs (and by the manifest's shape ranges).
 B, T, N, H, W = "batch", "text_len", "img_tokens", "latent_height", "latent_width"
+IH, IW = "image_height", "image_width"  # 8x the latent size (the VAE decoder's output)
+TRANSFORMER_GRAPHS = ("head", "segment", "reuse", "tail")
 
 
 @dataclass(frozen=True)

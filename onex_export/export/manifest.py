@@ -51,12 +51,14 @@ def read_manifest(folder: Path) -> dict:
 
 
 def artifact_entries(manifest: dict) -> list[dict]:
-    """Every file entry the manifest lists (ONNX graphs, their external data, engines)."""
+    """Every file entry the manifest lists (ONNX graphs, their external data, engines, tokenizers)."""
     out = []
     for graph in manifest["graphs"].values():
         for kind in ("onnx", "onnx_data", "engine"):
             if graph.get(kind):
                 out.append(graph[kind])
+    for tokenizer in manifest.get("pipeline", {}).get("tokenizers", {}).values():
+        out.extend(tokenizer["files"])
     return out
 
 

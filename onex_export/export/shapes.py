@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from .graphs import B, H, N, T, W, GraphSpec
+from .graphs import IH, IW, B, H, N, T, W, GraphSpec
 
 VAE_SCALE = 8
 
@@ -71,7 +71,7 @@ class ShapeConfig:
     def dynamic_dims(self) -> frozenset[str]:
         dims = {B}
         if not self.resolution.static:
-            dims |= {H, W, N}
+            dims |= {H, W, N, IH, IW}
         if not self.text_len.static:
             dims.add(T)
         return frozenset(dims)
@@ -80,7 +80,8 @@ class ShapeConfig:
         """(min, opt, max) of every symbolic dimension."""
         lat = self.resolution.scaled(VAE_SCALE)
         tokens = tuple((v // patch_size) ** 2 for v in lat)
-        return {B: (self.batch.min, self.batch.opt, self.batch.max), H: lat, W: lat, N: tokens,
+        pixels = (self.resolution.min, self.resolution.opt, self.resolution.max)
+        return {B: (self.batch.min, self.batch.opt, self.batch.max), H: lat, W: lat, N: tokens, IH: pixels, IW: pixels,
                 T: (self.text_len.min, self.text_len.opt, self.text_len.max)}
 
     def profile(self, spec: GraphSpec, patch_size: int) -> dict[str, tuple[tuple[int, ...], ...]]:

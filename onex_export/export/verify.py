@@ -9,6 +9,7 @@ from ..config import SkipRange
 from ..runtime.graphs import OrtGraph
 from . import manifest as mf
 from .build import load_reference
+from .components import load_components
 from .gate import run_gate
 from .shapes import DimRange, ShapeConfig
 
@@ -31,5 +32,7 @@ def verify(folder: Path, log: Callable[[str], None] = lambda _: None) -> tuple[d
     def graphs():
         return {name: OrtGraph(folder / g["onnx"]["file"]) for name, g in manifest["graphs"].items()}
 
-    parity = run_gate(split, graphs, "onnxruntime", manifest["precision"], shapes, manifest["schedule"]["eta"], log=log)
+    comps = load_components(model["source"], split.transformer.config, tuple(manifest["pipeline"]["components"]))
+    parity = run_gate(split, graphs, "onnxruntime", manifest["precision"], shapes, manifest["schedule"]["eta"],
+                      comps, log=log)
     return manifest, parity

@@ -14,7 +14,8 @@ from torch import nn
 from ..errors import OnexError
 from ..export.graphs import GraphSpec, run_plan
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
 class TorchGraph:
@@ -50,8 +51,8 @@ class OrtGraph:
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         feeds = {}
         for name in self.input_names:
-            dtype = np.float16 if self.input_types[name] == "tensor(float16)" else np.float32
-            feeds[name] = inputs[name].detach().cpu().float().numpy().astype(dtype, copy=False)
+            dtype = _NUMPY_TYPES[self.input_types[name]]
+            feeds[name] = inputs[name].detach().cpu().numpy().astype(dtype, copy=False)
         outs = self.session.run(self.output_names, feeds)
         return {name: torch.from_numpy(np.asarray(o)) for name, o in zip(self.output_names, outs)}
 

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.latency` (latency of every schedule, per stage)."""

@@ -1,0 +1,206 @@
+"""Latency of 1.x-NFE sampling against the other schedules, on one model, backend and machine, in one run.
+
+    python -m bench.latency                                   # tiny-sd3, PyTorch, CPU
+    python -m bench.latency --backend onnxruntime             # through exported ONNX graphs
+    python -m bench.latency --arch sd3-medium --resolution 1024 --device cuda --dtype bf16   # on a GPU
+
+Times (median and p90 after warm-up, batch 1 and 4): teacher 28 x 2 (CFG), 4-step, 2-step and 1.x-NFE
+with skip ranges 3-8 and 3-10; and per stage: text encoding, the full and the skipping transformer
+step, the MLP/reuse, one transformer block, VAE decode, end to end. Writes JSON, a Markdown table and
+a PNG plot. Speed-ups are reported next to the NFE-predicted ones so that overhead is visible.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import SD3Transformer2DModel
+
+from onex_export.config import SkipRange
+from onex_export.export.build import BuildConfig, build
+from onex_export.export.components import component_graphs, component_inputs, load_components
+from onex_export.export.graphs import graph_modules, graph_specs
+from onex_export.export.shapes import DimRange
+from onex_export.fileio import atomic_path
+from onex_export.models import SplitSD3Transformer, build_tiny
+from onex_export.runtime.graphs import OrtGraph, PlanDenoiser, TorchGraph
+from onex_export.runtime.sampler import Conditioning, TorchDenoiser, sample
+from onex_export.schedule import SamplingPlan
+
+from .report import markdown, plot
+from .timing import measure
+
+# Real architectures with random weights: latency does not depend on the weight values.
+ARCHS = {
+    "sd3-medium": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                       num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
+    "sd35-large": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                       num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
+}
+SKIPS = ("3-8", "3-10")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def make_transformer(arch: str, dtype: torch.dtype, device: str) -> SD3Transformer2DModel:
+    if arch in ARCHS:
+        with torch.device(device):
+            model = SD3Transformer2DModel(**ARCHS[arch])
+        return model.to(dtype).eval()
+    return build_tiny(arch).to(device=device, dtype=dtype)
+
+
+def denoisers(args, transformer, tmp: Path) -> dict:
+    """skip range -> (denoiser, split model); ONNX Runtime builds the graphs into ``tmp`` first."""
+    out = {}
+    for text in SKIPS:
+        skip = SkipRange.parse(text)
+        split = SplitSD3Transformer(transformer, skip).to(device=args.device, dtype=DTYPES[args.dtype])
+        if args.backend == "torch":
+            out[text] = (TorchDenoiser(split), split)
+            continue
+        folder = tmp / f"skip{text}"
+        manifest = build(BuildConfig(skip=skip, out=folder, model=args.arch, trt="none", components=(),
+                                     batch=DimRange(1, 1, max(args.batch))), log=lambda line: None)
+        graphs = {n: OrtGraph(folder / g["onnx"]["file"]) for n, g in manifest["graphs"].items()}
+        out[text] = (PlanDenoiser(graphs, manifest["plans"]), split)
+    return out
+
+
+def run(args) -> dict:
+    cuda = args.device.startswith("cuda")
+    dtype = DTYPES[args.dtype]
+    torch.set_grad_enabled(False)
+    transformer = make_transformer(args.arch, dtype, args.device)
+    cfg = transformer.config
+    resolution = args.resolution or cfg.sample_size * 8
+    latent = (cfg.in_channels, resolution // 8, resolution // 8)
+    text_len = 333 if args.arch in ARCHS else 16
+    tmp = Path(tempfile.mkdtemp(prefix="onex-bench-"))
+    dens = denoisers(args, transformer, tmp)
+    comps = load_components(args.arch, cfg, ("text", "vae")) if args.arch not in ARCHS else None
+    results = []
+    for batch in args.batch:
+        g = torch.Generator().manual_seed(0)
+        cond = Conditioning(torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g),
+                            torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+                            torch.zeros(batch, text_len, cfg.joint_attention_dim), torch.zeros(batch, cfg.pooled_projection_dim))
+        den, split = dens["3-10"]
+        plans = {"teacher 28x2": (SamplingPlan.teacher(28), den, None), "4-step": (SamplingPlan.student(4), den, None),
+                 "2-step": (SamplingPlan.student(2), den, None)}
+        for text in SKIPS:
+            plans[f"1.x skip {text}"] = (SamplingPlan.one_x(), dens[text][0], SkipRange.parse(text))
+        schedules = {}
+        for name, (plan, d, skip) in plans.items():
+            reps = max(1, args.repeats // 4) if plan.uses_cfg else args.repeats
+            t = measure(lambda: sample(d, plan, cond, latent, 0, dtype, args.device), args.warmup, reps, cuda)
+            schedules[name] = dict(t.as_json(), nfe=plan.nfe(cfg.num_layers, skip))
+        teacher = schedules["teacher 28x2"]
+        for s in schedules.values():
+            s["speedup"] = teacher["median_ms"] / s["median_ms"]
+            s["nfe_speedup"] = teacher["nfe"] / s["nfe"]
+
+        x = torch.randn(batch, *latent, generator=g).to(args.device, dtype)
+        text, pooled = cond.text.to(args.device, dtype), cond.pooled.to(args.device, dtype)
+        ts = torch.full((batch,), 1000.0, device=args.device, dtype=dtype)
+        stages = {"full step": measure(lambda: den.full(x, text, pooled, ts), args.warmup, args.repeats, cuda).as_json()}
+        for skip_text in SKIPS:
+            d = dens[skip_text][0]
+            _, d_img, d_ctx = d.full(x, text, pooled, ts)
+            stages[f"skipping step {skip_text}"] = measure(lambda: d.skipping(x, text, pooled, ts, d_img, d_ctx),
+                                                           args.warmup, args.repeats, cuda).as_json()
+        d_img, d_ctx = d_img.to(dtype), d_ctx.to(dtype)  # the 3-10 deltas, for the MLP alone
+        stages["MLP (both streams)"] = measure(lambda: split.mlp(d_img, d_ctx), args.warmup, args.repeats, cuda).as_json()
+        img, ctx, temb = split.embed(x, text, pooled, ts)
+        stages["one block"] = measure(lambda: split.run_blocks(img, ctx, temb, 5, 6), args.warmup, args.repeats, cuda).as_json()
+        if comps is not None:
+            cg = component_graphs(comps, cfg)
+            inputs = component_inputs(comps, batch, latent[1])
+            for name in ("text", "vae"):
+                module, spec = cg[name]
+                graph = TorchGraph(module, spec)
+                stages[{"text": "text encoding", "vae": "VAE decode"}[name]] = measure(
+                    lambda: graph(**inputs[name]), args.warmup, args.repeats, cuda).as_json()
+            stages["end to end 1.x skip 3-10"] = {
+                k: stages["text encoding"][k] + schedules["1.x skip 3-10"][k] + stages["VAE decode"][k]
+                for k in ("median_ms", "p90_ms")} | {"runs": args.repeats}
+        derived = {}
+        for skip_text in SKIPS:
+            k = SkipRange.parse(skip_text).count
+            derived[f"skip/full {skip_text}"] = stages[f"skipping step {skip_text}"]["median_ms"] / stages["full step"]["median_ms"]
+            derived[f"kept fraction {skip_text}"] = (cfg.num_layers - k) / cfg.num_layers
+        derived["MLP / one block"] = stages["MLP (both streams)"]["median_ms"] / stages["one block"]["median_ms"]
+        results.append({"batch": batch, "schedules": schedules, "stages": stages, "derived": derived})
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch_threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if cuda else None},
+        "backend": args.backend, "device": args.device, "dtype": args.dtype,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "config": {"arch": args.arch, "resolution": resolution, "text_len": text_len, "batches": args.batch,
+                   "warmup": args.warmup, "repeats": args.repeats, "num_layers": cfg.num_layers},
+        "peers": {"diffusers skip_layers": "same cost as a skipping step without the MLP (the blocks are dropped)",
+                  "cache-dit DBCache": "not installed" if not _installed("cache_dit") else "installed, not wired yet"},
+        "results": results,
+        "bars": bars(results),
+    }
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def bars(results: list[dict]) -> list[dict]:
+    """The issue's performance bars, checked against every batch measured."""
+    out = []
+    for r in results:
+        d, s = r["derived"], r["schedules"]
+        out.append({"batch": r["batch"], "bar": "skipping step <= kept fraction + 0.03 (3-10)",
+                    "value": d["skip/full 3-10"], "limit": d["kept fraction 3-10"] + 0.03,
+                    "met": d["skip/full 3-10"] <= d["kept fraction 3-10"] + 0.03})
+        out.append({"batch": r["batch"], "bar": "MLP < 1% of one block", "value": d["MLP / one block"],
+                    "limit": 0.01, "met": d["MLP / one block"] < 0.01})
+        out.append({"batch": r["batch"], "bar": "1.x (3-10) >= 30x faster than teacher 28x2",
+                    "value": s["1.x skip 3-10"]["speedup"], "limit": 30.0, "met": s["1.x skip 3-10"]["speedup"] >= 30})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="tiny-sd3", help=f"tiny-sd3 | tiny-sd35-large | {' | '.join(ARCHS)} (random weights)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--out", type=Path, default=None, help="folder for JSON/Markdown/PNG (default bench/results/<name>)")
+    args = p.parse_args(argv)
+    if args.backend == "onnxruntime" and (args.device != "cpu" or args.dtype != "fp32"):
+        p.error("--backend onnxruntime runs fp32 on the CPU here")
+    report = run(args)
+    device = (report["machine"]["gpu"] or "cpu").replace(" ", "-").lower()
+    out = args.out or Path("bench/results") / f"{args.arch}-{args.backend}-{args.dtype}-{device}"
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "latency.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    with atomic_path(out / "latency.md") as tmp:
+        tmp.write_text(table)
+    plot(report, out / "latency.png")
+    print(table)
+    print(f"wrote {out}/latency.json, latency.md, latency.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

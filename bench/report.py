@@ -1,0 +1,61 @@
+"""The latency report as a Markdown table and a PNG plot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from onex_export.fileio import atomic_path
+
+
+def markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [f"# Latency: {cfg['arch']} at {cfg['resolution']} px, {report['backend']} {report['dtype']} on "
+             f"{report['machine']['gpu'] or report['machine']['processor']}", ""]
+    for r in report["results"]:
+        lines += [f"## Batch {r['batch']}", "",
+                  "| schedule | NFE | median ms | p90 ms | speed-up | NFE-predicted |", "|---|---|---|---|---|---|"]
+        for name, s in r["schedules"].items():
+            lines.append(f"| {name} | {s['nfe']:.3f} | {s['median_ms']:.2f} | {s['p90_ms']:.2f} | "
+                         f"{s['speedup']:.1f}x | {s['nfe_speedup']:.1f}x |")
+        lines += ["", "| stage | median ms | p90 ms |", "|---|---|---|"]
+        lines += [f"| {n} | {t['median_ms']:.3f} | {t['p90_ms']:.3f} |" for n, t in r["stages"].items()]
+        lines += ["", "| ratio | value |", "|---|---|"]
+        lines += [f"| {n} | {v:.4f} |" for n, v in r["derived"].items()]
+        lines.append("")
+    lines += ["## Performance bars", "", "| batch | bar | value | limit | met |", "|---|---|---|---|---|"]
+    lines += [f"| {b['batch']} | {b['bar']} | {b['value']:.4f} | {b['limit']:.4f} | {'yes' if b['met'] else 'NO'} |"
+              for b in report["bars"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Median transformer time per schedule and batch (log scale), annotated with measured and
+    NFE-predicted speed-ups over the teacher."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    names = list(results[0]["schedules"])
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(results)
+    for j, r in enumerate(results):
+        xs = [i + j * width for i in range(len(names))]
+        values = [r["schedules"][n]["median_ms"] for n in names]
+        bars = ax.bar(xs, values, width, label=f"batch {r['batch']}")
+        for bar, n in zip(bars, names):
+            s = r["schedules"][n]
+            ax.annotate(f"{s['speedup']:.1f}x\n({s['nfe_speedup']:.1f}x)", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(names))], names)
+    ax.set_ylabel("median ms (transformer only)")
+    cfg = report["config"]
+    ax.set_title(f"{cfg['arch']} {cfg['resolution']}px, {report['backend']} {report['dtype']}: "
+                 "speed-up over teacher (NFE-predicted)")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path

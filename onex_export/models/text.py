@@ -1,0 +1,133 @@
+"""SD3's three text encoders (CLIP-L, CLIP-G, T5) as one module, with SD3's way of combining them.
+
+``prompt_embeds = cat(pad(cat(clip_l[-2], clip_g[-2]), to T5 width), t5, dim=tokens)`` and
+``pooled = cat(clip_l.text_embeds, clip_g.text_embeds)``: CLIP contributes its penultimate hidden
+states (77 tokens each in SD3), T5 its last (256 tokens), so the transformer sees 77 + 256 = 333.
+
+The embedded tiny models get tiny encoders of the same structure and a byte-level tokenizer built in
+code (no downloads); real models load from an SD3/SD3.5 pipeline folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelLoadError
+
+TINY_CLIP_LEN = 8  # tiny stand-ins for SD3's 77 CLIP tokens ...
+TINY_T5_LEN = 8  # ... and 256 T5 tokens: 8 + 8 = 16 text tokens for the tiny transformers
+
+
+class SD3TextEncoder(nn.Module):
+    """CLIP-L + CLIP-G + T5 -> ``(prompt_embeds (B, L_clip + L_t5, J), pooled (B, P))``."""
+
+    def __init__(self, clip_l: nn.Module, clip_g: nn.Module, t5: nn.Module):
+        super().__init__()
+        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
+
+    def forward(self, ids_l: torch.Tensor, ids_g: torch.Tensor, ids_t5: torch.Tensor):
+        """Token ids (B, L_clip), (B, L_clip), (B, L_t5) -> embeddings for the transformer."""
+        out_l = self.clip_l(ids_l, output_hidden_states=True)
+        out_g = self.clip_g(ids_g, output_hidden_states=True)
+        t5 = self.t5(ids_t5).last_hidden_state
+        clip = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), torch.cat([out_l.text_embeds, out_g.text_embeds], dim=-1)
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    ids_l: torch.Tensor
+    ids_g: torch.Tensor
+    ids_t5: torch.Tensor
+    truncated: tuple[str, ...]  # one line per prompt that lost tokens, saying which encoder cut what
+
+
+@dataclass(frozen=True)
+class SD3Tokenizers:
+    """The three tokenizers (Hugging Face fast tokenizers), each padding to its maximum length."""
+
+    clip_l: object
+    clip_g: object
+    t5: object
+
+    def items(self):
+        return (("clip_l", self.clip_l), ("clip_g", self.clip_g), ("t5", self.t5))
+
+    def __call__(self, prompts: list[str]) -> Tokenized:
+        ids, truncated = {}, []
+        for name, tok in self.items():
+            full = tok(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
+            ids[name] = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                            return_tensors="pt")["input_ids"]
+            for i, (prompt, seq) in enumerate(zip(prompts, full)):
+                if len(seq) > tok.model_max_length:
+                    kept = tok.decode(ids[name][i], skip_special_tokens=True)
+                    truncated.append(f"{name} keeps {tok.model_max_length} of {len(seq)} tokens of {prompt!r}: "
+                                     f"dropped {prompt[len(kept):]!r}")
+        return Tokenized(ids["clip_l"], ids["clip_g"], ids["t5"], tuple(truncated))
+
+
+def _byte_tokenizer(max_length: int, clip_style: bool):
+    """A byte-level tokenizer built in code: 3 special tokens + 256 bytes, no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{ch: i + 3 for i, ch in enumerate(sorted(alphabet))}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    template = "<bos> $A <eos>" if clip_style else "$A <eos>"
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<bos>", 1), ("<eos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   model_max_length=max_length)
+
+
+def build_tiny_text(joint_dim: int, pooled_dim: int, seed: int = 0) -> tuple[SD3TextEncoder, SD3Tokenizers]:
+    """Tiny CLIP-L/CLIP-G/T5 whose outputs fit a tiny transformer (``joint_dim``, ``pooled_dim``)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    width_l = pooled_dim * 2 // 5  # split the pooled width 2:3, like SD3's 768 + 1280
+    widths = (width_l, pooled_dim - width_l)
+    if sum(widths) > joint_dim:
+        raise ValueError(f"CLIP widths {widths} do not fit the joint width {joint_dim}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clips = [
+            CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=259, hidden_size=w, intermediate_size=2 * w, projection_dim=w, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=TINY_CLIP_LEN, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0, hidden_act="quick_gelu"))
+            for w in widths
+        ]
+        t5 = T5EncoderModel(T5Config(vocab_size=259, d_model=joint_dim, d_kv=8, d_ff=2 * joint_dim, num_layers=2,
+                                     num_heads=4, pad_token_id=0, eos_token_id=2))
+    encoder = SD3TextEncoder(*clips, t5).eval()
+    tokenizers = SD3Tokenizers(_byte_tokenizer(TINY_CLIP_LEN, True), _byte_tokenizer(TINY_CLIP_LEN, True),
+                               _byte_tokenizer(TINY_T5_LEN, False))
+    return encoder, tokenizers
+
+
+def load_text(folder: Path, t5_length: int = 256) -> tuple[SD3TextEncoder, SD3Tokenizers]:
+    """The encoders and tokenizers of an SD3/SD3.5 diffusers pipeline folder."""
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+    missing = [d for d in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                           "tokenizer_3") if not (folder / d).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{folder} has no {', '.join(missing)}: text encoders need an SD3 pipeline folder",
+                             "point --model at the pipeline folder, or build without --components text")
+    try:
+        encoder = SD3TextEncoder(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder"),
+                                 CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
+                                 T5EncoderModel.from_pretrained(folder / "text_encoder_3"))
+        toks = [AutoTokenizer.from_pretrained(folder / d, use_fast=True) for d in ("tokenizer", "tokenizer_2", "tokenizer_3")]
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the text encoders in {folder}: {exc}") from exc
+    toks[2].model_max_length = t5_length
+    return encoder.eval(), SD3Tokenizers(*toks)

@@ -1,0 +1,136 @@
+"""Text -> image from a build folder alone, with interchangeable backends.
+
+``torch`` (the float32 PyTorch reference, rebuilt from the model the manifest names), ``onnxruntime``
+(the build's ONNX graphs) and ``tensorrt`` (its engines; GPU only) run the same plans through the same
+sampler: tokenize -> ``text`` graph -> 1.x-NFE schedule (full plan, then skipping plan fed the deltas)
+-> ``vae`` graph.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import SkipRange
+from ..errors import OnexError, UsageError
+from ..export import manifest as mf
+from ..export.components import component_graphs, load_components
+from ..export.graphs import graph_modules, graph_specs
+from ..export.shapes import VAE_SCALE
+from ..models.text import SD3Tokenizers
+from ..schedule import SamplingPlan
+from .graphs import OrtGraph, PlanDenoiser, TorchGraph
+from .sampler import Conditioning, sample
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+@dataclass
+class Generation:
+    images: torch.Tensor  # (N, 3, H, W) float in [0, 1]
+    latents: torch.Tensor  # (N, C, H/8, W/8)
+    truncated: tuple[str, ...]
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage
+
+
+def _load_tokenizers(folder: Path, manifest: dict) -> SD3Tokenizers:
+    from transformers import PreTrainedTokenizerFast
+
+    toks = {}
+    for name, entry in manifest["pipeline"]["tokenizers"].items():
+        tok = PreTrainedTokenizerFast.from_pretrained(str(folder / entry["dir"]))
+        tok.model_max_length = entry["max_length"]
+        toks[name] = tok
+    return SD3Tokenizers(toks["clip_l"], toks["clip_g"], toks["t5"])
+
+
+class BuildPipeline:
+    """Loads ``folder``'s manifest (checking every file's sha256) and generates images."""
+
+    def __init__(self, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", check_files: bool = True):
+        if backend not in BACKENDS:
+            raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
+        self.folder = Path(folder)
+        self.manifest = m = mf.read_manifest(self.folder)
+        if check_files and (problems := mf.check_files(self.folder, m)):
+            raise mf.ManifestError(f"{self.folder} does not match its manifest:\n    " + "\n    ".join(problems),
+                                   "rebuild with `onex-export build`")
+        if m["status"] != "passed":
+            raise mf.ManifestError(f"{self.folder} did not pass its parity gate (status {m['status']!r})",
+                                   "rebuild it, or inspect it with `onex-export verify`")
+        missing = {"text", "vae"} - set(m["pipeline"]["components"])
+        if missing:
+            raise OnexError(f"{self.folder} has no {' and no '.join(sorted(missing))} graph, so it cannot go from text "
+                            "to image", "rebuild with the text encoders and VAE (--components text,vae)")
+        self.backend, self.device = backend, device
+        self.tokenizers = _load_tokenizers(self.folder, m)
+        self.graphs = self._graphs()
+        self.denoiser = PlanDenoiser(self.graphs, m["plans"])
+        self.plan = SamplingPlan.one_x(m["schedule"]["eta"])
+
+    def _graphs(self) -> dict:
+        m = self.manifest
+        if self.backend == "onnxruntime":
+            return {n: OrtGraph(self.folder / g["onnx"]["file"]) for n, g in m["graphs"].items()}
+        if self.backend == "tensorrt":
+            from .tensorrt_runner import TrtGraph, require_gpu
+
+            require_gpu()
+            if m["trt"] == "none":
+                raise OnexError(f"{self.folder} has no engines (built with --trt none)",
+                                "rebuild with --trt tensorrt or tensorrt-rtx, or use --backend onnxruntime")
+            return {n: TrtGraph(self.folder / g["engine"]["file"], m["trt"]) for n, g in m["graphs"].items()}
+        from ..export.build import load_reference
+
+        model = m["model"]
+        split = load_reference(model["source"], Path(model["mlp"]) if model["mlp"] else None,
+                               SkipRange(m["skip"]["first"], m["skip"]["last"])).to(self.device)
+        specs = graph_specs(split, "float32")
+        graphs = {n: TorchGraph(mod, specs[n]) for n, mod in graph_modules(split).items()}
+        comps = load_components(model["source"], split.transformer.config, tuple(m["pipeline"]["components"]))
+        for name, (module, spec) in component_graphs(comps, split.transformer.config).items():
+            graphs[name] = TorchGraph(module.to(self.device), spec)
+        return graphs
+
+    def _check(self, batch: int, resolution: int) -> None:
+        r = self.manifest["shapes"]["ranges"]
+        if not r["batch"][0] <= batch <= r["batch"][2]:
+            raise UsageError(f"{batch} images per call is outside this build's batch range {r['batch'][0]}-{r['batch'][2]}",
+                             "split the prompts into smaller calls, or rebuild with a larger --batch")
+        if not r["resolution"][0] <= resolution <= r["resolution"][2]:
+            raise UsageError(f"resolution {resolution} is outside this build's range "
+                             f"{r['resolution'][0]}-{r['resolution'][2]}", "rebuild with --resolution MIN:OPT:MAX")
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int = 0, images_per_prompt: int = 1,
+                 resolution: int | None = None) -> Generation:
+        """Images for ``prompts`` (each repeated ``images_per_prompt`` times), one batch, one seed."""
+        if not prompts:
+            raise UsageError("no prompt given", 'pass --prompt "..." (repeatable)')
+        prompts = [p for p in prompts for _ in range(images_per_prompt)]
+        resolution = resolution or self.manifest["shapes"]["ranges"]["resolution"][1]
+        self._check(len(prompts), resolution)
+        seconds, cuda = {}, self.device.startswith("cuda") or self.backend == "tensorrt"
+
+        def stage(name, fn):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = fn()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds[name] = time.perf_counter() - start
+            return result
+
+        tok = stage("tokenize", lambda: self.tokenizers(prompts))
+        text = stage("text", lambda: self.graphs["text"](ids_l=tok.ids_l, ids_g=tok.ids_g, ids_t5=tok.ids_t5))
+        cond = Conditioning(text["encoder_hidden_states"].float(), text["pooled_projections"].float())
+        channels = self.manifest["model"]["config"]["in_channels"]
+        latent = resolution // VAE_SCALE
+        device = "cuda" if self.backend == "tensorrt" else self.device
+        latents = stage("transformer", lambda: sample(self.denoiser, self.plan, cond, (channels, latent, latent), seed,
+                                                      device=device))
+        images = stage("vae", lambda: self.graphs["vae"](latents=latents)["image"].float())
+        return Generation(images.cpu(), latents.cpu(), tok.truncated, seconds)

@@ -1,0 +1,39 @@
+"""The latency benchmark end to end on the tiny model (small repeat counts: this checks that it runs
+and reports consistently, not how fast anything is)."""
+import json
+
+from PIL import Image
+
+from bench.latency import main
+
+SCHEDULES = ["teacher 28x2", "4-step", "2-step", "1.x skip 3-8", "1.x skip 3-10"]
+
+
+def check_report(out, batches):
+    report = json.loads((out / "latency.json").read_text())
+    assert [r["batch"] for r in report["results"]] == batches
+    for r in report["results"]:
+        assert list(r["schedules"]) == SCHEDULES
+        s = r["schedules"]
+        assert s["teacher 28x2"]["nfe"] == 56 and round(s["1.x skip 3-10"]["nfe"], 3) == 1.667
+        assert round(s["1.x skip 3-10"]["nfe_speedup"], 1) == 33.6
+        assert all(v["median_ms"] > 0 and v["p90_ms"] >= v["median_ms"] for v in s.values())
+        assert s["1.x skip 3-10"]["speedup"] > 5  # 56 vs 1.67 NFE: far faster even with overhead
+        assert 0 < r["derived"]["skip/full 3-10"] < 1  # the skipping step does less work
+    assert {b["bar"] for b in report["bars"]} >= {"MLP < 1% of one block"}
+    table = (out / "latency.md").read_text()
+    assert "| 1.x skip 3-10 | 1.667 |" in table and "## Performance bars" in table
+    with Image.open(out / "latency.png") as im:
+        assert im.format == "PNG" and im.size[0] > 500
+    return report
+
+
+def test_benchmark_torch_backend(tmp_path):
+    assert main(["--repeats", "2", "--warmup", "1", "--batch", "1", "2", "--out", str(tmp_path)]) == 0
+    report = check_report(tmp_path, [1, 2])
+    assert "end to end 1.x skip 3-10" in report["results"][0]["stages"]
+
+
+def test_benchmark_onnxruntime_backend(tmp_path):
+    assert main(["--backend", "onnxruntime", "--repeats", "1", "--warmup", "0", "--batch", "1", "--out", str(tmp_path)]) == 0
+    check_report(tmp_path, [1])

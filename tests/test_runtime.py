@@ -1,0 +1,101 @@
+"""The runtime over a build folder and `onex-export generate`: real ONNX Runtime sessions against the
+PyTorch reference, on the embedded tiny-sd3 with its tiny text encoders and VAE."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from onex_export.cli import main
+from onex_export.config import SkipRange
+from onex_export.errors import OnexError, UsageError
+from onex_export.export import manifest as mf
+from onex_export.export.build import BuildConfig, build
+from onex_export.export.shapes import DimRange
+from onex_export.runtime.pipeline import BuildPipeline
+
+ATOL = 1e-4  # fp32 graphs against the fp32 PyTorch reference
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rt") / "tiny"
+    build(BuildConfig(skip=SkipRange(3, 10), out=out, trt="none", batch=DimRange(1, 1, 3)))
+    return out
+
+
+@pytest.mark.parametrize("prompts, per_prompt", [(["a red cube"], 1), (["a red cube", "a blue ball", "x"], 1),
+                                                 (["a red cube"], 3)])
+def test_onnxruntime_and_torch_give_the_same_latents_and_images(build_dir, prompts, per_prompt):
+    ort = BuildPipeline(build_dir, "onnxruntime").generate(prompts, seed=4, images_per_prompt=per_prompt)
+    ref = BuildPipeline(build_dir, "torch").generate(prompts, seed=4, images_per_prompt=per_prompt)
+    n = len(prompts) * per_prompt
+    assert ort.latents.shape == (n, 16, 16, 16) and ort.images.shape == (n, 3, 128, 128)
+    assert torch.allclose(ort.latents, ref.latents, atol=ATOL)
+    assert torch.allclose(ort.images, ref.images, atol=ATOL)
+    assert set(ort.seconds) == {"tokenize", "text", "transformer", "vae"}
+
+
+def test_prompts_and_seeds_change_the_result(build_dir):
+    pipe = BuildPipeline(build_dir, "onnxruntime")
+    a = pipe.generate(["a red cube"], seed=0)
+    assert torch.equal(a.latents, pipe.generate(["a red cube"], seed=0).latents)
+    assert (a.latents - pipe.generate(["a red cube"], seed=1).latents).abs().max() > 0.1
+    assert (a.latents - pipe.generate(["a blue ball"], seed=0).latents).abs().max() > 1e-3
+
+
+def test_generate_writes_pngs_of_the_requested_size(build_dir, tmp_path):
+    out = tmp_path / "img.png"
+    res = run_cli("generate", "--build", build_dir, "--prompt", "a cat", "--prompt", "a dog", "--seed", "0", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "PASSED generate: 2 image(s) of 128x128" in res.output and "noise by design" in res.output
+    for path in (out, tmp_path / "img-1.png"):
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size == (128, 128) and im.mode == "RGB"
+            assert len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 100  # a real image, not a constant
+    res = run_cli("generate", "--build", build_dir, "--prompt", "a cat", "--resolution", "64", "--out", out)
+    assert res.exit_code == 2 and "outside this build's range" in res.output
+
+
+def test_long_prompt_truncation_is_reported(build_dir, tmp_path):
+    res = run_cli("generate", "--build", build_dir, "--prompt", "a lighthouse on a cliff at dusk", "--out", tmp_path / "a.png")
+    assert res.exit_code == 0
+    assert "truncated: t5 keeps 8 of 32 tokens" in res.output and "dropped" in res.output
+
+
+def test_missing_tampered_and_incomplete_builds(build_dir, tmp_path):
+    with pytest.raises(mf.ManifestError, match="no manifest.json"):
+        BuildPipeline(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(build_dir, bad)
+    tok = bad / "tokenizers" / "t5" / "tokenizer.json"
+    tok.write_text(tok.read_text().replace("<eos>", "<EOS>"))
+    with pytest.raises(mf.ManifestError, match="tokenizers/t5/tokenizer.json: sha256"):
+        BuildPipeline(bad)
+    res = run_cli("generate", "--build", bad, "--prompt", "x", "--out", tmp_path / "x.png")
+    assert res.exit_code == 1 and "sha256" in res.output and not (tmp_path / "x.png").exists()
+    bare = tmp_path / "bare"
+    build(BuildConfig(skip=SkipRange(3, 10), out=bare, trt="none", batch=DimRange(1, 1, 1), components=()))
+    with pytest.raises(OnexError, match="no text and no vae graph"):
+        BuildPipeline(bare)
+
+
+def test_backend_errors(build_dir):
+    with pytest.raises(UsageError, match="unknown backend"):
+        BuildPipeline(build_dir, "tvm")
+    res = run_cli("generate", "--build", build_dir, "--prompt", "x", "--backend", "tvm")
+    assert res.exit_code == 2
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the TensorRT backend would run")
+    with pytest.raises(OnexError, match="needs an NVIDIA GPU"):
+        BuildPipeline(build_dir, "tensorrt")
+    with pytest.raises(UsageError, match="batch range 1-3"):
+        BuildPipeline(build_dir).generate(["a"] * 4)
+    with pytest.raises(UsageError, match="no prompt"):
+        BuildPipeline(build_dir).generate([])
