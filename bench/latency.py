@@ -136,6 +136,8 @@ def run(args) -> dict:
             derived[f"skip/full {skip_text}"] = stages[f"skipping step {skip_text}"]["median_ms"] / stages["full step"]["median_ms"]
             derived[f"kept fraction {skip_text}"] = (cfg.num_layers - k) / cfg.num_layers
         derived["MLP / one block"] = stages["MLP (both streams)"]["median_ms"] / stages["one block"]["median_ms"]
+        # The MLP replaces the whole skipped segment, so this is the ratio that decides the trade.
+        derived["MLP / skipped segment 3-10"] = derived["MLP / one block"] / SkipRange.parse("3-10").count
         results.append({"batch": batch, "schedules": schedules, "stages": stages, "derived": derived})
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
