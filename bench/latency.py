@@ -24,7 +24,6 @@ from diffusers import SD3Transformer2DModel
 from onex_export.config import SkipRange
 from onex_export.export.build import BuildConfig, build
 from onex_export.export.components import component_graphs, component_inputs, load_components
-from onex_export.export.graphs import graph_modules, graph_specs
 from onex_export.export.shapes import DimRange
 from onex_export.fileio import atomic_path
 from onex_export.models import SplitSD3Transformer, build_tiny
@@ -59,18 +58,74 @@ def make_transformer(arch: str, dtype: torch.dtype, device: str) -> SD3Transform
 def denoisers(args, transformer, tmp: Path) -> dict:
     """skip range -> (denoiser, split model); ONNX Runtime builds the graphs into ``tmp`` first."""
     out = {}
-    for text in SKIPS:
-        skip = SkipRange.parse(text)
+    for skip_text in SKIPS:
+        skip = SkipRange.parse(skip_text)
         split = SplitSD3Transformer(transformer, skip).to(device=args.device, dtype=DTYPES[args.dtype])
         if args.backend == "torch":
-            out[text] = (TorchDenoiser(split), split)
+            out[skip_text] = (TorchDenoiser(split), split)
             continue
-        folder = tmp / f"skip{text}"
+        folder = tmp / f"skip{skip_text}"
         manifest = build(BuildConfig(skip=skip, out=folder, model=args.arch, trt="none", components=(),
                                      batch=DimRange(1, 1, max(args.batch))), log=lambda line: None)
         graphs = {n: OrtGraph(folder / g["onnx"]["file"]) for n, g in manifest["graphs"].items()}
-        out[text] = (PlanDenoiser(graphs, manifest["plans"]), split)
+        out[skip_text] = (PlanDenoiser(graphs, manifest["plans"]), split)
     return out
+
+
+def measure_batch(args, batch: int, cfg, dens: dict, comps, latent: tuple, text_len: int, dtype, cuda: bool) -> dict:
+    """Every schedule and stage at one batch size."""
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning(torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g),
+                        torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+                        torch.zeros(batch, text_len, cfg.joint_attention_dim), torch.zeros(batch, cfg.pooled_projection_dim))
+    den, split = dens["3-10"]
+    plans = {"teacher 28x2": (SamplingPlan.teacher(28), den, None), "4-step": (SamplingPlan.student(4), den, None),
+             "2-step": (SamplingPlan.student(2), den, None)}
+    for skip_text in SKIPS:
+        plans[f"1.x skip {skip_text}"] = (SamplingPlan.one_x(), dens[skip_text][0], SkipRange.parse(skip_text))
+    schedules = {}
+    for name, (plan, d, skip) in plans.items():
+        reps = max(1, args.repeats // 4) if plan.uses_cfg else args.repeats
+        t = measure(lambda: sample(d, plan, cond, latent, 0, dtype, args.device), args.warmup, reps, cuda)
+        schedules[name] = dict(t.as_json(), nfe=plan.nfe(cfg.num_layers, skip))
+    teacher = schedules["teacher 28x2"]
+    for s in schedules.values():
+        s["speedup"] = teacher["median_ms"] / s["median_ms"]
+        s["nfe_speedup"] = teacher["nfe"] / s["nfe"]
+
+    x = torch.randn(batch, *latent, generator=g).to(args.device, dtype)
+    text, pooled = cond.text.to(args.device, dtype), cond.pooled.to(args.device, dtype)
+    ts = torch.full((batch,), 1000.0, device=args.device, dtype=dtype)
+    stages = {"full step": measure(lambda: den.full(x, text, pooled, ts), args.warmup, args.repeats, cuda).as_json()}
+    for skip_text in SKIPS:
+        d = dens[skip_text][0]
+        _, d_img, d_ctx = d.full(x, text, pooled, ts)
+        stages[f"skipping step {skip_text}"] = measure(lambda: d.skipping(x, text, pooled, ts, d_img, d_ctx),
+                                                       args.warmup, args.repeats, cuda).as_json()
+    d_img, d_ctx = d_img.to(dtype), d_ctx.to(dtype)  # the 3-10 deltas, for the MLP alone
+    stages["MLP (both streams)"] = measure(lambda: split.mlp(d_img, d_ctx), args.warmup, args.repeats, cuda).as_json()
+    img, ctx, temb = split.embed(x, text, pooled, ts)
+    stages["one block"] = measure(lambda: split.run_blocks(img, ctx, temb, 5, 6), args.warmup, args.repeats, cuda).as_json()
+    if comps is not None:
+        cg = component_graphs(comps, cfg)
+        inputs = component_inputs(comps, batch, latent[1])
+        for name in ("text", "vae"):
+            module, spec = cg[name]
+            graph = TorchGraph(module, spec)
+            stages[{"text": "text encoding", "vae": "VAE decode"}[name]] = measure(
+                lambda: graph(**inputs[name]), args.warmup, args.repeats, cuda).as_json()
+        stages["end to end 1.x skip 3-10"] = {
+            k: stages["text encoding"][k] + schedules["1.x skip 3-10"][k] + stages["VAE decode"][k]
+            for k in ("median_ms", "p90_ms")} | {"runs": args.repeats}
+    derived = {}
+    for skip_text in SKIPS:
+        k = SkipRange.parse(skip_text).count
+        derived[f"skip/full {skip_text}"] = stages[f"skipping step {skip_text}"]["median_ms"] / stages["full step"]["median_ms"]
+        derived[f"kept fraction {skip_text}"] = (cfg.num_layers - k) / cfg.num_layers
+    derived["MLP / one block"] = stages["MLP (both streams)"]["median_ms"] / stages["one block"]["median_ms"]
+    # The MLP replaces the whole skipped segment, so this is the ratio that decides the trade.
+    derived["MLP / skipped segment 3-10"] = derived["MLP / one block"] / SkipRange.parse("3-10").count
+    return {"batch": batch, "schedules": schedules, "stages": stages, "derived": derived}
 
 
 def run(args) -> dict:
@@ -82,63 +137,10 @@ def run(args) -> dict:
     resolution = args.resolution or cfg.sample_size * 8
     latent = (cfg.in_channels, resolution // 8, resolution // 8)
     text_len = 333 if args.arch in ARCHS else 16
-    tmp = Path(tempfile.mkdtemp(prefix="onex-bench-"))
-    dens = denoisers(args, transformer, tmp)
     comps = load_components(args.arch, cfg, ("text", "vae")) if args.arch not in ARCHS else None
-    results = []
-    for batch in args.batch:
-        g = torch.Generator().manual_seed(0)
-        cond = Conditioning(torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g),
-                            torch.randn(batch, cfg.pooled_projection_dim, generator=g),
-                            torch.zeros(batch, text_len, cfg.joint_attention_dim), torch.zeros(batch, cfg.pooled_projection_dim))
-        den, split = dens["3-10"]
-        plans = {"teacher 28x2": (SamplingPlan.teacher(28), den, None), "4-step": (SamplingPlan.student(4), den, None),
-                 "2-step": (SamplingPlan.student(2), den, None)}
-        for text in SKIPS:
-            plans[f"1.x skip {text}"] = (SamplingPlan.one_x(), dens[text][0], SkipRange.parse(text))
-        schedules = {}
-        for name, (plan, d, skip) in plans.items():
-            reps = max(1, args.repeats // 4) if plan.uses_cfg else args.repeats
-            t = measure(lambda: sample(d, plan, cond, latent, 0, dtype, args.device), args.warmup, reps, cuda)
-            schedules[name] = dict(t.as_json(), nfe=plan.nfe(cfg.num_layers, skip))
-        teacher = schedules["teacher 28x2"]
-        for s in schedules.values():
-            s["speedup"] = teacher["median_ms"] / s["median_ms"]
-            s["nfe_speedup"] = teacher["nfe"] / s["nfe"]
-
-        x = torch.randn(batch, *latent, generator=g).to(args.device, dtype)
-        text, pooled = cond.text.to(args.device, dtype), cond.pooled.to(args.device, dtype)
-        ts = torch.full((batch,), 1000.0, device=args.device, dtype=dtype)
-        stages = {"full step": measure(lambda: den.full(x, text, pooled, ts), args.warmup, args.repeats, cuda).as_json()}
-        for skip_text in SKIPS:
-            d = dens[skip_text][0]
-            _, d_img, d_ctx = d.full(x, text, pooled, ts)
-            stages[f"skipping step {skip_text}"] = measure(lambda: d.skipping(x, text, pooled, ts, d_img, d_ctx),
-                                                           args.warmup, args.repeats, cuda).as_json()
-        d_img, d_ctx = d_img.to(dtype), d_ctx.to(dtype)  # the 3-10 deltas, for the MLP alone
-        stages["MLP (both streams)"] = measure(lambda: split.mlp(d_img, d_ctx), args.warmup, args.repeats, cuda).as_json()
-        img, ctx, temb = split.embed(x, text, pooled, ts)
-        stages["one block"] = measure(lambda: split.run_blocks(img, ctx, temb, 5, 6), args.warmup, args.repeats, cuda).as_json()
-        if comps is not None:
-            cg = component_graphs(comps, cfg)
-            inputs = component_inputs(comps, batch, latent[1])
-            for name in ("text", "vae"):
-                module, spec = cg[name]
-                graph = TorchGraph(module, spec)
-                stages[{"text": "text encoding", "vae": "VAE decode"}[name]] = measure(
-                    lambda: graph(**inputs[name]), args.warmup, args.repeats, cuda).as_json()
-            stages["end to end 1.x skip 3-10"] = {
-                k: stages["text encoding"][k] + schedules["1.x skip 3-10"][k] + stages["VAE decode"][k]
-                for k in ("median_ms", "p90_ms")} | {"runs": args.repeats}
-        derived = {}
-        for skip_text in SKIPS:
-            k = SkipRange.parse(skip_text).count
-            derived[f"skip/full {skip_text}"] = stages[f"skipping step {skip_text}"]["median_ms"] / stages["full step"]["median_ms"]
-            derived[f"kept fraction {skip_text}"] = (cfg.num_layers - k) / cfg.num_layers
-        derived["MLP / one block"] = stages["MLP (both streams)"]["median_ms"] / stages["one block"]["median_ms"]
-        # The MLP replaces the whole skipped segment, so this is the ratio that decides the trade.
-        derived["MLP / skipped segment 3-10"] = derived["MLP / one block"] / SkipRange.parse("3-10").count
-        results.append({"batch": batch, "schedules": schedules, "stages": stages, "derived": derived})
+    with tempfile.TemporaryDirectory(prefix="onex-bench-") as tmp:  # ONNX graphs live only for the run
+        dens = denoisers(args, transformer, Path(tmp))
+        results = [measure_batch(args, b, cfg, dens, comps, latent, text_len, dtype, cuda) for b in args.batch]
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "torch_threads": torch.get_num_threads(),

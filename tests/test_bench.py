@@ -2,6 +2,7 @@
 and reports consistently, not how fast anything is)."""
 import json
 
+import pytest
 from PIL import Image
 
 from bench.latency import main
@@ -18,8 +19,9 @@ def check_report(out, batches):
         assert s["teacher 28x2"]["nfe"] == 56 and round(s["1.x skip 3-10"]["nfe"], 3) == 1.667
         assert round(s["1.x skip 3-10"]["nfe_speedup"], 1) == 33.6
         assert all(v["median_ms"] > 0 and v["p90_ms"] >= v["median_ms"] for v in s.values())
-        assert s["1.x skip 3-10"]["speedup"] > 5  # 56 vs 1.67 NFE: far faster even with overhead
-        assert 0 < r["derived"]["skip/full 3-10"] < 1  # the skipping step does less work
+        # Speed itself is the benchmark's to report, not a test's to assert: only consistency here.
+        assert s["1.x skip 3-10"]["speedup"] == pytest.approx(s["teacher 28x2"]["median_ms"] / s["1.x skip 3-10"]["median_ms"])
+        assert r["derived"]["kept fraction 3-10"] == pytest.approx(16 / 24)
     assert {b["bar"] for b in report["bars"]} >= {"MLP < 1% of one block"}
     table = (out / "latency.md").read_text()
     assert "| 1.x skip 3-10 | 1.667 |" in table and "## Performance bars" in table

@@ -179,12 +179,12 @@ def load_reference(model: str, mlp: Path | None, skip: SkipRange) -> SplitSD3Tra
     return SplitSD3Transformer(transformer, skip, load_compensation(mlp, transformer) if mlp else None)
 
 
-def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer, text: int | None = None) -> ShapeConfig:
-    """The configured ranges, with defaults from the model (and ``text``, the text encoders' token
-    count, when they are built) for those left unset."""
+def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer, encoder_tokens: int | None = None) -> ShapeConfig:
+    """The configured ranges, with defaults from the model for those left unset. ``encoder_tokens``,
+    the text encoders' token count when they are built, must lie in the text-length range."""
     cfg = split.transformer.config
     native = cfg.sample_size * VAE_SCALE
-    text = text or (TINY_TEXT_LEN if config.model in TINY_MODELS else REAL_TEXT_LEN)
+    text = encoder_tokens or (TINY_TEXT_LEN if config.model in TINY_MODELS else REAL_TEXT_LEN)
     step = VAE_SCALE * cfg.patch_size
     if config.dynamic_shapes:
         res = DimRange(max(step, native // 2 // step * step), native, min(2 * native, cfg.pos_embed_max_size * VAE_SCALE))
@@ -193,7 +193,7 @@ def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer, text: int | 
         res, txt = DimRange(native, native, native), DimRange(text, text, text)
     shapes = ShapeConfig(config.batch, config.resolution or res, config.text_len or txt)
     tl = shapes.text_len
-    if not tl.min <= text <= tl.max and config.text_len is not None and config.components != ():
+    if encoder_tokens is not None and not tl.min <= encoder_tokens <= tl.max:
         raise UsageError(f"--text-len {tl} does not include the text encoders' {text} tokens",
                          f"use --text-len {text}, or --components vae to build without text encoders")
     return shapes.validate_for(cfg.patch_size, cfg.pos_embed_max_size)
