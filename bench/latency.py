@@ -55,6 +55,21 @@ def make_transformer(arch: str, dtype: torch.dtype, device: str) -> SD3Transform
     return build_tiny(arch).to(device=device, dtype=dtype)
 
 
+class SkipLayersPeer:
+    """Training-free peer: diffusers' own ``skip_layers`` drops the range in the second step (no cache,
+    no MLP). Same model, same schedule; PyTorch only."""
+
+    def __init__(self, split: SplitSD3Transformer):
+        self.split = split
+
+    def full(self, x, text, pooled, timestep):
+        return self.split.full(x, text, pooled, timestep)
+
+    def skipping(self, x, text, pooled, timestep, delta_img, delta_ctx):
+        return self.split.transformer(x, text, pooled, timestep, skip_layers=list(self.split.skip.indices0),
+                                      return_dict=False)[0]
+
+
 def denoisers(args, transformer, tmp: Path) -> dict:
     """skip range -> (denoiser, split model); ONNX Runtime builds the graphs into ``tmp`` first."""
     out = {}
@@ -83,6 +98,8 @@ def measure_batch(args, batch: int, cfg, dens: dict, comps, latent: tuple, text_
              "2-step": (SamplingPlan.student(2), den, None)}
     for skip_text in SKIPS:
         plans[f"1.x skip {skip_text}"] = (SamplingPlan.one_x(), dens[skip_text][0], SkipRange.parse(skip_text))
+    if args.backend == "torch":
+        plans["peer: skip_layers 3-10"] = (SamplingPlan.one_x(), SkipLayersPeer(split), SkipRange(3, 10))
     schedules = {}
     for name, (plan, d, skip) in plans.items():
         reps = max(1, args.repeats // 4) if plan.uses_cfg else args.repeats
@@ -128,10 +145,10 @@ def measure_batch(args, batch: int, cfg, dens: dict, comps, latent: tuple, text_
     return {"batch": batch, "schedules": schedules, "stages": stages, "derived": derived}
 
 
+@torch.no_grad()
 def run(args) -> dict:
     cuda = args.device.startswith("cuda")
     dtype = DTYPES[args.dtype]
-    torch.set_grad_enabled(False)
     transformer = make_transformer(args.arch, dtype, args.device)
     cfg = transformer.config
     resolution = args.resolution or cfg.sample_size * 8
@@ -149,7 +166,7 @@ def run(args) -> dict:
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "config": {"arch": args.arch, "resolution": resolution, "text_len": text_len, "batches": args.batch,
                    "warmup": args.warmup, "repeats": args.repeats, "num_layers": cfg.num_layers},
-        "peers": {"diffusers skip_layers": "same cost as a skipping step without the MLP (the blocks are dropped)",
+        "peers": {"diffusers skip_layers": "measured (torch backend): the schedule 'peer: skip_layers 3-10'",
                   "cache-dit DBCache": "not installed" if not _installed("cache_dit") else "installed, not wired yet"},
         "results": results,
         "bars": bars(results),

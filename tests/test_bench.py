@@ -14,7 +14,7 @@ def check_report(out, batches):
     report = json.loads((out / "latency.json").read_text())
     assert [r["batch"] for r in report["results"]] == batches
     for r in report["results"]:
-        assert list(r["schedules"]) == SCHEDULES
+        assert list(r["schedules"])[:5] == SCHEDULES
         s = r["schedules"]
         assert s["teacher 28x2"]["nfe"] == 56 and round(s["1.x skip 3-10"]["nfe"], 3) == 1.667
         assert round(s["1.x skip 3-10"]["nfe_speedup"], 1) == 33.6
@@ -34,6 +34,7 @@ def test_benchmark_torch_backend(tmp_path):
     assert main(["--repeats", "2", "--warmup", "1", "--batch", "1", "2", "--out", str(tmp_path)]) == 0
     report = check_report(tmp_path, [1, 2])
     assert "end to end 1.x skip 3-10" in report["results"][0]["stages"]
+    assert report["results"][0]["schedules"]["peer: skip_layers 3-10"]["nfe"] == pytest.approx(1 + 16 / 24)
 
 
 def test_benchmark_onnxruntime_backend(tmp_path):

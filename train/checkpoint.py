@@ -1,0 +1,157 @@
+"""Checkpoints that resume exactly.
+
+``<run_dir>/checkpoints/step-NNNNNN/`` holds
+- ``student/`` and ``fake/``: diffusers folders (``config.json`` + ``diffusion_pytorch_model.safetensors``,
+  fp32). ``student/`` loads with ``onex-export build --model <it>`` and ``from_pretrained``;
+- ``trainer.pt``: both optimizers and LR schedulers, the step, and the RNG states;
+- ``config.yaml``: the run's resolved config.
+``<run_dir>/checkpoints/latest`` names the newest complete one. A checkpoint is written to a hidden
+temporary folder and renamed into place, so a run killed while saving leaves the previous one intact.
+
+Model and optimizer state are kept "full" (unsharded, keyed by parameter name), so a checkpoint
+written under torchrun with W ranks resumes on any other number, or on one process.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
+
+from onex_export.errors import OnexError
+from onex_export.fileio import atomic_path, save_tensors_atomic
+
+from .config import Stage1Config
+from .distributed import DistInfo, barrier
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class CheckpointError(OnexError):
+    """A checkpoint that is missing, incomplete or does not fit this run."""
+
+
+@dataclass
+class TrainerState:
+    """What besides the weights a resumed run needs."""
+
+    step: int
+    optimizers: dict  # name -> full optimizer state dict
+    schedulers: dict  # name -> LR scheduler state dict
+    rng: dict  # "train": the training generator's state, "torch"/"cuda": the global ones
+    world_size: int = 1  # processes that wrote it (any number may resume it)
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of ``run_dir``, or None."""
+    pointer = checkpoints_dir(run_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    path = checkpoints_dir(run_dir) / pointer.read_text().strip()
+    if not (path / "trainer.pt").is_file():
+        raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete",
+                              f"delete {pointer} to start over, or restore {path}")
+    return path
+
+
+def _full_model_state(model: nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    if info.is_distributed:  # collective: every rank calls it, rank 0 receives the tensors
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> dict:
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True) if info.is_distributed else None
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def write_diffusers(folder: Path, state: dict[str, torch.Tensor], config_json: str) -> None:
+    """A diffusers model folder, as ``save_pretrained`` writes it, from a full state dict."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(config_json)
+    save_tensors_atomic(state, folder / WEIGHTS, {"format": "pt"})
+
+
+def save(cfg: Stage1Config, step: int, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+         schedulers: dict, rng: torch.Generator, config_json: str, info: DistInfo) -> Path | None:
+    """Write ``step-NNNNNN`` (collective under torchrun; rank 0 writes). Returns its path on rank 0.
+
+    ``models``/``optimizers``/``schedulers`` are keyed "student" and "fake"; optimizer i belongs to
+    model i.
+    """
+    weights = {name: _full_model_state(m, info) for name, m in models.items()}
+    optim = {name: _full_optimizer_state(models[name], opt, info) for name, opt in optimizers.items()}
+    path = None
+    if info.is_main:
+        rng_state = {"train": rng.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng_state["cuda"] = torch.cuda.get_rng_state_all()
+        state = TrainerState(step, optim, {k: s.state_dict() for k, s in schedulers.items()}, rng_state, info.world)
+        root = checkpoints_dir(cfg.run_dir)
+        path = root / f"step-{step:06d}"
+        tmp = root / f".{path.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for name, sd in weights.items():
+            write_diffusers(tmp / name, sd, config_json)
+        torch.save(state.__dict__, tmp / "trainer.pt")
+        (tmp / "config.yaml").write_text(cfg.to_yaml())
+        if path.exists():  # a re-run of the same step: replace it
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        with atomic_path(root / "latest") as pointer:
+            pointer.write_text(path.name + "\n")
+        _prune(root, cfg.keep_checkpoints)
+    barrier(info)
+    return path
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep]:
+        shutil.rmtree(old)
+
+
+def check_resumable(path: Path, cfg: Stage1Config) -> None:
+    """The checkpoint's config must equal ``cfg`` except for keys that do not change the computation."""
+    saved = Stage1Config.load(path / "config.yaml")
+    diffs = saved.differences(cfg)
+    if diffs:
+        raise CheckpointError(f"{path} was written with another config:\n    " + "\n    ".join(diffs),
+                              "resume with the same settings, or start a new run_dir")
+
+
+def load_trainer_state(path: Path) -> TrainerState:
+    try:
+        # mmap: ranks other than 0 never touch the (large) optimizer tensors
+        raw = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read {path / 'trainer.pt'}: {exc}") from exc
+    return TrainerState(**raw)
+
+
+def restore(state: TrainerState, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+            schedulers: dict, rng: torch.Generator, info: DistInfo) -> None:
+    """Load optimizer, scheduler and RNG state (the weights were loaded with the models)."""
+    for name, opt in optimizers.items():
+        if info.is_distributed:
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+            set_optimizer_state_dict(models[name], opt, state.optimizers[name] if info.is_main else {}, options=options)
+        else:
+            set_optimizer_state_dict(models[name], opt, state.optimizers[name])
+    for name, sched in schedulers.items():
+        sched.load_state_dict(state.schedulers[name])
+    rng.set_state(state.rng["train"])
+    torch.set_rng_state(state.rng["torch"])
+    if "cuda" in state.rng and torch.cuda.is_available() and len(state.rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state.rng["cuda"])
