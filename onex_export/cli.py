@@ -17,6 +17,7 @@ from .errors import OnexError, UsageError
 from .fileio import atomic_path, save_tensors_atomic
 from .models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
 from .models.zoo import TINY_TEXT_LEN
+from .export.components import COMPONENTS
 from .export.build import REAL_TEXT_LEN, TRT_CHOICES, BuildConfig, ParityFailedError, build
 from .export.shapes import VAE_SCALE, DimRange
 from .export.verify import verify
@@ -60,6 +61,14 @@ def _parsed_by(parse):
             raise click.BadParameter(str(exc)) from exc
 
     return callback
+
+
+def _components(text: str) -> tuple[str, ...]:
+    names = () if text.strip() == "none" else tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        raise UsageError(f"unknown component(s) {unknown}", f"choose from {', '.join(COMPONENTS)}, or none")
+    return names
 
 
 _parse_skip = _parsed_by(SkipRange.parse)
@@ -207,15 +216,17 @@ def _echo_parity(parity: dict) -> None:
               help="TensorRT-RTX target, e.g. 8.6 (repeatable). Default: RTX's defaults (8.0, 8.6, 8.9, 12.0+).")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
               help="Persistent timing cache (full TensorRT only). Default: <out>/../timing-cache.bin")
+@click.option("--components", default=None, callback=_parsed_by(_components),
+              help="Pipeline parts beside the transformer: text,vae | text | vae | none. Default: all the model has.")
 @click.option("--allow-parity-failure", is_flag=True, help="Install the build even if the parity gate fails.")
 def build_cmd(model, mlp, skip, out, precision, trt, batch, resolution, text_len, dynamic_shapes, opset, opt_level,
-              compute_capabilities, timing_cache, allow_parity_failure):
+              compute_capabilities, timing_cache, components, allow_parity_failure):
     """Split, export ONNX, compile TensorRT engines, gate on parity, and write manifest.json."""
     out = out or Path("engines") / f"{Path(model).name}-skip{skip}-{precision}"
     config = BuildConfig(skip=skip, out=out, model=model, mlp=mlp, precision=precision, trt=trt, batch=batch,
                          resolution=resolution, text_len=text_len, dynamic_shapes=dynamic_shapes, opset=opset, optimization_level=opt_level,
                          compute_capabilities=tuple(compute_capabilities), timing_cache=timing_cache,
-                         allow_parity_failure=allow_parity_failure)
+                         components=components, allow_parity_failure=allow_parity_failure)
     start = time.perf_counter()
     try:
         manifest = build(config, log=click.echo)

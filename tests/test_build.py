@@ -284,6 +284,8 @@ def test_bf16_cannot_be_checked_by_onnxruntime_on_cpu(tmp_path):
     (["--skip", "ten"], "malformed"),
     (["--resolution", "100"], "multiple of 16"),
     (["--batch", "4:2:1"], "MIN <= OPT <= MAX"),
+    (["--components", "text,unet"], "unknown component(s) ['unet']"),
+    (["--text-len", "8"], "does not include the text encoders' 16 tokens"),
 ])
 def test_bad_build_options_exit_2(args, message, tmp_path):
     res = run_cli("build", "--out", tmp_path / "x", "--trt", "none", *args)
