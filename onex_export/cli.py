@@ -29,6 +29,15 @@ from .schedule import SamplingPlan
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def exit_on_user_error(exc: OnexError) -> None:
+    """Print a user error (message, hint, FAILED) without a traceback and exit with its code."""
+    click.secho(f"error: {exc.message}", fg="red", err=True)
+    if exc.hint:
+        click.echo(f"  hint: {exc.hint}", err=True)
+    click.echo("FAILED", err=True)
+    sys.exit(exc.exit_code)
+
+
 class _Group(click.Group):
     """Turns :class:`OnexError` into a clean message and its exit code; bugs keep their traceback."""
 
@@ -36,11 +45,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except OnexError as exc:
-            click.secho(f"error: {exc.message}", fg="red", err=True)
-            if exc.hint:
-                click.echo(f"  hint: {exc.hint}", err=True)
-            click.echo("FAILED", err=True)
-            sys.exit(exc.exit_code)
+            exit_on_user_error(exc)
 
 
 def transformers_logging():

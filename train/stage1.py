@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import click
 import torch
 from tqdm import tqdm
 
+from onex_export.cli import exit_on_user_error
 from onex_export.errors import OnexError
 from onex_export.export.shapes import VAE_SCALE
 from onex_export.schedule import student_sigmas
@@ -191,11 +191,7 @@ def main(config_path, overrides, resume, kill_after):
         cfg = Stage1Config.load(config_path, overrides)
         result = run(cfg, resume=resume, kill_after=kill_after)
     except OnexError as exc:
-        click.secho(f"error: {exc.message}", fg="red", err=True)
-        if exc.hint:
-            click.echo(f"  hint: {exc.hint}", err=True)
-        click.echo("FAILED", err=True)
-        sys.exit(exc.exit_code)
+        exit_on_user_error(exc)
     if int(os.environ.get("RANK", "0")) == 0:
         last = result.records[-1] if result.records else None
         summary = (f"loss_fake {last['loss_fake']:.5g}" + (f", loss_generator {last['loss_generator']:.5g}"
