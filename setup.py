@@ -30,9 +30,9 @@ setup(
         "tensorrt-rtx": RTX,
         # Full TensorRT for data-centre GPUs; its libs package downloads from NVIDIA at install time.
         "tensorrt": ["tensorrt-cu13-bindings==11.4.0.106", "tensorrt-cu13-libs==11.4.0.106"],
-        "bench": ["matplotlib==3.11.2"],
+        "bench": ["matplotlib==3.11.2", "cache-dit==1.5.3"],  # cache-dit: a training-free peer
         "train": ["PyYAML==6.0.3"],
-        "test": ["pytest==9.2.0", "matplotlib==3.11.2", "PyYAML==6.0.3", *RTX],
+        "test": ["pytest==9.2.0", "matplotlib==3.11.2", "cache-dit==1.5.3", "PyYAML==6.0.3", *RTX],
     },
     entry_points={"console_scripts": ["onex-export=onex_export.cli:main"]},
 )

@@ -3,6 +3,7 @@
     python -m bench.latency                                   # tiny-sd3, PyTorch, CPU
     python -m bench.latency --backend onnxruntime             # through exported ONNX graphs
     python -m bench.latency --arch sd3-medium --resolution 1024 --device cuda --dtype bf16   # on a GPU
+    python -m bench.latency --arch sd3-medium --resolution 1024 --device cuda --dtype bf16 --cuda-graph
 
 Times (median and p90 after warm-up, batch 1 and 4): teacher 28 x 2 (CFG), 4-step, 2-step and 1.x-NFE
 with skip ranges 3-8 and 3-10; and per stage: text encoding, the full and the skipping transformer
@@ -16,6 +17,7 @@ import json
 import platform
 import sys
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -27,10 +29,12 @@ from onex_export.export.components import component_graphs, component_inputs, lo
 from onex_export.export.shapes import DimRange
 from onex_export.fileio import atomic_path
 from onex_export.models import SplitSD3Transformer, build_tiny
+from onex_export.runtime.cuda_graph import CudaGraphDenoiser
 from onex_export.runtime.graphs import OrtGraph, PlanDenoiser, TorchGraph
 from onex_export.runtime.sampler import Conditioning, TorchDenoiser, sample
 from onex_export.schedule import SamplingPlan
 
+from .peers import CacheDitPeer, SkipLayersPeer, cache_dit_installed
 from .report import markdown, plot
 from .timing import measure
 
@@ -55,21 +59,6 @@ def make_transformer(arch: str, dtype: torch.dtype, device: str) -> SD3Transform
     return build_tiny(arch).to(device=device, dtype=dtype)
 
 
-class SkipLayersPeer:
-    """Training-free peer: diffusers' own ``skip_layers`` drops the range in the second step (no cache,
-    no MLP). Same model, same schedule; PyTorch only."""
-
-    def __init__(self, split: SplitSD3Transformer):
-        self.split = split
-
-    def full(self, x, text, pooled, timestep):
-        return self.split.full(x, text, pooled, timestep)
-
-    def skipping(self, x, text, pooled, timestep, delta_img, delta_ctx):
-        return self.split.transformer(x, text, pooled, timestep, skip_layers=list(self.split.skip.indices0),
-                                      return_dict=False)[0]
-
-
 def denoisers(args, transformer, tmp: Path) -> dict:
     """skip range -> (denoiser, split model); ONNX Runtime builds the graphs into ``tmp`` first."""
     out = {}
@@ -87,7 +76,18 @@ def denoisers(args, transformer, tmp: Path) -> dict:
     return out
 
 
-def measure_batch(args, batch: int, cfg, dens: dict, comps, latent: tuple, text_len: int, dtype, cuda: bool) -> dict:
+def peers(args, transformer, dens: dict) -> dict:
+    """Training-free peers on the same model with skip range 3-10 (PyTorch backend only)."""
+    if args.backend != "torch":
+        return {}
+    out = {"peer: skip_layers 3-10": SkipLayersPeer(dens["3-10"][1])}
+    if cache_dit_installed():
+        out["peer: cache-dit DBCache 3-10"] = CacheDitPeer(transformer, SkipRange(3, 10))
+    return out
+
+
+def measure_batch(args, batch: int, cfg, dens: dict, peer_dens: dict, comps, latent: tuple, text_len: int, dtype,
+                  cuda: bool) -> dict:
     """Every schedule and stage at one batch size."""
     g = torch.Generator().manual_seed(0)
     cond = Conditioning(torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g),
@@ -98,8 +98,8 @@ def measure_batch(args, batch: int, cfg, dens: dict, comps, latent: tuple, text_
              "2-step": (SamplingPlan.student(2), den, None)}
     for skip_text in SKIPS:
         plans[f"1.x skip {skip_text}"] = (SamplingPlan.one_x(), dens[skip_text][0], SkipRange.parse(skip_text))
-    if args.backend == "torch":
-        plans["peer: skip_layers 3-10"] = (SamplingPlan.one_x(), SkipLayersPeer(split), SkipRange(3, 10))
+    for name, peer in peer_dens.items():
+        plans[name] = (SamplingPlan.one_x(), peer, SkipRange(3, 10))
     schedules = {}
     for name, (plan, d, skip) in plans.items():
         reps = max(1, args.repeats // 4) if plan.uses_cfg else args.repeats
@@ -157,26 +157,37 @@ def run(args) -> dict:
     comps = load_components(args.arch, cfg, ("text", "vae")) if args.arch not in ARCHS else None
     with tempfile.TemporaryDirectory(prefix="onex-bench-") as tmp:  # ONNX graphs live only for the run
         dens = denoisers(args, transformer, Path(tmp))
-        results = [measure_batch(args, b, cfg, dens, comps, latent, text_len, dtype, cuda) for b in args.batch]
+        peer_dens = peers(args, transformer, dens)
+        if args.cuda_graph:  # cache-dit decides per call in Python, so it cannot be captured: it runs eagerly
+            dens = {k: (CudaGraphDenoiser(d), split) for k, (d, split) in dens.items()}
+            peer_dens = {k: p if isinstance(p, CacheDitPeer) else CudaGraphDenoiser(p) for k, p in peer_dens.items()}
+        results = [measure_batch(args, b, cfg, dens, peer_dens, comps, latent, text_len, dtype, cuda)
+                   for b in args.batch]
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "torch_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if cuda else None},
         "backend": args.backend, "device": args.device, "dtype": args.dtype,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "versions": {"python": platform.python_version(), **_versions("torch", "diffusers", "onnxruntime", "cache-dit")},
         "config": {"arch": args.arch, "resolution": resolution, "text_len": text_len, "batches": args.batch,
+                   "cuda_graph": args.cuda_graph,
                    "warmup": args.warmup, "repeats": args.repeats, "num_layers": cfg.num_layers},
-        "peers": {"diffusers skip_layers": "measured (torch backend): the schedule 'peer: skip_layers 3-10'",
-                  "cache-dit DBCache": "not installed" if not _installed("cache_dit") else "installed, not wired yet"},
+        "peers": {name: "measured" if name in peer_dens else "not measured: " + (
+                      "torch backend only" if args.backend != "torch" else "cache-dit is not installed")
+                  for name in ("peer: skip_layers 3-10", "peer: cache-dit DBCache 3-10")},
         "results": results,
         "bars": bars(results),
     }
 
 
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
+def _versions(*packages: str) -> dict:
+    out = {}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def bars(results: list[dict]) -> list[dict]:
@@ -204,13 +215,18 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each transformer step as a captured CUDA graph (GPU; cache-dit stays eager)")
     p.add_argument("--out", type=Path, default=None, help="folder for JSON/Markdown/PNG (default bench/results/<name>)")
     args = p.parse_args(argv)
     if args.backend == "onnxruntime" and (args.device != "cpu" or args.dtype != "fp32"):
         p.error("--backend onnxruntime runs fp32 on the CPU here")
+    if args.cuda_graph and (args.backend != "torch" or not args.device.startswith("cuda")):
+        p.error("--cuda-graph needs --backend torch --device cuda")
     report = run(args)
     device = (report["machine"]["gpu"] or "cpu").replace(" ", "-").lower()
-    out = args.out or Path("bench/results") / f"{args.arch}-{args.backend}-{args.dtype}-{device}"
+    graph = "-cudagraph" if args.cuda_graph else ""
+    out = args.out or Path("bench/results") / f"{args.arch}-{args.backend}{graph}-{args.dtype}-{device}"
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "latency.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")

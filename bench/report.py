@@ -1,6 +1,7 @@
 """The latency report as a Markdown table and a PNG plot."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from onex_export.fileio import atomic_path
@@ -37,7 +38,7 @@ def plot(report: dict, path: Path) -> Path:
 
     results = report["results"]
     names = list(results[0]["schedules"])
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     width = 0.8 / len(results)
     for j, r in enumerate(results):
         xs = [i + j * width for i in range(len(names))]
@@ -48,7 +49,8 @@ def plot(report: dict, path: Path) -> Path:
             ax.annotate(f"{s['speedup']:.1f}x\n({s['nfe_speedup']:.1f}x)", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)
     ax.set_yscale("log")
-    ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(names))], names)
+    labels = ["\n".join(textwrap.wrap(n, 14, break_on_hyphens=False)) for n in names]  # peers have long names
+    ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(names))], labels, fontsize=8)
     ax.set_ylabel("median ms (transformer only)")
     cfg = report["config"]
     ax.set_title(f"{cfg['arch']} {cfg['resolution']}px, {report['backend']} {report['dtype']}: "

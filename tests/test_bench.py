@@ -35,8 +35,13 @@ def test_benchmark_torch_backend(tmp_path):
     report = check_report(tmp_path, [1, 2])
     assert "end to end 1.x skip 3-10" in report["results"][0]["stages"]
     assert report["results"][0]["schedules"]["peer: skip_layers 3-10"]["nfe"] == pytest.approx(1 + 16 / 24)
+    assert report["results"][0]["schedules"]["peer: cache-dit DBCache 3-10"]["nfe"] == pytest.approx(1 + 16 / 24)
+    assert set(report["peers"].values()) == {"measured"}
+    assert report["versions"]["cache-dit"] == "1.5.3"
 
 
 def test_benchmark_onnxruntime_backend(tmp_path):
     assert main(["--backend", "onnxruntime", "--repeats", "1", "--warmup", "0", "--batch", "1", "--out", str(tmp_path)]) == 0
-    check_report(tmp_path, [1])
+    report = check_report(tmp_path, [1])
+    assert not any(name.startswith("peer") for name in report["results"][0]["schedules"])
+    assert set(report["peers"].values()) == {"not measured: torch backend only"}

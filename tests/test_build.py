@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from onex_export.cli import main
 from onex_export.config import SkipRange
+from onex_export.errors import OnexError, UsageError
 from onex_export.export import manifest as mf
 from onex_export.export.build import BuildConfig, ParityFailedError, build, load_reference
 from onex_export.export.graphs import PLANS
@@ -154,6 +155,20 @@ def test_verify_passes_then_catches_tampering(built, tmp_path):
         verify(good)
     res = run_cli("verify", good)
     assert res.exit_code == 1 and "sha256 does not match" in res.output and "FAILED" in res.output
+
+
+def test_verify_on_engines_needs_a_gpu_and_engines(built, tmp_path):
+    out, manifest, _ = built
+    if HAS_RTX:
+        assert all(g["engine"]["tf32"] is False for g in manifest["graphs"].values())
+    with pytest.raises(UsageError, match="cannot run backend 'torch'"):
+        verify(out, backend="torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tests/gpu runs the engines")
+    with pytest.raises(OnexError, match="needs an NVIDIA GPU"):
+        verify(out, backend="tensorrt")
+    res = run_cli("verify", out, "--backend", "tensorrt")
+    assert res.exit_code == 1 and "--backend onnxruntime" in res.output
 
 
 def test_verify_catches_a_corrupted_onnx_and_a_missing_file(built, tmp_path):

@@ -91,11 +91,31 @@ def test_backend_errors(build_dir):
         BuildPipeline(build_dir, "tvm")
     res = run_cli("generate", "--build", build_dir, "--prompt", "x", "--backend", "tvm")
     assert res.exit_code == 2
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the TensorRT backend would run")
-    with pytest.raises(OnexError, match="needs an NVIDIA GPU"):
-        BuildPipeline(build_dir, "tensorrt")
     with pytest.raises(UsageError, match="batch range 1-3"):
         BuildPipeline(build_dir).generate(["a"] * 4)
     with pytest.raises(UsageError, match="no prompt"):
         BuildPipeline(build_dir).generate([])
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the TensorRT backend would run")
+    with pytest.raises(OnexError, match="needs an NVIDIA GPU"):
+        BuildPipeline(build_dir, "tensorrt")
+
+
+def test_cuda_graph_errors(build_dir):
+    with pytest.raises(UsageError, match="not available with --backend onnxruntime"):
+        BuildPipeline(build_dir, "onnxruntime", cuda_graph=True)
+    with pytest.raises(UsageError, match="needs --device cuda, not 'cpu'"):
+        BuildPipeline(build_dir, "torch", "cpu", cuda_graph=True)
+    res = run_cli("generate", "--build", build_dir, "--prompt", "x", "--backend", "torch", "--cuda-graph")
+    assert res.exit_code == 2 and "--device cuda" in res.output
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: capture would run (tests/gpu covers it)")
+    from onex_export.runtime.cuda_graph import CudaGraphDenoiser
+
+    with pytest.raises(OnexError, match="CUDA-graph capture needs an NVIDIA GPU"):
+        BuildPipeline(build_dir, "torch", "cuda", cuda_graph=True)
+    with pytest.raises(OnexError, match="CUDA-graph capture needs an NVIDIA GPU"):
+        CudaGraphDenoiser(object())
+    res = run_cli("generate", "--build", build_dir, "--prompt", "x", "--backend", "torch", "--device", "cuda",
+                  "--cuda-graph")
+    assert res.exit_code == 1 and "drop --cuda-graph" in res.output

@@ -91,6 +91,19 @@ def test_rtx_builds_dynamic_batch_engine_twice(onnx_files, tmp_path, monkeypatch
 
 
 @requires_rtx
+def test_tf32_is_off_unless_asked_for(onnx_files, tmp_path):
+    """Builds are deterministic, so the flag reaching the builder shows as different engine bytes. (Whether
+    the GPU then runs TF32 kernels can only be seen on a GPU.)"""
+    def engine_bytes(name, **kwargs):
+        build_engine(onnx_files / "fp32.onnx", tmp_path / name, PROFILE, EngineBuildOptions("tensorrt-rtx", **kwargs))
+        return (tmp_path / name).read_bytes()
+
+    default, again = engine_bytes("a.plan"), engine_bytes("b.plan", tf32=False)
+    assert default == again
+    assert engine_bytes("c.plan", tf32=True) != default
+
+
+@requires_rtx
 @pytest.mark.parametrize("caps", [("7.5",), ("8.6", "12.0")])
 def test_rtx_fp16_engine_for_chosen_compute_capabilities(onnx_files, tmp_path, caps):
     options = EngineBuildOptions("tensorrt-rtx", optimization_level=2, compute_capabilities=caps, workspace_gib=0.5)

@@ -69,6 +69,7 @@ class BuildConfig:
     optimization_level: int = 3
     compute_capabilities: tuple[str, ...] = ()
     timing_cache: Path | None = None
+    tf32: bool = False
     allow_parity_failure: bool = False
     eta: float = 1.0
     external_data_threshold: int = PROTOBUF_LIMIT
@@ -233,7 +234,8 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
     options = None
     if trt != "none":
         cache = config.timing_cache or (out.parent / "timing-cache.bin" if trt == "tensorrt" else None)
-        options = EngineBuildOptions(trt, config.optimization_level, config.compute_capabilities, cache)
+        options = EngineBuildOptions(trt, config.optimization_level, config.compute_capabilities, cache,
+                                     tf32=config.tf32)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_temps(out.parent)
@@ -300,7 +302,7 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
                 entry["build_seconds"] = round(report.build_seconds, 3)
                 log(f"      {name}.plan {report.size_bytes / 1e6:.2f} MB in {report.build_seconds:.1f} s")
             entry["engine"] = dict(mf.file_entry(tmp, tmp / f"{name}.plan"), flavour=trt,
-                                   compute_capabilities=list(options.compute_capabilities) or "default")
+                                   compute_capabilities=list(options.compute_capabilities) or "default", tf32=options.tf32)
 
         log("[4/5] parity gate: ONNX Runtime vs PyTorch (engines need a GPU to run)")
         parity = run_gate(split32, lambda: {n: OrtGraph(tmp / f"{n}.onnx") for n in torch_graphs}, "onnxruntime",

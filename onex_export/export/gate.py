@@ -53,11 +53,13 @@ def run_gate(
     components: Components | None = None,
     seed: int = 0,
     log: Callable[[str], None] = lambda _: None,
+    device: str = "cpu",
 ) -> dict:
     """Run every case and return the manifest's ``parity`` section (status, tolerance, rows).
 
     ``load_graphs()`` gives the candidate graphs; it is not called when ``backend`` cannot run
-    ``precision`` at all (status ``not-run``).
+    ``precision`` at all (status ``not-run``). The reference runs in float32 on the CPU; the candidate's
+    schedule runs on ``device`` ("cuda" for engines, whose outputs stay on the GPU).
     """
     tol = tolerance_for(backend, precision)
     if tol is None:
@@ -81,7 +83,7 @@ def run_gate(
         cond = Conditioning(step1["encoder_hidden_states"], step1["pooled_projections"])
         latent = (split.transformer.config.in_channels, res // VAE_SCALE, res // VAE_SCALE)
         ref = sample(TorchDenoiser(split), plan, cond, latent, seed)
-        got = sample(PlanDenoiser(graphs, PLANS), plan, cond, latent, seed)
+        got = sample(PlanDenoiser(graphs, PLANS), plan, cond, latent, seed, device=device)
         rows += compare(f"1.x-nfe schedule {tag}", {"latents": ref}, {"latents": got}, tol)
     if components is not None:
         # Components are float32 graphs whatever the transformer's precision.

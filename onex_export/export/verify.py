@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import SkipRange
+from ..errors import OnexError, UsageError
 from ..runtime.graphs import OrtGraph
+from ..runtime.tensorrt_runner import TrtGraph, require_gpu
 from . import manifest as mf
 from .build import load_reference
 from .components import load_components
@@ -14,10 +16,21 @@ from .gate import run_gate
 from .shapes import DimRange, ShapeConfig
 
 
-def verify(folder: Path, log: Callable[[str], None] = lambda _: None) -> tuple[dict, dict]:
-    """Return ``(manifest, parity)``; raises :class:`~manifest.ManifestError` on a file mismatch."""
+def verify(folder: Path, log: Callable[[str], None] = lambda _: None,
+           backend: str = "onnxruntime") -> tuple[dict, dict]:
+    """Return ``(manifest, parity)``; raises :class:`~manifest.ManifestError` on a file mismatch.
+
+    ``backend`` runs the build's ONNX graphs ("onnxruntime", CPU) or its engines ("tensorrt", GPU only).
+    """
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise UsageError(f"verify cannot run backend {backend!r}", "choose onnxruntime or tensorrt")
+    if backend == "tensorrt":
+        require_gpu()
     folder = Path(folder)
     manifest = mf.read_manifest(folder)
+    if backend == "tensorrt" and manifest["trt"] == "none":
+        raise OnexError(f"{folder} has no engines (built with --trt none)",
+                        "rebuild with --trt tensorrt or tensorrt-rtx, or verify with --backend onnxruntime")
     log(f"checking {len(mf.artifact_entries(manifest))} files against their sha256")
     problems = mf.check_files(folder, manifest)
     if problems:
@@ -30,9 +43,12 @@ def verify(folder: Path, log: Callable[[str], None] = lambda _: None) -> tuple[d
     ranges = manifest["shapes"]["ranges"]
     shapes = ShapeConfig(*(DimRange(*ranges[k]) for k in ("batch", "resolution", "text_len")))
     def graphs():
+        if backend == "tensorrt":
+            return {name: TrtGraph(folder / g["engine"]["file"], manifest["trt"]) for name, g in manifest["graphs"].items()}
         return {name: OrtGraph(folder / g["onnx"]["file"]) for name, g in manifest["graphs"].items()}
 
     comps = load_components(model["source"], split.transformer.config, tuple(manifest["pipeline"]["components"]))
-    parity = run_gate(split, graphs, "onnxruntime", manifest["precision"], shapes, manifest["schedule"]["eta"],
-                      comps, log=log)
+    parity = run_gate(split, graphs, manifest["trt"] if backend == "tensorrt" else backend, manifest["precision"],
+                      shapes, manifest["schedule"]["eta"], comps, log=log,
+                      device="cuda" if backend == "tensorrt" else "cpu")
     return manifest, parity

@@ -21,6 +21,7 @@ from ..export.graphs import graph_modules, graph_specs
 from ..export.shapes import VAE_SCALE
 from ..models.text import SD3Tokenizers
 from ..schedule import SamplingPlan
+from .cuda_graph import CudaGraphDenoiser, require_cuda
 from .graphs import OrtGraph, PlanDenoiser, TorchGraph
 from .sampler import Conditioning, sample
 
@@ -46,12 +47,25 @@ def _load_tokenizers(folder: Path, manifest: dict) -> SD3Tokenizers:
     return SD3Tokenizers(toks["clip_l"], toks["clip_g"], toks["t5"])
 
 
+def _check_cuda_graph(backend: str, device: str) -> None:
+    if backend == "onnxruntime":
+        raise UsageError("CUDA-graph capture is not available with --backend onnxruntime",
+                         "use --backend tensorrt, or --backend torch --device cuda")
+    if backend == "torch" and not device.startswith("cuda"):
+        raise UsageError(f"CUDA-graph capture with --backend torch needs --device cuda, not {device!r}",
+                         "add --device cuda, or drop --cuda-graph")
+    require_cuda()
+
+
 class BuildPipeline:
     """Loads ``folder``'s manifest (checking every file's sha256) and generates images."""
 
-    def __init__(self, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", check_files: bool = True):
+    def __init__(self, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", check_files: bool = True,
+                 cuda_graph: bool = False):
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
+        if cuda_graph:
+            _check_cuda_graph(backend, device)
         self.folder = Path(folder)
         self.manifest = m = mf.read_manifest(self.folder)
         if check_files and (problems := mf.check_files(self.folder, m)):
@@ -68,6 +82,8 @@ class BuildPipeline:
         self.tokenizers = _load_tokenizers(self.folder, m)
         self.graphs = self._graphs()
         self.denoiser = PlanDenoiser(self.graphs, m["plans"])
+        if cuda_graph:  # captured per batch size and resolution on first use
+            self.denoiser = CudaGraphDenoiser(self.denoiser)
         self.plan = SamplingPlan.one_x(m["schedule"]["eta"])
 
     def _graphs(self) -> dict:
