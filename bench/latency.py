@@ -86,6 +86,11 @@ def peers(args, transformer, dens: dict) -> dict:
     return out
 
 
+def progress(line: str) -> None:
+    """Progress goes to stderr, so that stdout carries only the final table."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def measure_batch(args, batch: int, cfg, dens: dict, peer_dens: dict, comps, latent: tuple, text_len: int, dtype,
                   cuda: bool) -> dict:
     """Every schedule and stage at one batch size."""
@@ -105,6 +110,7 @@ def measure_batch(args, batch: int, cfg, dens: dict, peer_dens: dict, comps, lat
         reps = max(1, args.repeats // 4) if plan.uses_cfg else args.repeats
         t = measure(lambda: sample(d, plan, cond, latent, 0, dtype, args.device), args.warmup, reps, cuda)
         schedules[name] = dict(t.as_json(), nfe=plan.nfe(cfg.num_layers, skip))
+        progress(f"batch {batch}: {name:<30} {t.median_ms:10.2f} ms median of {t.runs}")
     teacher = schedules["teacher 28x2"]
     for s in schedules.values():
         s["speedup"] = teacher["median_ms"] / s["median_ms"]
@@ -134,6 +140,7 @@ def measure_batch(args, batch: int, cfg, dens: dict, peer_dens: dict, comps, lat
         stages["end to end 1.x skip 3-10"] = {
             k: stages["text encoding"][k] + schedules["1.x skip 3-10"][k] + stages["VAE decode"][k]
             for k in ("median_ms", "p90_ms")} | {"runs": args.repeats}
+    progress(f"batch {batch}: stages " + ", ".join(f"{n} {t['median_ms']:.2f} ms" for n, t in stages.items()))
     derived = {}
     for skip_text in SKIPS:
         k = SkipRange.parse(skip_text).count

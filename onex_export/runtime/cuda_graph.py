@@ -2,7 +2,8 @@
 
 A denoising step launches hundreds of kernels (PyTorch) or several engines plus glue (TensorRT); at
 batch 1 the launch overhead is a visible share of a step. :class:`CudaGraphDenoiser` captures each call
-once per input signature (shapes and dtypes) and replays it afterwards: one graph launch per step.
+for its input signature (shapes and dtypes) and replays it afterwards: one graph launch per step. The
+capture costs a few eager runs, so it pays off where one pipeline object serves many requests.
 
 Capture follows PyTorch's recipe: a few warm-up runs on a side stream (cuBLAS/cuDNN workspaces,
 TensorRT's shape-dependent setup happen there, not inside the capture), then one run under
@@ -38,8 +39,10 @@ class CudaGraphDenoiser:
     """Wraps any :class:`~onex_export.runtime.sampler.Denoiser` whose calls are capturable (the PyTorch
     backend on CUDA, the TensorRT backend) and replays captured graphs. Shapes as in the wrapped one.
 
-    Each new input signature costs ``warmup`` eager runs and one capture, and keeps its own graph and
-    memory pool: a 1.x schedule at one batch size captures two graphs (full and skipping).
+    Shapes are static: each call keeps one graph (a 1.x schedule holds two, full and skipping), and an
+    input signature other than the captured one costs ``warmup`` eager runs and a new capture that
+    replaces the old graph. Replacing rather than keeping one graph per shape is what TensorRT asks
+    for: an execution context's graphs are recaptured when its input shapes change.
     """
 
     def __init__(self, inner: Denoiser, warmup: int = 2):
@@ -47,12 +50,8 @@ class CudaGraphDenoiser:
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the runs before capture), got {warmup}")
         self.inner, self.warmup = inner, warmup
-        self._graphs: dict[tuple, _Captured] = {}
-
-    @property
-    def captured(self) -> int:
-        """How many graphs have been captured so far."""
-        return len(self._graphs)
+        self._graphs: dict[str, tuple[tuple, _Captured]] = {}  # call name -> (signature, graph)
+        self.captures = 0  # how many graphs were captured (recaptures included)
 
     def full(self, x, text, pooled, timestep):
         return self._call("full", (x, text, pooled, timestep))
@@ -63,15 +62,17 @@ class CudaGraphDenoiser:
     def _call(self, name: str, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if any(a.device.type != "cuda" for a in args):
             raise UsageError("CUDA-graph capture needs every input on the GPU", "sample with device='cuda'")
-        key = (name, *((tuple(a.shape), a.dtype) for a in args))
-        captured = self._graphs.get(key) or self._capture(key, name, args)
+        signature = tuple((tuple(a.shape), a.dtype) for a in args)
+        held = self._graphs.get(name)
+        captured = held[1] if held is not None and held[0] == signature else self._capture(name, signature, args)
         for static, a in zip(captured.inputs, args):
             static.copy_(a)
         captured.graph.replay()
         return tuple(o.clone() for o in captured.outputs)
 
     @torch.no_grad()
-    def _capture(self, key: tuple, name: str, args: tuple[torch.Tensor, ...]) -> _Captured:
+    def _capture(self, name: str, signature: tuple, args: tuple[torch.Tensor, ...]) -> _Captured:
+        self._graphs.pop(name, None)  # free the old graph and its memory pool before capturing anew
         fn = getattr(self.inner, name)
         static = tuple(a.clone() for a in args)
         side = torch.cuda.Stream()
@@ -84,5 +85,7 @@ class CudaGraphDenoiser:
         with torch.cuda.graph(graph):
             out = fn(*static)
         outputs = out if isinstance(out, tuple) else (out,)
-        self._graphs[key] = _Captured(graph, static, outputs)
-        return self._graphs[key]
+        captured = _Captured(graph, static, outputs)
+        self._graphs[name] = (signature, captured)
+        self.captures += 1
+        return captured

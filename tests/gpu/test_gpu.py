@@ -54,7 +54,7 @@ def test_cuda_graph_replay_matches_eager(split, batch):
         got = sample(graphed, plan, cond, LATENT, seed, device="cuda")
         assert (got - want).abs().max().item() <= 1e-5
         results.append(got)
-    assert graphed.captured == 2  # full and skipping, captured once, replayed for the second seed
+    assert graphed.captures == 2  # full and skipping, captured once, replayed for the second seed
     assert (results[0] - results[1]).abs().max().item() > 1e-2  # new noise really flowed through the graphs
 
 
