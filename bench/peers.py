@@ -5,7 +5,7 @@ sampler as our own backends:
 
 - :class:`SkipLayersPeer`: diffusers' ``skip_layers`` drops the block range in the second step.
 - :class:`CacheDitPeer`: cache-dit's DBCache caches the residual of the block range in the first step
-  and adds it back in the second: the 1.x schedule with the raw delta and no compensation MLP.
+  and adds it back in the second: the 1.x schedule with the raw delta (an untrained, identity MLP).
 """
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ class CacheDitPeer:
     from the residual cached at the previous step. For skip range ``first..last`` (1-based, inclusive)
     of ``L`` blocks that is ``F_n = first - 1`` and ``B_n = L - last``. The static step mask ``[1, 0]``
     makes step 1 compute everything and step 2 use the cache without a threshold test, so the second
-    step is ``I_n + (O_m - I_n)`` from step 1: our skipping pass with the raw delta in place of
-    ``f(delta)``. cache-dit patches the model in place, so the peer works on its own copy.
+    step is ``I_n + (O_m - I_n)`` from step 1: our skipping pass with an untrained MLP (the identity). cache-dit patches the model in place, so the peer works on its own copy.
 
     The cache context is refreshed at every ``full`` call: one sampling run is one 2-step inference.
     Shapes as in :class:`SplitSD3Transformer`; ``full`` returns no deltas (the cache holds them).

@@ -51,6 +51,10 @@ def test_cache_dit_peer_serves_exactly_the_skip_range_from_the_step_one_residual
     second = sample(peer, plan, cond, latent, seed=3)  # the cache context must be refreshed per run
     assert (first - reference).abs().max().item() < 1e-5
     assert (second - reference).abs().max().item() < 1e-5
+    # Our untrained MLP is the identity (zero-initialised output layer on a residual), so 1.x with it is
+    # exactly this peer.
+    untrained = sample(TorchDenoiser(split), plan, cond, latent, seed=3)
+    assert (first - untrained).abs().max().item() < 1e-5
     # Negative controls: the cache was really used (not a full second step), and it is not skip_layers.
     full_two_step = sample(TorchDenoiser(split), SamplingPlan.student(2), cond, latent, seed=3)
     dropped = sample(SkipLayersPeer(split), plan, cond, latent, seed=3)

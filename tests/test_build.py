@@ -168,7 +168,7 @@ def test_verify_on_engines_needs_a_gpu_and_engines(built, tmp_path):
     with pytest.raises(OnexError, match="needs an NVIDIA GPU"):
         verify(out, backend="tensorrt")
     res = run_cli("verify", out, "--backend", "tensorrt")
-    assert res.exit_code == 1 and "--backend onnxruntime" in res.output
+    assert res.exit_code == 1 and "verify with --backend onnxruntime here" in res.output
 
 
 def test_verify_catches_a_corrupted_onnx_and_a_missing_file(built, tmp_path):

@@ -25,7 +25,7 @@ def verify(folder: Path, log: Callable[[str], None] = lambda _: None,
     if backend not in ("onnxruntime", "tensorrt"):
         raise UsageError(f"verify cannot run backend {backend!r}", "choose onnxruntime or tensorrt")
     if backend == "tensorrt":
-        require_gpu()
+        require_gpu("verify with --backend onnxruntime here, and with --backend tensorrt on a GPU")
     folder = Path(folder)
     manifest = mf.read_manifest(folder)
     if backend == "tensorrt" and manifest["trt"] == "none":

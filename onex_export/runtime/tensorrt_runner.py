@@ -17,10 +17,9 @@ _TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16,
           "INT32": torch.int32}
 
 
-def require_gpu() -> None:
+def require_gpu(hint: str = "use --backend onnxruntime or --backend torch on this machine") -> None:
     if not torch.cuda.is_available():
-        raise OnexError("the TensorRT backend needs an NVIDIA GPU with CUDA, and none is visible here",
-                        "use --backend onnxruntime or --backend torch on this machine")
+        raise OnexError("the TensorRT backend needs an NVIDIA GPU with CUDA, and none is visible here", hint)
 
 
 class TrtGraph:
