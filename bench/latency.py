@@ -13,6 +13,7 @@ a PNG plot. Speed-ups are reported next to the NFE-predicted ones so that overhe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -36,7 +37,7 @@ from onex_export.schedule import SamplingPlan
 
 from .peers import CacheDitPeer, SkipLayersPeer, cache_dit_installed
 from .report import markdown, plot
-from .timing import measure
+from .timing import measure_interleaved
 
 # Real architectures with random weights: latency does not depend on the weight values.
 ARCHS = {
@@ -69,7 +70,9 @@ def denoisers(args, transformer, tmp: Path) -> dict:
             out[skip_text] = (TorchDenoiser(split), split)
             continue
         folder = tmp / f"skip{skip_text}"
-        manifest = build(BuildConfig(skip=skip, out=folder, model=args.arch, trt="none", components=(),
+        # The 3-10 build also carries the text encoders and VAE, so that their stages run on ONNX Runtime too.
+        components = None if skip_text == "3-10" else ()
+        manifest = build(BuildConfig(skip=skip, out=folder, model=args.arch, trt="none", components=components,
                                      batch=DimRange(1, 1, max(args.batch))), log=lambda line: None)
         graphs = {n: OrtGraph(folder / g["onnx"]["file"]) for n, g in manifest["graphs"].items()}
         out[skip_text] = (PlanDenoiser(graphs, manifest["plans"]), split)
@@ -86,6 +89,38 @@ def peers(args, transformer, dens: dict) -> dict:
     return out
 
 
+# How the per-stage rows are measured on each backend: every stage runs on the benchmarked backend.
+STAGE_METHODS = {
+    "torch": {"MLP (both streams)": "the MLP module", "one block": "block 6 alone"},
+    "onnxruntime": {"MLP (both streams)": "the reuse graph (the MLP and the two adds)",
+                    "one block": "the segment graph (blocks 3-10, with the deltas) / 8"},
+}
+
+
+def stage_calls(backend: str, den, split, comps, cfg, batch: int, latent: tuple, step_inputs: tuple,
+                deltas: tuple) -> dict:
+    """Stage name -> (call, divisor): the MLP, one block, text encoding and VAE decode on ``backend``."""
+    x, text, pooled, ts = step_inputs
+    calls = {}
+    if backend == "torch":
+        img, ctx, temb = split.embed(x, text, pooled, ts)
+        calls["MLP (both streams)"] = (lambda: split.mlp(*deltas), 1)
+        calls["one block"] = (lambda: split.run_blocks(img, ctx, temb, 5, 6), 1)
+        graphs = {n: TorchGraph(*component_graphs(comps, cfg)[n]) for n in ("text", "vae")} if comps else {}
+    else:
+        graphs = den.graphs
+        head = graphs["head"](hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=ts)
+        calls["MLP (both streams)"] = (lambda: graphs["reuse"](img=head["img"], ctx=head["ctx"], delta_img=deltas[0],
+                                                               delta_ctx=deltas[1]), 1)
+        calls["one block"] = (lambda: graphs["segment"](img=head["img"], ctx=head["ctx"], temb=head["temb"]),
+                              SkipRange(3, 10).count)
+    if comps is not None:
+        inputs = component_inputs(comps, batch, latent[1])
+        calls["text encoding"] = (lambda: graphs["text"](**inputs["text"]), 1)
+        calls["VAE decode"] = (lambda: graphs["vae"](**inputs["vae"]), 1)
+    return calls
+
+
 def progress(line: str) -> None:
     """Progress goes to stderr, so that stdout carries only the final table."""
     print(line, file=sys.stderr, flush=True)
@@ -93,11 +128,17 @@ def progress(line: str) -> None:
 
 def measure_batch(args, batch: int, cfg, dens: dict, peer_dens: dict, comps, latent: tuple, text_len: int, dtype,
                   cuda: bool) -> dict:
-    """Every schedule and stage at one batch size."""
+    """Every schedule and stage at one batch size, each group timed in interleaved rounds."""
     g = torch.Generator().manual_seed(0)
     cond = Conditioning(torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g),
                         torch.randn(batch, cfg.pooled_projection_dim, generator=g),
                         torch.zeros(batch, text_len, cfg.joint_attention_dim), torch.zeros(batch, cfg.pooled_projection_dim))
+
+    def runner(d):
+        """A CUDA-graph wrapper per use, so that no two shapes share (and recapture) one graph; cache-dit
+        decides per call in Python, so it cannot be captured and stays eager."""
+        return CudaGraphDenoiser(d) if args.cuda_graph and not isinstance(d, CacheDitPeer) else d
+
     den, split = dens["3-10"]
     plans = {"teacher 28x2": (SamplingPlan.teacher(28), den, None), "4-step": (SamplingPlan.student(4), den, None),
              "2-step": (SamplingPlan.student(2), den, None)}
@@ -105,12 +146,14 @@ def measure_batch(args, batch: int, cfg, dens: dict, peer_dens: dict, comps, lat
         plans[f"1.x skip {skip_text}"] = (SamplingPlan.one_x(), dens[skip_text][0], SkipRange.parse(skip_text))
     for name, peer in peer_dens.items():
         plans[name] = (SamplingPlan.one_x(), peer, SkipRange(3, 10))
-    schedules = {}
-    for name, (plan, d, skip) in plans.items():
-        reps = max(1, args.repeats // 4) if plan.uses_cfg else args.repeats
-        t = measure(lambda: sample(d, plan, cond, latent, 0, dtype, args.device), args.warmup, reps, cuda)
-        schedules[name] = dict(t.as_json(), nfe=plan.nfe(cfg.num_layers, skip))
-        progress(f"batch {batch}: {name:<30} {t.median_ms:10.2f} ms median of {t.runs}")
+    calls = {}
+    for name, (plan, d, _) in plans.items():
+        reps = max(1, args.repeats // 4) if plan.uses_cfg else args.repeats  # the teacher runs 28 steps per call
+        calls[name] = (functools.partial(sample, runner(d), plan, cond, latent, 0, dtype, args.device), reps)
+    timings = measure_interleaved(calls, args.warmup, cuda,
+                                  on_round=lambda i, n: progress(f"batch {batch}: schedules, round {i}/{n}"))
+    schedules = {name: dict(timings[name].as_json(), nfe=plan.nfe(cfg.num_layers, skip))
+                 for name, (plan, _, skip) in plans.items()}
     teacher = schedules["teacher 28x2"]
     for s in schedules.values():
         s["speedup"] = teacher["median_ms"] / s["median_ms"]
@@ -119,27 +162,26 @@ def measure_batch(args, batch: int, cfg, dens: dict, peer_dens: dict, comps, lat
     x = torch.randn(batch, *latent, generator=g).to(args.device, dtype)
     text, pooled = cond.text.to(args.device, dtype), cond.pooled.to(args.device, dtype)
     ts = torch.full((batch,), 1000.0, device=args.device, dtype=dtype)
-    stages = {"full step": measure(lambda: den.full(x, text, pooled, ts), args.warmup, args.repeats, cuda).as_json()}
+    stage_fns = {"full step": (functools.partial(runner(den).full, x, text, pooled, ts), 1)}
     for skip_text in SKIPS:
         d = dens[skip_text][0]
         _, d_img, d_ctx = d.full(x, text, pooled, ts)
-        stages[f"skipping step {skip_text}"] = measure(lambda: d.skipping(x, text, pooled, ts, d_img, d_ctx),
-                                                       args.warmup, args.repeats, cuda).as_json()
+        stage_fns[f"skipping step {skip_text}"] = (functools.partial(runner(d).skipping, x, text, pooled, ts,
+                                                                     d_img, d_ctx), 1)
+    # The steps are interleaved (their ratio is a bar); the small stages are timed each on its own, since
+    # right after a large call the runtimes' spinning worker threads would still compete with them.
+    # Single steps are short next to whole schedules, so they get 3x the repeats for steadier medians.
+    timings = measure_interleaved({n: (fn, 3 * args.repeats) for n, (fn, _) in stage_fns.items()}, args.warmup, cuda)
     d_img, d_ctx = d_img.to(dtype), d_ctx.to(dtype)  # the 3-10 deltas, for the MLP alone
-    stages["MLP (both streams)"] = measure(lambda: split.mlp(d_img, d_ctx), args.warmup, args.repeats, cuda).as_json()
-    img, ctx, temb = split.embed(x, text, pooled, ts)
-    stages["one block"] = measure(lambda: split.run_blocks(img, ctx, temb, 5, 6), args.warmup, args.repeats, cuda).as_json()
+    small = stage_calls(args.backend, den, split, comps, cfg, batch, latent, (x, text, pooled, ts), (d_img, d_ctx))
+    for name, (fn, _) in small.items():
+        timings[name] = measure_interleaved({name: (fn, 3 * args.repeats)}, args.warmup, cuda)[name]
+    stages = {n: {"median_ms": timings[n].median_ms / per, "p90_ms": timings[n].p90_ms / per, "runs": timings[n].runs}
+              for n, (_, per) in (stage_fns | small).items()}
     if comps is not None:
-        cg = component_graphs(comps, cfg)
-        inputs = component_inputs(comps, batch, latent[1])
-        for name in ("text", "vae"):
-            module, spec = cg[name]
-            graph = TorchGraph(module, spec)
-            stages[{"text": "text encoding", "vae": "VAE decode"}[name]] = measure(
-                lambda: graph(**inputs[name]), args.warmup, args.repeats, cuda).as_json()
         stages["end to end 1.x skip 3-10"] = {
             k: stages["text encoding"][k] + schedules["1.x skip 3-10"][k] + stages["VAE decode"][k]
-            for k in ("median_ms", "p90_ms")} | {"runs": args.repeats}
+            for k in ("median_ms", "p90_ms")} | {"runs": args.repeats}  # sums of medians, not a measured run
     progress(f"batch {batch}: stages " + ", ".join(f"{n} {t['median_ms']:.2f} ms" for n, t in stages.items()))
     derived = {}
     for skip_text in SKIPS:
@@ -165,9 +207,6 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="onex-bench-") as tmp:  # ONNX graphs live only for the run
         dens = denoisers(args, transformer, Path(tmp))
         peer_dens = peers(args, transformer, dens)
-        if args.cuda_graph:  # cache-dit decides per call in Python, so it cannot be captured: it runs eagerly
-            dens = {k: (CudaGraphDenoiser(d), split) for k, (d, split) in dens.items()}
-            peer_dens = {k: p if isinstance(p, CacheDitPeer) else CudaGraphDenoiser(p) for k, p in peer_dens.items()}
         results = [measure_batch(args, b, cfg, dens, peer_dens, comps, latent, text_len, dtype, cuda)
                    for b in args.batch]
     return {
@@ -179,6 +218,7 @@ def run(args) -> dict:
         "config": {"arch": args.arch, "resolution": resolution, "text_len": text_len, "batches": args.batch,
                    "cuda_graph": args.cuda_graph,
                    "warmup": args.warmup, "repeats": args.repeats, "num_layers": cfg.num_layers},
+        "stage_methods": STAGE_METHODS[args.backend],
         "peers": {name: "measured" if name in peer_dens else "not measured: " + (
                       "torch backend only" if args.backend != "torch" else "cache-dit is not installed")
                   for name in ("peer: skip_layers 3-10", "peer: cache-dit DBCache 3-10")},

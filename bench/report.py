@@ -22,6 +22,9 @@ def markdown(report: dict) -> str:
         lines += ["", "| ratio | value |", "|---|---|"]
         lines += [f"| {n} | {v:.4f} |" for n, v in r["derived"].items()]
         lines.append("")
+    methods = report.get("stage_methods", {})
+    if methods:
+        lines += ["Stage rows measured as: " + "; ".join(f"{k}: {v}" for k, v in methods.items()) + ".", ""]
     lines += ["## Performance bars", "", "| batch | bar | value | limit | met |", "|---|---|---|---|---|"]
     lines += [f"| {b['batch']} | {b['bar']} | {b['value']:.4f} | {b['limit']:.4f} | {'yes' if b['met'] else 'NO'} |"
               for b in report["bars"]]

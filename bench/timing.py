@@ -19,23 +19,47 @@ class Timing:
         return {"median_ms": self.median_ms, "p90_ms": self.p90_ms, "runs": self.runs}
 
 
-def measure(fn: Callable[[], object], warmup: int, repeats: int, cuda: bool = False) -> Timing:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed."""
-    for _ in range(warmup):
+def _time_once(fn: Callable[[], object], cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1000
+
+
+def _timing(times: list[float]) -> Timing:
+    times = sorted(times)
     p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
     return Timing(statistics.median(times), p90, len(times))
+
+
+def measure_interleaved(fns: dict[str, tuple[Callable[[], object], int]], warmup: int, cuda: bool = False,
+                        on_round: Callable[[int, int], None] | None = None) -> dict[str, Timing]:
+    """Time several functions in rounds (a, b, c, a, b, c, ...) after ``warmup`` untimed runs of each.
+
+    ``fns`` maps a name to ``(fn, repeats)``; a name drops out of the rounds once it has its repeats.
+    Interleaving spreads a machine's drift (other load, clocks) over all of them alike, so the ratios
+    between them, which are what a benchmark reports, stay fair. ``on_round(i, n)`` reports progress.
+    """
+    for fn, _ in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    rounds = max((repeats for _, repeats in fns.values()), default=0)
+    for i in range(rounds):
+        for name, (fn, repeats) in fns.items():
+            if i < repeats:
+                times[name].append(_time_once(fn, cuda))
+        if on_round is not None:
+            on_round(i + 1, rounds)
+    return {name: _timing(t) for name, t in times.items()}
+
+
+def measure(fn: Callable[[], object], warmup: int, repeats: int, cuda: bool = False) -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed."""
+    return measure_interleaved({"fn": (fn, repeats)}, warmup, cuda)["fn"]

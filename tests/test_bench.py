@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from bench.latency import main
+from bench.timing import measure_interleaved
 
 SCHEDULES = ["teacher 28x2", "4-step", "2-step", "1.x skip 3-8", "1.x skip 3-10"]
 
@@ -44,4 +45,16 @@ def test_benchmark_onnxruntime_backend(tmp_path):
     assert main(["--backend", "onnxruntime", "--repeats", "1", "--warmup", "0", "--batch", "1", "--out", str(tmp_path)]) == 0
     report = check_report(tmp_path, [1])
     assert not any(name.startswith("peer") for name in report["results"][0]["schedules"])
+    # Every stage runs on ONNX Runtime, the block as the 8-block segment graph / 8.
+    assert report["stage_methods"]["one block"].endswith("/ 8")
+    assert {"text encoding", "VAE decode", "end to end 1.x skip 3-10"} <= set(report["results"][0]["stages"])
     assert set(report["peers"].values()) == {"not measured: torch backend only"}
+
+
+def test_interleaved_timing_runs_in_rounds_after_warmup():
+    calls = []
+    timings = measure_interleaved({"a": (lambda: calls.append("a"), 3), "b": (lambda: calls.append("b"), 2)},
+                                  warmup=1)
+    assert calls == ["a", "b", "a", "b", "a", "b", "a"]  # warm-up a, b; then rounds a b, a b, a
+    assert (timings["a"].runs, timings["b"].runs) == (3, 2)
+    assert all(t.p90_ms >= t.median_ms >= 0 for t in timings.values())
