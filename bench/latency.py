@@ -25,13 +25,15 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from onex_export.config import SkipRange
-from onex_export.export.build import BuildConfig, build
+from onex_export.export.build import REAL_TEXT_LEN, BuildConfig, build
 from onex_export.export.components import component_graphs, component_inputs, load_components
-from onex_export.export.shapes import DimRange
+from onex_export.export.precision import PRECISIONS
+from onex_export.export.shapes import VAE_SCALE, DimRange
 from onex_export.fileio import atomic_path
 from onex_export.models import SplitSD3Transformer, build_tiny
+from onex_export.models.zoo import TINY_TEXT_LEN
 from onex_export.runtime.cuda_graph import CudaGraphDenoiser
-from onex_export.runtime.graphs import OrtGraph, PlanDenoiser, TorchGraph
+from onex_export.runtime.graphs import PlanDenoiser, TorchGraph, load_build_graphs
 from onex_export.runtime.sampler import Conditioning, TorchDenoiser, sample
 from onex_export.schedule import SamplingPlan
 
@@ -49,7 +51,7 @@ ARCHS = {
                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
 }
 SKIPS = ("3-8", "3-10")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = PRECISIONS
 
 
 def make_transformer(arch: str, dtype: torch.dtype, device: str) -> SD3Transformer2DModel:
@@ -74,7 +76,7 @@ def denoisers(args, transformer, tmp: Path) -> dict:
         components = None if skip_text == "3-10" else ()
         manifest = build(BuildConfig(skip=skip, out=folder, model=args.arch, trt="none", components=components,
                                      batch=DimRange(1, 1, max(args.batch))), log=lambda line: None)
-        graphs = {n: OrtGraph(folder / g["onnx"]["file"]) for n, g in manifest["graphs"].items()}
+        graphs = load_build_graphs(folder, manifest, "onnxruntime")
         out[skip_text] = (PlanDenoiser(graphs, manifest["plans"]), split)
     return out
 
@@ -200,9 +202,9 @@ def run(args) -> dict:
     dtype = DTYPES[args.dtype]
     transformer = make_transformer(args.arch, dtype, args.device)
     cfg = transformer.config
-    resolution = args.resolution or cfg.sample_size * 8
-    latent = (cfg.in_channels, resolution // 8, resolution // 8)
-    text_len = 333 if args.arch in ARCHS else 16
+    resolution = args.resolution or cfg.sample_size * VAE_SCALE
+    latent = (cfg.in_channels, resolution // VAE_SCALE, resolution // VAE_SCALE)
+    text_len = REAL_TEXT_LEN if args.arch in ARCHS else TINY_TEXT_LEN
     comps = load_components(args.arch, cfg, ("text", "vae")) if args.arch not in ARCHS else None
     with tempfile.TemporaryDirectory(prefix="onex-bench-") as tmp:  # ONNX graphs live only for the run
         dens = denoisers(args, transformer, Path(tmp))

@@ -14,19 +14,20 @@ from tqdm import tqdm
 from . import __version__
 from .config import SkipRange
 from .errors import OnexError, UsageError
-from .fileio import atomic_path, save_tensors_atomic
+from .fileio import save_png, save_tensors_atomic
 from .models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
 from .models.zoo import TINY_TEXT_LEN
 from .export.components import COMPONENTS
 from .export.build import REAL_TEXT_LEN, TRT_CHOICES, BuildConfig, ParityFailedError, build
+from .export.precision import PRECISIONS
 from .export.shapes import VAE_SCALE, DimRange
 from .export.verify import verify
 from .parity import OutputError, format_table
 from .runtime import Conditioning, TorchDenoiser, sample
-from .runtime.pipeline import BuildPipeline
+from .runtime.pipeline import BACKENDS, BuildPipeline
 from .schedule import SamplingPlan
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = PRECISIONS  # --dtype names, the same as the build's precisions
 
 
 def exit_on_user_error(exc: OnexError) -> None:
@@ -46,12 +47,6 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except OnexError as exc:
             exit_on_user_error(exc)
-
-
-def transformers_logging():
-    from transformers.utils import logging
-
-    return logging
 
 
 def _parsed_by(parse):
@@ -85,7 +80,9 @@ _parse_range = _parsed_by(DimRange.parse)
 def main():
     """onex-export: 1.x-Distill SD3/SD3.5 models from PyTorch to TensorRT engines."""
     diffusers.utils.logging.set_verbosity_error()  # our own output says what matters
-    transformers_logging().set_verbosity_error()  # we report truncation ourselves
+    from transformers.utils import logging as transformers_logging  # imported here: transformers is slow to load
+
+    transformers_logging.set_verbosity_error()  # we report truncation ourselves
 
 
 @main.command()
@@ -275,16 +272,6 @@ def verify_cmd(folder, backend):
     sys.exit(0 if passed else 1)
 
 
-def save_png(image: torch.Tensor, path: Path) -> Path:
-    """Write one (3, H, W) image in [0, 1] as a PNG, atomically."""
-    from PIL import Image
-
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-    return path
-
-
 @main.command(name="generate")
 @click.option("--build", "build_dir", type=click.Path(path_type=Path), required=True,
               help="A build folder written by `onex-export build` (with its text encoders and VAE).")
@@ -292,7 +279,7 @@ def save_png(image: torch.Tensor, path: Path) -> Path:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--images-per-prompt", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--resolution", type=click.IntRange(16, 4096), default=None, help="Pixels. Default: the build's optimum.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default="onnxruntime",
               show_default=True, help="tensorrt needs an NVIDIA GPU; torch runs the float32 reference model.")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the torch backend.")
 @click.option("--cuda-graph", is_flag=True,

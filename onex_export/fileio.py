@@ -29,3 +29,14 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLik
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(path)
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> Path:
+    """Write one (3, H, W) image in [0, 1] as a PNG, atomically."""
+    from PIL import Image
+
+    path = Path(path)
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return path

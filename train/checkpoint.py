@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
@@ -29,7 +30,7 @@ from onex_export.fileio import atomic_path, save_tensors_atomic
 from .config import Stage1Config
 from .distributed import DistInfo, barrier
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS = SAFETENSORS_WEIGHTS_NAME  # diffusers' own file name, so from_pretrained finds it
 
 
 class CheckpointError(OnexError):

@@ -24,10 +24,11 @@ from safetensors import safe_open
 from onex_export.errors import OnexError
 from onex_export.fileio import atomic_path, save_tensors_atomic
 
+from .config import EMBEDDING_DTYPES
 from .distributed import DistInfo, barrier
 
 CACHE_FORMAT = "onex-stage1-embeddings/1"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in EMBEDDING_DTYPES}
 
 
 class DataError(OnexError):

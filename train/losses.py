@@ -19,6 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from onex_export.schedule import eps_from_velocity, x0_from_velocity
+
 
 def per_sample(s: torch.Tensor) -> torch.Tensor:
     """(B,) -> (B, 1, 1, 1), for broadcasting over latents."""
@@ -46,7 +48,7 @@ def renoise(x: torch.Tensor, sigma_from: torch.Tensor, sigma_to: torch.Tensor, n
 
 def x0_from(x: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``x0 = x_t - s v`` with per-sample ``sigma`` (B,)."""
-    return x - per_sample(sigma).to(x.dtype) * v
+    return x0_from_velocity(x, per_sample(sigma).to(x.dtype), v)
 
 
 def step_to(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float,
@@ -54,8 +56,7 @@ def step_to(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: t
     """The student step of DESIGN.md 2 with per-sample sigmas (B,):
     ``(1 - s') x0 + s' (eta eps_hat + sqrt(1 - eta^2) n)``; ``noise`` is needed only when eta < 1."""
     s, s_next = per_sample(sigma).to(x.dtype), per_sample(sigma_next).to(x.dtype)
-    x0 = x - s * v
-    eps = x + (1.0 - s) * v
+    x0, eps = x0_from_velocity(x, s, v), eps_from_velocity(x, s, v)
     if eta < 1.0:
         eps = eta * eps + math.sqrt(1.0 - eta * eta) * noise
     return (1.0 - s_next) * x0 + s_next * eps

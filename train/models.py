@@ -14,7 +14,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from onex_export.models import load_transformer
-from onex_export.schedule import NUM_TRAIN_TIMESTEPS
+from onex_export.schedule import timestep_from_sigma
 
 from .distributed import DistInfo, shard
 from .guidance import VelocityFn
@@ -70,7 +70,7 @@ def velocity_fn(model: SD3Transformer2DModel, precision: str) -> VelocityFn:
     dtype = AUTOCAST[precision]
 
     def velocity(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        timestep = (NUM_TRAIN_TIMESTEPS * sigma.to(torch.float64)).to(device=x.device, dtype=torch.float32)
+        timestep = timestep_from_sigma(sigma.to(torch.float64)).to(device=x.device, dtype=torch.float32)
         with torch.autocast(device_type=x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             v = model(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep,
                       return_dict=False)[0]

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from onex_export.fileio import atomic_path
+from onex_export.fileio import atomic_path, save_png
 
 
 class JsonlLog:
@@ -54,8 +54,6 @@ def latents_to_rgb(latents: torch.Tensor, scale: int = 8) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> Path:
     """Tile images (B, 3, H, W) in [0, 1] into one PNG, written atomically."""
-    from PIL import Image
-
     b, _, h, w = images.shape
     columns = columns or math.ceil(math.sqrt(b))
     rows = math.ceil(b / columns)
@@ -63,11 +61,7 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None
     for i in range(b):
         r, c = divmod(i, columns)
         grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = images[i].float().cpu()
-    pixels = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        Image.fromarray(pixels).save(tmp, format="PNG")
-    return path
+    return save_png(grid, path)
 
 
 @functools.lru_cache(maxsize=2)

@@ -48,14 +48,9 @@ def transformer_config(model: str):
     """The teacher's diffusers config without loading its weights (the text encoders run first)."""
     from types import SimpleNamespace
 
-    from diffusers import SD3Transformer2DModel
+    from onex_export.models import zoo
 
-    from onex_export.models.zoo import TINY_MODELS
-
-    if model in TINY_MODELS:
-        return SimpleNamespace(**TINY_MODELS[model].config)
-    folder = Path(model) / "transformer" if (Path(model) / "transformer").is_dir() else Path(model)
-    return SimpleNamespace(**SD3Transformer2DModel.load_config(str(folder)))
+    return SimpleNamespace(**zoo.transformer_config(model))
 
 
 def run(cfg: Stage1Config, resume: bool = True, kill_after: int | None = None) -> RunResult:
@@ -123,6 +118,10 @@ def _run(cfg: Stage1Config, info: DistInfo, resume: bool, kill_after: int | None
     log = JsonlLog(run_dir / "log.jsonl", resume_step=start if ckpt is not None else None) if main else None
     local = info.rows(cfg.batch_size)
     result = RunResult(start, checkpoint=ckpt, models=models)
+    # The empty prompt's embeddings for this rank's rows: the same every step, so copied to the device once.
+    b = local.stop - local.start
+    uncond_text = uncond.text.expand(b, -1, -1).to(info.device)
+    uncond_pooled = uncond.pooled.expand(b, -1).to(info.device)
 
     # -- the loop
     progress = tqdm(total=cfg.max_steps, initial=start, desc="stage I", disable=not main, dynamic_ncols=True)
@@ -130,9 +129,7 @@ def _run(cfg: Stage1Config, info: DistInfo, resume: bool, kill_after: int | None
         tic = time.perf_counter()
         draws = draw(rng, cfg.batch_size, latent, len(store), cfg.num_steps, cfg.eta, dmd_sampler, fake_sampler)
         rows = store.rows(draws.prompts[local])
-        b = rows.text.shape[0]
-        batch = Batch(rows.text.to(info.device), rows.pooled.to(info.device),
-                      uncond.text.expand(b, -1, -1).to(info.device), uncond.pooled.expand(b, -1).to(info.device))
+        batch = Batch(rows.text.to(info.device), rows.pooled.to(info.device), uncond_text, uncond_pooled)
         update_generator = step % cfg.fake_updates_per_generator == 0  # two time-scale update rule
         metrics = iteration(parts, batch, draws, info, update_generator)
         uncond_pass = metrics.pop("uncond_pass")

@@ -30,8 +30,8 @@ from ..models.zoo import TINY_MODELS, TINY_TEXT_LEN
 from ..runtime.graphs import TORCH_DTYPES, OrtGraph, TorchGraph
 from ..schedule import SHIFT, SamplingPlan, timestep_from_sigma
 from . import manifest as mf
-from .gate import run_gate
-from .components import COMPONENTS, available, component_graphs, component_inputs, load_components, save_tokenizers, text_length
+from .gate import run_gate, step_inputs
+from .components import COMPONENTS, Components, available, component_graphs, component_inputs, load_components, save_tokenizers, text_length
 from .graphs import PLANS, TRANSFORMER_GRAPHS, graph_modules, graph_specs, graph_weights, weight_bytes
 from .onnx_export import MIN_OPSET, PROTOBUF_LIMIT, export_graph, sha256_file
 from .precision import ONNX_DTYPE_NAMES, for_precision
@@ -100,7 +100,7 @@ def _weights_hash(modules) -> bytes:
     for i, m in enumerate(modules):
         for name, t in m.state_dict().items():
             h.update(f"{i}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())
     return h.digest()
 
 
@@ -180,6 +180,15 @@ def load_reference(model: str, mlp: Path | None, skip: SkipRange) -> SplitSD3Tra
     return SplitSD3Transformer(transformer, skip, load_compensation(mlp, transformer) if mlp else None)
 
 
+def manifest_reference(manifest: dict) -> tuple[SplitSD3Transformer, Components]:
+    """The float32 reference model and the components that ``manifest``'s build was made from."""
+    model = manifest["model"]
+    split = load_reference(model["source"], Path(model["mlp"]) if model["mlp"] else None,
+                           SkipRange(manifest["skip"]["first"], manifest["skip"]["last"]))
+    comps = load_components(model["source"], split.transformer.config, tuple(manifest["pipeline"]["components"]))
+    return split, comps
+
+
 def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer, encoder_tokens: int | None = None) -> ShapeConfig:
     """The configured ranges, with defaults from the model for those left unset. ``encoder_tokens``,
     the text encoders' token count when they are built, must lie in the text-length range."""
@@ -251,17 +260,18 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
     count = len(torch_graphs)
     try:
         tmp.mkdir()
-        g = torch.Generator().manual_seed(0)
-        lat = shapes.resolution.opt // VAE_SCALE
-        feeds = dict(
-            hidden_states=torch.randn(shapes.batch.opt, cfg.in_channels, lat, lat, generator=g),
-            encoder_hidden_states=torch.randn(shapes.batch.opt, shapes.text_len.opt, cfg.joint_attention_dim, generator=g),
-            pooled_projections=torch.randn(shapes.batch.opt, cfg.pooled_projection_dim, generator=g),
-            timestep=torch.full((shapes.batch.opt,), 1000.0),
-        )
-        examples = _example_inputs({n: torch_graphs[n] for n in TRANSFORMER_GRAPHS}, feeds)
-        for name, inputs in component_inputs(comps, shapes.batch.opt, lat).items():
-            examples[name] = tuple(inputs[t.name] for t in specs[name].inputs)
+        examples: dict[str, tuple] = {}
+
+        def example(name: str) -> tuple:
+            """Export inputs at the profile's optimum; computed (a head and segment pass) on the first export."""
+            if not examples:
+                batch, lat = shapes.batch.opt, shapes.resolution.opt // VAE_SCALE
+                feeds = step_inputs(split, batch, shapes.resolution.opt, shapes.text_len.opt, 1.0, 0)
+                examples.update(_example_inputs({n: torch_graphs[n] for n in TRANSFORMER_GRAPHS}, feeds))
+                for n, inputs in component_inputs(comps, batch, lat).items():
+                    examples[n] = tuple(inputs[t.name] for t in specs[n].inputs)
+            return examples[name]
+
         graphs_json: dict[str, dict] = {}
         common = {"precision": config.precision, "opset": config.opset, "dims": sorted(shapes.dynamic_dims),
                   "skip": str(config.skip), "config": public_config(cfg), "versions": {k: versions[k] for k in ("torch", "onnx", "onex_export")}}
@@ -271,18 +281,19 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
             entry = {"onnx_key": key, "inputs": [asdict(t) for t in specs[name].inputs],
                      "outputs": [asdict(t) for t in specs[name].outputs], "weight_bytes": None}
             reused = _reuse(previous, out, name, "onnx", key, tmp)
-            if reused:
+            if reused:  # its file entries were checked against the copied files already
                 log(f"[2/5] export {name} ({i}/{count}): unchanged, reused")
-                entry.update(weight_bytes=reused["weight_bytes"], export_seconds=0.0)
+                entry.update(weight_bytes=reused["weight_bytes"], export_seconds=0.0, onnx=reused["onnx"],
+                             onnx_data=reused.get("onnx_data"))
             else:
                 log(f"[2/5] export {name} ({i}/{count}) ...")
-                art = export_graph(graph.module, specs[name], examples[name], tmp, shapes.dynamic_dims,
+                art = export_graph(graph.module, specs[name], example(name), tmp, shapes.dynamic_dims,
                                    weight_bytes(modules), config.opset, config.external_data_threshold)
                 entry.update(weight_bytes=art.weight_bytes, export_seconds=round(art.export_seconds, 3))
                 log(f"      {name}.onnx {art.path.stat().st_size / 1e6:.2f} MB in {art.export_seconds:.1f} s")
-            entry["onnx"] = mf.file_entry(tmp, tmp / f"{name}.onnx")
-            data = tmp / f"{name}.onnx.data"
-            entry["onnx_data"] = mf.file_entry(tmp, data) if data.is_file() else None
+                entry["onnx"] = mf.file_entry(tmp, tmp / f"{name}.onnx")
+                data = tmp / f"{name}.onnx.data"
+                entry["onnx_data"] = mf.file_entry(tmp, data) if data.is_file() else None
             graphs_json[name] = entry
 
         for i, name in enumerate(torch_graphs, 1):
@@ -293,14 +304,15 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
             profile = shapes.profile(specs[name], cfg.patch_size)
             key = _hash(entry["onnx"]["sha256"], profile, asdict(options), versions[trt])
             entry.update(engine_key=key, profile={k: [list(s) for s in v] for k, v in profile.items()})
-            if _reuse(previous, out, name, "engine", key, tmp):
+            reused = _reuse(previous, out, name, "engine", key, tmp)
+            if reused:  # flavour, capabilities and tf32 are part of the key, so its entry still holds
                 log(f"[3/5] engine {name} ({i}/{count}): unchanged, reused")
-                entry["build_seconds"] = 0.0
-            else:
-                log(f"[3/5] engine {name} ({i}/{count}) with {trt} ...")
-                report = build_engine(tmp / f"{name}.onnx", tmp / f"{name}.plan", profile, options)
-                entry["build_seconds"] = round(report.build_seconds, 3)
-                log(f"      {name}.plan {report.size_bytes / 1e6:.2f} MB in {report.build_seconds:.1f} s")
+                entry.update(build_seconds=0.0, engine=reused["engine"])
+                continue
+            log(f"[3/5] engine {name} ({i}/{count}) with {trt} ...")
+            report = build_engine(tmp / f"{name}.onnx", tmp / f"{name}.plan", profile, options)
+            entry["build_seconds"] = round(report.build_seconds, 3)
+            log(f"      {name}.plan {report.size_bytes / 1e6:.2f} MB in {report.build_seconds:.1f} s")
             entry["engine"] = dict(mf.file_entry(tmp, tmp / f"{name}.plan"), flavour=trt,
                                    compute_capabilities=list(options.compute_capabilities) or "default", tf32=options.tf32)
 

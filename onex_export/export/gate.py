@@ -31,7 +31,8 @@ def shape_points(shapes: ShapeConfig) -> list[tuple[int, int, int]]:
     return list(dict.fromkeys(points))
 
 
-def _inputs(split: SplitSD3Transformer, batch: int, resolution: int, text_len: int, sigma: float, seed: int):
+def step_inputs(split: SplitSD3Transformer, batch: int, resolution: int, text_len: int, sigma: float, seed: int):
+    """Seeded transformer inputs at ``sigma``; the first step's are the sampler's own (same seed, same order)."""
     cfg = split.transformer.config
     g = torch.Generator().manual_seed(seed)
     lat = resolution // VAE_SCALE
@@ -71,8 +72,8 @@ def run_gate(
     for batch, res, text_len in shape_points(shapes):
         tag = f"b{batch} {res}px t{text_len}"
         log(f"parity {tag}")
-        step1 = _inputs(split, batch, res, text_len, plan.sigmas[0], seed)
-        step2 = _inputs(split, batch, res, text_len, plan.sigmas[1], seed + 1)
+        step1 = step_inputs(split, batch, res, text_len, plan.sigmas[0], seed)
+        step2 = step_inputs(split, batch, res, text_len, plan.sigmas[1], seed + 1)
         with torch.no_grad():
             v, d_img, d_ctx = split.full(*step1.values())
             v_skip = split.skipping(*step2.values(), d_img, d_ctx)
@@ -88,8 +89,9 @@ def run_gate(
     if components is not None:
         # Components are float32 graphs whatever the transformer's precision.
         comp_tol = tolerance_for(backend, "fp32")
+        modules = component_graphs(components, split.transformer.config)
         for name, inputs in component_inputs(components, shapes.batch.opt, shapes.resolution.opt // VAE_SCALE, seed).items():
-            module, spec = component_graphs(components, split.transformer.config)[name]
+            module, spec = modules[name]
             rows += compare(f"{name} b{shapes.batch.opt}", TorchGraph(module, spec)(**inputs), graphs[name](**inputs), comp_tol)
     return {"status": "passed" if all(r.passed for r in rows) else "failed", "backend": backend,
             "precision": precision, "tolerance": asdict(tol), "rows": rows_to_json(rows)}

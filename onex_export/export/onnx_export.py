@@ -98,6 +98,8 @@ def export_graph(
         else:
             onnx.save_model(model, str(path))
         onnx.checker.check_model(str(path))
+        # Strict shape inference on its own: check_model(full_check=True) would also reject bf16 Conv at
+        # opset 17, which TensorRT and ONNX Runtime accept.
         onnx.shape_inference.infer_shapes_path(str(path), str(scratch / "inferred.onnx"), strict_mode=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -21,7 +21,7 @@ from torch import nn
 from ..models.split import SplitSD3Transformer
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ONNX_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ONNX_DTYPE_NAMES = {k: str(v).removeprefix("torch.") for k, v in PRECISIONS.items()}  # fp32 -> float32
 
 
 def _to_fp32_norm(norm: nn.LayerNorm) -> FP32LayerNorm:

@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ..config import SkipRange
-from ..errors import OnexError, UsageError
-from ..runtime.graphs import OrtGraph
-from ..runtime.tensorrt_runner import TrtGraph, require_gpu
+from ..errors import UsageError
+from ..runtime.graphs import load_build_graphs
+from ..runtime.tensorrt_runner import require_gpu
 from . import manifest as mf
-from .build import load_reference
-from .components import load_components
+from .build import manifest_reference
 from .gate import run_gate
 from .shapes import DimRange, ShapeConfig
 
@@ -28,27 +26,16 @@ def verify(folder: Path, log: Callable[[str], None] = lambda _: None,
         require_gpu("verify with --backend onnxruntime here, and with --backend tensorrt on a GPU")
     folder = Path(folder)
     manifest = mf.read_manifest(folder)
-    if backend == "tensorrt" and manifest["trt"] == "none":
-        raise OnexError(f"{folder} has no engines (built with --trt none)",
-                        "rebuild with --trt tensorrt or tensorrt-rtx, or verify with --backend onnxruntime")
     log(f"checking {len(mf.artifact_entries(manifest))} files against their sha256")
     problems = mf.check_files(folder, manifest)
     if problems:
         raise mf.ManifestError(f"{folder} does not match its manifest:\n    " + "\n    ".join(problems),
                                "rebuild with `onex-export build`; never edit a build by hand")
-    model = manifest["model"]
-    skip = SkipRange(manifest["skip"]["first"], manifest["skip"]["last"])
-    log(f"loading the reference {model['source']}")
-    split = load_reference(model["source"], Path(model["mlp"]) if model["mlp"] else None, skip)
+    log(f"loading the reference {manifest['model']['source']}")
+    split, comps = manifest_reference(manifest)
     ranges = manifest["shapes"]["ranges"]
     shapes = ShapeConfig(*(DimRange(*ranges[k]) for k in ("batch", "resolution", "text_len")))
-    def graphs():
-        if backend == "tensorrt":
-            return {name: TrtGraph(folder / g["engine"]["file"], manifest["trt"]) for name, g in manifest["graphs"].items()}
-        return {name: OrtGraph(folder / g["onnx"]["file"]) for name, g in manifest["graphs"].items()}
-
-    comps = load_components(model["source"], split.transformer.config, tuple(manifest["pipeline"]["components"]))
-    parity = run_gate(split, graphs, manifest["trt"] if backend == "tensorrt" else backend, manifest["precision"],
+    parity = run_gate(split, lambda: load_build_graphs(folder, manifest, backend), manifest["trt"] if backend == "tensorrt" else backend, manifest["precision"],
                       shapes, manifest["schedule"]["eta"], comps, log=log,
                       device="cuda" if backend == "tensorrt" else "cpu")
     return manifest, parity

@@ -68,11 +68,8 @@ def build_tiny(name: str, seed: int = TINY_SEED) -> SD3Transformer2DModel:
     return model.eval()
 
 
-def load_transformer(spec: str, dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
-    """An embedded model by name, or a diffusers SD3/SD3.5 transformer from a local folder."""
-    if spec in TINY_MODELS:
-        model = build_tiny(spec)
-        return model if dtype == torch.float32 else model.to(dtype)
+def transformer_folder(spec: str) -> Path:
+    """The folder of the SD3/SD3.5 transformer that ``spec`` (a pipeline folder or its ``transformer/``) names."""
     path = Path(spec)
     if not path.exists():
         raise ModelLoadError(
@@ -95,6 +92,22 @@ def load_transformer(spec: str, dtype: torch.dtype = torch.float32) -> SD3Transf
             f"{config_file} describes a {class_name!r}, not an SD3Transformer2DModel",
             "onex-export supports Stable Diffusion 3 / 3.5 transformers",
         )
+    return folder
+
+
+def transformer_config(spec: str) -> dict:
+    """The diffusers config of an embedded model or a local transformer, without loading any weights."""
+    if spec in TINY_MODELS:
+        return dict(TINY_MODELS[spec].config)
+    return dict(SD3Transformer2DModel.load_config(str(transformer_folder(spec))))
+
+
+def load_transformer(spec: str, dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
+    """An embedded model by name, or a diffusers SD3/SD3.5 transformer from a local folder."""
+    if spec in TINY_MODELS:
+        model = build_tiny(spec)
+        return model if dtype == torch.float32 else model.to(dtype)
+    folder = transformer_folder(spec)
     try:
         model = SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as exc:

@@ -30,6 +30,7 @@ def require_cuda() -> None:
 
 @dataclass(frozen=True)
 class _Captured:
+    signature: tuple  # the (shape, dtype) of each input it was captured for
     graph: torch.cuda.CUDAGraph
     inputs: tuple[torch.Tensor, ...]
     outputs: tuple[torch.Tensor, ...]
@@ -50,7 +51,7 @@ class CudaGraphDenoiser:
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the runs before capture), got {warmup}")
         self.inner, self.warmup = inner, warmup
-        self._graphs: dict[str, tuple[tuple, _Captured]] = {}  # call name -> (signature, graph)
+        self._graphs: dict[str, _Captured] = {}  # call name -> its graph
         self.captures = 0  # how many graphs were captured (recaptures included)
 
     def full(self, x, text, pooled, timestep):
@@ -63,8 +64,9 @@ class CudaGraphDenoiser:
         if any(a.device.type != "cuda" for a in args):
             raise UsageError("CUDA-graph capture needs every input on the GPU", "sample with device='cuda'")
         signature = tuple((tuple(a.shape), a.dtype) for a in args)
-        held = self._graphs.get(name)
-        captured = held[1] if held is not None and held[0] == signature else self._capture(name, signature, args)
+        if name in self._graphs and self._graphs[name].signature != signature:
+            del self._graphs[name]  # free the old graph and its memory pool before capturing anew
+        captured = self._graphs.get(name) or self._capture(name, signature, args)
         for static, a in zip(captured.inputs, args):
             static.copy_(a)
         captured.graph.replay()
@@ -72,7 +74,6 @@ class CudaGraphDenoiser:
 
     @torch.no_grad()
     def _capture(self, name: str, signature: tuple, args: tuple[torch.Tensor, ...]) -> _Captured:
-        self._graphs.pop(name, None)  # free the old graph and its memory pool before capturing anew
         fn = getattr(self.inner, name)
         static = tuple(a.clone() for a in args)
         side = torch.cuda.Stream()
@@ -85,7 +86,6 @@ class CudaGraphDenoiser:
         with torch.cuda.graph(graph):
             out = fn(*static)
         outputs = out if isinstance(out, tuple) else (out,)
-        captured = _Captured(graph, static, outputs)
-        self._graphs[name] = (signature, captured)
+        captured = self._graphs[name] = _Captured(signature, graph, static, outputs)
         self.captures += 1
         return captured

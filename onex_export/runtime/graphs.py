@@ -57,6 +57,19 @@ class OrtGraph:
         return {name: torch.from_numpy(np.asarray(o)) for name, o in zip(self.output_names, outs)}
 
 
+def load_build_graphs(folder: Path, manifest: dict, backend: str) -> dict:
+    """A build folder's graphs as runners: its ONNX files in ONNX Runtime, or its engines ("tensorrt", GPU only)."""
+    if backend == "onnxruntime":
+        return {n: OrtGraph(folder / g["onnx"]["file"]) for n, g in manifest["graphs"].items()}
+    from .tensorrt_runner import TrtGraph, require_gpu
+
+    require_gpu()
+    if manifest["trt"] == "none":
+        raise OnexError(f"{folder} has no engines (built with --trt none)",
+                        "rebuild with --trt tensorrt or tensorrt-rtx, or use --backend onnxruntime")
+    return {n: TrtGraph(folder / g["engine"]["file"], manifest["trt"]) for n, g in manifest["graphs"].items()}
+
+
 class PlanDenoiser:
     """The sampler's :class:`~onex_export.runtime.sampler.Denoiser` over any backend's graphs.
 

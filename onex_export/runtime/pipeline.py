@@ -13,16 +13,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import SkipRange
 from ..errors import OnexError, UsageError
 from ..export import manifest as mf
-from ..export.components import component_graphs, load_components
+from ..export.components import component_graphs
 from ..export.graphs import graph_modules, graph_specs
 from ..export.shapes import VAE_SCALE
 from ..models.text import SD3Tokenizers
 from ..schedule import SamplingPlan
 from .cuda_graph import CudaGraphDenoiser, require_cuda
-from .graphs import OrtGraph, PlanDenoiser, TorchGraph
+from .graphs import PlanDenoiser, TorchGraph, load_build_graphs
 from .sampler import Conditioning, sample
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -87,25 +86,14 @@ class BuildPipeline:
         self.plan = SamplingPlan.one_x(m["schedule"]["eta"])
 
     def _graphs(self) -> dict:
-        m = self.manifest
-        if self.backend == "onnxruntime":
-            return {n: OrtGraph(self.folder / g["onnx"]["file"]) for n, g in m["graphs"].items()}
-        if self.backend == "tensorrt":
-            from .tensorrt_runner import TrtGraph, require_gpu
+        if self.backend != "torch":
+            return load_build_graphs(self.folder, self.manifest, self.backend)
+        from ..export.build import manifest_reference
 
-            require_gpu()
-            if m["trt"] == "none":
-                raise OnexError(f"{self.folder} has no engines (built with --trt none)",
-                                "rebuild with --trt tensorrt or tensorrt-rtx, or use --backend onnxruntime")
-            return {n: TrtGraph(self.folder / g["engine"]["file"], m["trt"]) for n, g in m["graphs"].items()}
-        from ..export.build import load_reference
-
-        model = m["model"]
-        split = load_reference(model["source"], Path(model["mlp"]) if model["mlp"] else None,
-                               SkipRange(m["skip"]["first"], m["skip"]["last"])).to(self.device)
+        split, comps = manifest_reference(self.manifest)
+        split = split.to(self.device)
         specs = graph_specs(split, "float32")
         graphs = {n: TorchGraph(mod, specs[n]) for n, mod in graph_modules(split).items()}
-        comps = load_components(model["source"], split.transformer.config, tuple(m["pipeline"]["components"]))
         for name, (module, spec) in component_graphs(comps, split.transformer.config).items():
             graphs[name] = TorchGraph(module.to(self.device), spec)
         return graphs
