@@ -4,6 +4,7 @@
     python -m bench.latency --backend onnxruntime             # through exported ONNX graphs
     python -m bench.latency --arch sd3-medium --resolution 1024 --device cuda --dtype bf16   # on a GPU
     python -m bench.latency --arch sd3-medium --resolution 1024 --device cuda --dtype bf16 --cuda-graph
+    python -m bench.latency --arch sd3-medium --resolution 1024 --device cuda --dtype fp16 --backend tensorrt
 
 Times (median and p90 after warm-up, batch 1 and 4): teacher 28 x 2 (CFG), 4-step, 2-step and 1.x-NFE
 with skip ranges 3-8 and 3-10; and per stage: text encoding, the full and the skipping transformer
@@ -25,16 +26,19 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from onex_export.config import SkipRange
+from onex_export.errors import OnexError
 from onex_export.export.build import REAL_TEXT_LEN, BuildConfig, build
 from onex_export.export.components import component_graphs, component_inputs, load_components
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.shapes import VAE_SCALE, DimRange
+from onex_export.export.tensorrt import flavour_version
 from onex_export.fileio import atomic_path
 from onex_export.models import SplitSD3Transformer, build_tiny
 from onex_export.models.zoo import TINY_TEXT_LEN
 from onex_export.runtime.cuda_graph import CudaGraphDenoiser
 from onex_export.runtime.graphs import PlanDenoiser, TorchGraph, load_build_graphs
 from onex_export.runtime.sampler import Conditioning, TorchDenoiser, sample
+from onex_export.runtime.tensorrt_runner import require_gpu
 from onex_export.schedule import SamplingPlan
 
 from .peers import CacheDitPeer, SkipLayersPeer, cache_dit_installed
@@ -62,8 +66,14 @@ def make_transformer(arch: str, dtype: torch.dtype, device: str) -> SD3Transform
     return build_tiny(arch).to(device=device, dtype=dtype)
 
 
-def denoisers(args, transformer, tmp: Path) -> dict:
-    """skip range -> (denoiser, split model); ONNX Runtime builds the graphs into ``tmp`` first."""
+def denoisers(args, transformer, resolution: int, tmp: Path) -> dict:
+    """skip range -> (denoiser, split model). The ONNX Runtime and TensorRT backends build into ``tmp`` first,
+    with static shapes at the benchmarked resolution, the precision benchmarked and batches up to the largest."""
+    model = args.arch
+    if args.backend != "torch" and args.arch in ARCHS:
+        # A build loads its model by name or from a diffusers folder: the random weights go to a folder first.
+        model = str(tmp / args.arch)
+        transformer.save_pretrained(model)
     out = {}
     for skip_text in SKIPS:
         skip = SkipRange.parse(skip_text)
@@ -72,11 +82,15 @@ def denoisers(args, transformer, tmp: Path) -> dict:
             out[skip_text] = (TorchDenoiser(split), split)
             continue
         folder = tmp / f"skip{skip_text}"
-        # The 3-10 build also carries the text encoders and VAE, so that their stages run on ONNX Runtime too.
-        components = None if skip_text == "3-10" else ()
-        manifest = build(BuildConfig(skip=skip, out=folder, model=args.arch, trt="none", components=components,
-                                     batch=DimRange(1, 1, max(args.batch))), log=lambda line: None)
-        graphs = load_build_graphs(folder, manifest, "onnxruntime")
+        # The 3-10 build of an embedded model also carries its text encoders and VAE, so that their stages
+        # run on the benchmarked backend too (the random-weight real architectures have none).
+        components = None if skip_text == "3-10" and args.arch not in ARCHS else ()
+        config = BuildConfig(skip=skip, out=folder, model=model, precision=args.dtype,
+                             trt=args.trt if args.backend == "tensorrt" else "none", components=components,
+                             batch=DimRange(1, 1, max(args.batch)), resolution=DimRange.parse(resolution))
+        progress(f"building the {skip_text} graphs for {args.backend}")
+        manifest = build(config, log=lambda line: None)
+        graphs = load_build_graphs(folder, manifest, args.backend)
         out[skip_text] = (PlanDenoiser(graphs, manifest["plans"]), split)
     return out
 
@@ -92,11 +106,10 @@ def peers(args, transformer, dens: dict) -> dict:
 
 
 # How the per-stage rows are measured on each backend: every stage runs on the benchmarked backend.
-STAGE_METHODS = {
-    "torch": {"MLP (both streams)": "the MLP module", "one block": "block 6 alone"},
-    "onnxruntime": {"MLP (both streams)": "the reuse graph (the MLP and the two adds)",
-                    "one block": "the segment graph (blocks 3-10, with the deltas) / 8"},
-}
+_GRAPH_STAGES = {"MLP (both streams)": "the reuse graph (the MLP and the two adds)",
+                 "one block": "the segment graph (blocks 3-10, with the deltas) / 8"}
+STAGE_METHODS = {"torch": {"MLP (both streams)": "the MLP module", "one block": "block 6 alone"},
+                 "onnxruntime": _GRAPH_STAGES, "tensorrt": _GRAPH_STAGES}
 
 
 def stage_calls(backend: str, den, split, comps, cfg, batch: int, latent: tuple, step_inputs: tuple,
@@ -207,7 +220,7 @@ def run(args) -> dict:
     text_len = REAL_TEXT_LEN if args.arch in ARCHS else TINY_TEXT_LEN
     comps = load_components(args.arch, cfg, ("text", "vae")) if args.arch not in ARCHS else None
     with tempfile.TemporaryDirectory(prefix="onex-bench-") as tmp:  # ONNX graphs live only for the run
-        dens = denoisers(args, transformer, Path(tmp))
+        dens = denoisers(args, transformer, resolution, Path(tmp))
         peer_dens = peers(args, transformer, dens)
         results = [measure_batch(args, b, cfg, dens, peer_dens, comps, latent, text_len, dtype, cuda)
                    for b in args.batch]
@@ -215,8 +228,11 @@ def run(args) -> dict:
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "torch_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if cuda else None},
-        "backend": args.backend, "device": args.device, "dtype": args.dtype,
-        "versions": {"python": platform.python_version(), **_versions("torch", "diffusers", "onnxruntime", "cache-dit")},
+        "backend": args.trt if args.backend == "tensorrt" else args.backend,  # the TensorRT flavour by name
+        "device": args.device, "dtype": args.dtype,
+        "versions": {"python": platform.python_version(),
+                     **_versions("torch", "diffusers", "onnxruntime", "cache-dit"),
+                     **({args.trt: flavour_version(args.trt)} if args.backend == "tensorrt" else {})},
         "config": {"arch": args.arch, "resolution": resolution, "text_len": text_len, "batches": args.batch,
                    "cuda_graph": args.cuda_graph,
                    "warmup": args.warmup, "repeats": args.repeats, "num_layers": cfg.num_layers},
@@ -254,10 +270,18 @@ def bars(results: list[dict]) -> list[dict]:
     return out
 
 
+def default_trt() -> str:
+    """Full TensorRT where installed (data-centre GPUs), else TensorRT-RTX."""
+    return "tensorrt" if flavour_version("tensorrt") else "tensorrt-rtx"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="tiny-sd3", help=f"tiny-sd3 | tiny-sd35-large | {' | '.join(ARCHS)} (random weights)")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
+                   help="tensorrt builds engines first and needs a GPU (--device cuda)")
+    p.add_argument("--trt", choices=["tensorrt", "tensorrt-rtx"], default=None,
+                   help="TensorRT flavour for --backend tensorrt (default: tensorrt if installed, else tensorrt-rtx)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's native size)")
@@ -268,14 +292,27 @@ def main(argv=None) -> int:
                    help="replay each transformer step as a captured CUDA graph (GPU; cache-dit stays eager)")
     p.add_argument("--out", type=Path, default=None, help="folder for JSON/Markdown/PNG (default bench/results/<name>)")
     args = p.parse_args(argv)
-    if args.backend == "onnxruntime" and (args.device != "cpu" or args.dtype != "fp32"):
+    cuda = args.device.startswith("cuda")
+    if args.backend == "onnxruntime" and (cuda or args.dtype != "fp32"):
         p.error("--backend onnxruntime runs fp32 on the CPU here")
-    if args.cuda_graph and (args.backend != "torch" or not args.device.startswith("cuda")):
-        p.error("--cuda-graph needs --backend torch --device cuda")
-    report = run(args)
+    if args.backend == "tensorrt" and not cuda:
+        p.error("--backend tensorrt runs engines on a GPU: add --device cuda")
+    if args.cuda_graph and (args.backend == "onnxruntime" or not cuda):
+        p.error("--cuda-graph needs --device cuda and --backend torch or tensorrt")
+    if args.trt is not None and args.backend != "tensorrt":
+        p.error("--trt applies to --backend tensorrt only")
+    if args.backend == "tensorrt":
+        args.trt = args.trt or default_trt()
+    try:
+        if cuda or args.backend == "tensorrt":
+            require_gpu("run the benchmark on a GPU machine, or with --device cpu and --backend torch or onnxruntime")
+        report = run(args)
+    except OnexError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     device = (report["machine"]["gpu"] or "cpu").replace(" ", "-").lower()
     graph = "-cudagraph" if args.cuda_graph else ""
-    out = args.out or Path("bench/results") / f"{args.arch}-{args.backend}{graph}-{args.dtype}-{device}"
+    out = args.out or Path("bench/results") / f"{args.arch}-{report['backend']}{graph}-{args.dtype}-{device}"
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "latency.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")

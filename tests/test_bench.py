@@ -1,12 +1,19 @@
 """The latency benchmark end to end on the tiny model (small repeat counts: this checks that it runs
 and reports consistently, not how fast anything is)."""
+import argparse
 import json
 
 import pytest
+import torch
 from PIL import Image
 
+from bench import latency
 from bench.latency import main
 from bench.timing import measure_interleaved
+from onex_export.config import SkipRange
+from onex_export.export.build import REAL_TEXT_LEN
+from onex_export.models import SplitSD3Transformer
+from onex_export.runtime.sampler import TorchDenoiser
 
 SCHEDULES = ["teacher 28x2", "4-step", "2-step", "1.x skip 3-8", "1.x skip 3-10"]
 
@@ -49,6 +56,52 @@ def test_benchmark_onnxruntime_backend(tmp_path):
     assert report["stage_methods"]["one block"].endswith("/ 8")
     assert {"text encoding", "VAE decode", "end to end 1.x skip 3-10"} <= set(report["results"][0]["stages"])
     assert set(report["peers"].values()) == {"not measured: torch backend only"}
+
+
+def test_random_weight_architecture_is_built_from_a_saved_folder(tmp_path, monkeypatch):
+    """The real architectures (random weights) reach a build through a temporary diffusers folder; a tiny
+    config stands in for SD3-Medium here, whose 8 GB of fp32 weights a CPU test cannot afford."""
+    monkeypatch.setitem(latency.ARCHS, "mini-real", dict(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=24, caption_projection_dim=16, pooled_projection_dim=12, out_channels=16,
+        pos_embed_max_size=16))
+    args = argparse.Namespace(arch="mini-real", backend="onnxruntime", device="cpu", dtype="fp32", batch=[1])
+    torch.manual_seed(0)
+    transformer = latency.make_transformer("mini-real", torch.float32, "cpu")
+    dens = latency.denoisers(args, transformer, 64, tmp_path)
+    assert set(dens) == {"3-8", "3-10"} and (tmp_path / "mini-real" / "config.json").is_file()
+    assert not (tmp_path / "skip3-10" / "text.onnx").exists()  # no text encoders for a bare transformer
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, REAL_TEXT_LEN, 24, generator=g)
+    pooled, ts = torch.randn(1, 12, generator=g), torch.full((1,), 500.0)
+    for den, split in dens.values():
+        want = TorchDenoiser(split).full(x, text, pooled, ts)
+        got = den.full(x, text, pooled, ts)
+        # The built graphs hold the same random weights: ONNX Runtime fp32 against PyTorch fp32, atol 1e-4.
+        assert all((a - b).abs().max().item() <= 1e-4 for a, b in zip(want, got))
+    # Negative control: a freshly drawn model of the same architecture does not match.
+    other = TorchDenoiser(SplitSD3Transformer(latency.make_transformer("mini-real", torch.float32, "cpu"), SkipRange(3, 10)))
+    assert (other.full(x, text, pooled, ts)[0] - dens["3-10"][0].full(x, text, pooled, ts)[0]).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backend", "tensorrt"], "add --device cuda"),
+    (["--backend", "onnxruntime", "--dtype", "fp16"], "runs fp32 on the CPU"),
+    (["--cuda-graph"], "--cuda-graph needs --device cuda"),
+    (["--trt", "tensorrt-rtx"], "--trt applies to --backend tensorrt only"),
+])
+def test_benchmark_rejects_bad_combinations(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_tensorrt_benchmark_without_a_gpu_fails_before_building(tmp_path, capsys):
+    assert main(["--backend", "tensorrt", "--device", "cuda", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "needs an NVIDIA GPU" in err and "hint: run the benchmark on a GPU machine" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_interleaved_timing_runs_in_rounds_after_warmup():

@@ -4,9 +4,11 @@ Run them on a GPU machine with ``python -m pytest -q tests/gpu``:
 - CUDA-graph replay gives what eager execution gives, and new inputs flow through the captured graphs;
 - the PyTorch runtime in fp16/bf16 on the GPU stays within the parity tolerances of those precisions;
 - TensorRT engines (full TensorRT, or TensorRT-RTX where it supports this GPU) pass the parity gate
-  when executed, also under CUDA-graph capture.
+  when executed, also under CUDA-graph capture;
+- the latency benchmark runs end to end on those engines.
 """
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -100,3 +102,17 @@ def test_tensorrt_engines_pass_the_gate_and_generate(tmp_path):
     tol = tolerance_for(flavour, "fp32")
     assert all(r.passed for r in compare("engines vs torch", {"latents": reference.latents},
                                          {"latents": eager.latents}, tol))
+
+
+def test_tensorrt_benchmark_runs_end_to_end(tmp_path):
+    flavour = _engine_flavour()
+    if flavour is None:
+        pytest.skip(f"no TensorRT flavour here runs on {torch.cuda.get_device_name()}")
+    from bench.latency import main
+
+    assert main(["--backend", "tensorrt", "--trt", flavour, "--device", "cuda", "--repeats", "1", "--warmup", "1",
+                 "--batch", "1", "2", "--cuda-graph", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "latency.json").read_text())
+    assert report["backend"] == flavour and report["versions"][flavour]
+    assert [r["batch"] for r in report["results"]] == [1, 2]
+    assert {"text encoding", "VAE decode", "MLP (both streams)"} <= set(report["results"][0]["stages"])
