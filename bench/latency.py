@@ -304,7 +304,7 @@ def main(argv=None) -> int:
     if args.backend == "tensorrt":
         args.trt = args.trt or default_trt()
     try:
-        if cuda or args.backend == "tensorrt":
+        if cuda:  # --backend tensorrt has --device cuda by now
             require_gpu("run the benchmark on a GPU machine, or with --device cpu and --backend torch or onnxruntime")
         report = run(args)
     except OnexError as exc:

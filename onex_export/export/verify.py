@@ -35,7 +35,8 @@ def verify(folder: Path, log: Callable[[str], None] = lambda _: None,
     split, comps = manifest_reference(manifest)
     ranges = manifest["shapes"]["ranges"]
     shapes = ShapeConfig(*(DimRange(*ranges[k]) for k in ("batch", "resolution", "text_len")))
-    parity = run_gate(split, lambda: load_build_graphs(folder, manifest, backend), manifest["trt"] if backend == "tensorrt" else backend, manifest["precision"],
-                      shapes, manifest["schedule"]["eta"], comps, log=log,
-                      device="cuda" if backend == "tensorrt" else "cpu")
+    engines = backend == "tensorrt"
+    parity = run_gate(split, lambda: load_build_graphs(folder, manifest, backend), manifest["trt"] if engines else backend,
+                      manifest["precision"], shapes, manifest["schedule"]["eta"], comps, log=log,
+                      device="cuda" if engines else "cpu")
     return manifest, parity
