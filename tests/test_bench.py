@@ -11,8 +11,10 @@ from bench import latency
 from bench.latency import main
 from bench.timing import measure_interleaved
 from onex_export.config import SkipRange
-from onex_export.export.build import REAL_TEXT_LEN
-from onex_export.models import SplitSD3Transformer
+from onex_export.errors import OnexError
+from onex_export.export.build import REAL_TEXT_LEN, BuildConfig
+from onex_export.export.shapes import DimRange
+from onex_export.models import SplitSD3Transformer, build_tiny
 from onex_export.runtime.sampler import TorchDenoiser
 
 SCHEDULES = ["teacher 28x2", "4-step", "2-step", "1.x skip 3-8", "1.x skip 3-10"]
@@ -82,6 +84,21 @@ def test_random_weight_architecture_is_built_from_a_saved_folder(tmp_path, monke
     # Negative control: a freshly drawn model of the same architecture does not match.
     other = TorchDenoiser(SplitSD3Transformer(latency.make_transformer("mini-real", torch.float32, "cpu"), SkipRange(3, 10)))
     assert (other.full(x, text, pooled, ts)[0] - dens["3-10"][0].full(x, text, pooled, ts)[0]).abs().max().item() > 1e-3
+
+
+def test_benchmark_builds_accept_a_gate_that_cannot_run_here_but_not_a_failed_one(tmp_path):
+    # bf16: ONNX Runtime cannot run the gate on a CPU, which `onex-export build` alone would refuse.
+    manifest = latency.checked_build(BuildConfig(skip=SkipRange(3, 10), out=tmp_path / "bf16", precision="bf16",
+                                                 trt="none", components=(), batch=DimRange(1, 1, 1)))
+    assert manifest["parity"]["status"] == "not-run" and (tmp_path / "bf16" / "manifest.json").is_file()
+    # A real mismatch: an image embedding reaching 1e6 is fine in fp32 and inf in fp16.
+    model = build_tiny("tiny-sd3")
+    with torch.no_grad():
+        model.pos_embed.proj.weight.mul_(1e5)
+    model.save_pretrained(str(tmp_path / "overflow"))
+    with pytest.raises(OnexError, match="parity gate failed"):
+        latency.checked_build(BuildConfig(skip=SkipRange(3, 10), out=tmp_path / "fp16", model=str(tmp_path / "overflow"),
+                                          precision="fp16", trt="none", components=(), batch=DimRange(1, 1, 1)))
 
 
 @pytest.mark.parametrize("argv, message", [
