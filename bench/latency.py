@@ -29,7 +29,7 @@ from diffusers import SD3Transformer2DModel
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError
 from onex_export.export.build import REAL_TEXT_LEN, BuildConfig, build
-from onex_export.export.components import component_graphs, component_inputs, load_components
+from onex_export.export.components import component_graphs, load_components
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.shapes import VAE_SCALE, DimRange
 from onex_export.export.tensorrt import flavour_version
@@ -42,28 +42,20 @@ from onex_export.runtime.sampler import Conditioning, TorchDenoiser, sample
 from onex_export.runtime.tensorrt_runner import require_gpu
 from onex_export.schedule import SamplingPlan
 
+from .random_weights import ARCHS, random_transformer
 from .peers import CacheDitPeer, SkipLayersPeer, cache_dit_installed
 from .report import markdown, plot
 from .timing import measure_interleaved
 
-# Real architectures with random weights: latency does not depend on the weight values.
-ARCHS = {
-    "sd3-medium": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                       num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
-    "sd35-large": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                       num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
-}
 SKIPS = ("3-8", "3-10")
 DTYPES = PRECISIONS
 
 
 def make_transformer(arch: str, dtype: torch.dtype, device: str) -> SD3Transformer2DModel:
+    """The benchmarked model in ``dtype`` on ``device``: a real architecture with random weights drawn directly in
+    ``dtype`` (no float32 copy), or an embedded model."""
     if arch in ARCHS:
-        with torch.device(device):
-            model = SD3Transformer2DModel(**ARCHS[arch])
-        return model.to(dtype).eval()
+        return random_transformer(arch, dtype, device)
     return build_tiny(arch).to(device=device, dtype=dtype)
 
 
@@ -101,7 +93,7 @@ def checked_build(config: BuildConfig) -> dict:
     with ``onex-export verify --backend tensorrt``); a gate that ran and failed stops the benchmark, since
     the timings would not be of the model."""
     manifest = build(dataclasses.replace(config, allow_parity_failure=True), log=lambda line: None)
-    if manifest["parity"]["status"] == "failed":
+    if manifest["status"] == "failed":
         raise OnexError(f"the {config.skip} build does not match PyTorch (its parity gate failed), so timing it "
                         "would not measure the model", "run `onex-export build` with the same options for the table")
     return manifest
@@ -119,7 +111,7 @@ def peers(args, transformer, dens: dict) -> dict:
 
 # How the per-stage rows are measured on each backend: every stage runs on the benchmarked backend.
 _GRAPH_STAGES = {"MLP (both streams)": "the reuse graph (the MLP and the two adds)",
-                 "one block": "the segment graph (blocks 3-10, with the deltas) / 8"}
+                 "one block": "the segment graph(s) (blocks 3-10, with the deltas) / 8"}
 STAGE_METHODS = {"torch": {"MLP (both streams)": "the MLP module", "one block": "block 6 alone"},
                  "onnxruntime": _GRAPH_STAGES, "tensorrt": _GRAPH_STAGES}
 
@@ -133,19 +125,35 @@ def stage_calls(backend: str, den, split, comps, cfg, batch: int, latent: tuple,
         img, ctx, temb = split.embed(x, text, pooled, ts)
         calls["MLP (both streams)"] = (lambda: split.mlp(*deltas), 1)
         calls["one block"] = (lambda: split.run_blocks(img, ctx, temb, 5, 6), 1)
-        graphs = {n: TorchGraph(*component_graphs(comps, cfg)[n]) for n in ("text", "vae")} if comps else {}
+        graphs = {n: TorchGraph(module, spec) for n, (module, spec) in component_graphs(comps).items()} if comps else {}
     else:
         graphs = den.graphs
-        head = graphs["head"](hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=ts)
-        calls["MLP (both streams)"] = (lambda: graphs["reuse"](img=head["img"], ctx=head["ctx"], delta_img=deltas[0],
-                                                               delta_ctx=deltas[1]), 1)
-        calls["one block"] = (lambda: graphs["segment"](img=head["img"], ctx=head["ctx"], temb=head["temb"]),
-                              SkipRange(3, 10).count)
+        seen = _first_calls(den, x, text, pooled, ts, deltas)
+        segment = [n for n in seen if n.startswith("segment")]
+        calls["MLP (both streams)"] = (lambda: graphs["reuse"](**seen["reuse"]), 1)
+        calls["one block"] = (lambda: [graphs[n](**seen[n]) for n in segment], SkipRange(3, 10).count)
     if comps is not None:
-        inputs = component_inputs(comps, batch, latent[1])
+        inputs = {name: comps.inputs(name, batch, latent[1]) for name in comps.names}
         calls["text encoding"] = (lambda: graphs["text"](**inputs["text"]), 1)
         calls["VAE decode"] = (lambda: graphs["vae"](**inputs["vae"]), 1)
     return calls
+
+
+def _first_calls(den: PlanDenoiser, x, text, pooled, ts, deltas) -> dict[str, dict]:
+    """The inputs each graph receives in one full and one skipping step, to time graphs on their own."""
+    seen: dict[str, dict] = {}
+
+    class Tap(dict):
+        def __getitem__(self, name):
+            def call(**inputs):
+                seen.setdefault(name, inputs)
+                return den.graphs[name](**inputs)
+            return call
+
+    tapped = PlanDenoiser(Tap(), den.plans)
+    tapped.full(x, text, pooled, ts)
+    tapped.skipping(x, text, pooled, ts, *deltas)
+    return seen
 
 
 def progress(line: str) -> None:

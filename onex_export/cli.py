@@ -19,7 +19,9 @@ from .models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compen
 from .models.zoo import TINY_TEXT_LEN
 from .export.components import COMPONENTS
 from .export.build import REAL_TEXT_LEN, TRT_CHOICES, BuildConfig, ParityFailedError, build
-from .export.precision import PRECISIONS
+from .export.gate import GATE_MODES, GateConfig
+from .export.graphs import DEFAULT_GRAPH_BYTES
+from .export.precision import PRECISIONS, Fp32Blocks
 from .export.shapes import VAE_SCALE, DimRange
 from .export.verify import verify
 from .parity import OutputError, format_table
@@ -185,16 +187,25 @@ def sample_cmd(model, mlp, skip, mode, steps, guidance, eta, seed, batch, resolu
     sys.exit(0 if finite else 1)
 
 
-def _echo_parity(parity: dict) -> None:
-    if parity["rows"]:
-        click.echo(format_table([OutputError(**r) for r in parity["rows"]]))
-    else:
-        click.echo(f"parity not run: {parity.get('reason', 'no backend')}")
+def _echo_parity(verification: dict) -> None:
+    if verification["rows"]:
+        click.echo(format_table([OutputError(**r) for r in verification["rows"]]))
+    rc = verification.get("range_check") or {}
+    if rc.get("limit"):
+        worst = max(rc["max_abs"].values(), default=0.0)
+        where = f"first over it: {rc['first_overflow']}" if rc["first_overflow"] else "no module over it"
+        click.echo(f"fp16 range: largest |value| in the float32 reference {worst:.4g} against {rc['limit']:.0f}; {where}")
+    if verification["status"] in ("not-run", "skipped"):
+        click.echo(f"parity {verification['status']}: {verification.get('reason', '')}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
 
 
 @main.command(name="build")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="Embedded model name or a local diffusers SD3/SD3.5 folder.")
+              help="Embedded model name or a local diffusers SD3/SD3.5 folder (fp16/bf16/fp32, one file or shards).")
 @click.option("--mlp", type=click.Path(path_type=Path), default=None, help="Compensation MLP weights.")
 @click.option("--skip", default="3-10", show_default=True, callback=_parse_skip,
               help="Blocks skipped in step two: 1-based, inclusive (3-10 = blocks[2..9]).")
@@ -202,9 +213,12 @@ def _echo_parity(parity: dict) -> None:
               help="Build folder. Default: engines/<model>-skip<range>-<precision>")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Types carried by the ONNX (strongly typed); norms stay fp32 in fp16/bf16.")
+@click.option("--fp32-blocks", default=None, callback=_parsed_by(Fp32Blocks.parse),
+              help="Blocks kept in float32 inside an fp16/bf16 build, 1-based (e.g. 35-38): the fix when the gate "
+                   "reports a block overflowing fp16.")
 @click.option("--trt", type=click.Choice(list(TRT_CHOICES)), default="auto", show_default=True,
               help="Engine flavour: tensorrt (data-centre GPUs), tensorrt-rtx (AOT on CPU), none (ONNX only); "
-                   "auto = tensorrt-rtx if installed, else none.")
+                   "auto = tensorrt if installed and a GPU is visible, else tensorrt-rtx if installed, else none.")
 @click.option("--batch", default="1:1:4", show_default=True, callback=_parse_range, help="Batch N or MIN:OPT:MAX.")
 @click.option("--resolution", default=None, callback=_parse_range,
               help="Image pixels N or MIN:OPT:MAX (a range makes latent height/width dynamic). Default: native.")
@@ -222,53 +236,75 @@ def _echo_parity(parity: dict) -> None:
                                           "relative error). Off by default: fp32 engines match PyTorch fp32.")
 @click.option("--components", default=None, callback=_parsed_by(_components),
               help="Pipeline parts beside the transformer: text,vae | text | vae | none. Default: all the model has.")
+@click.option("--gate", "gate_mode", type=click.Choice(list(GATE_MODES)), default="opt", show_default=True,
+              help="Parity gate at the profile's optimum shape, at every profile corner too (full), or not at all "
+                   "(none: recorded, the build is installed as unverified).")
+@click.option("--gate-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the float32 reference of the gate runs (one module at a time).")
+@click.option("--max-graph-gib", type=click.FloatRange(min=0.001), default=DEFAULT_GRAPH_BYTES / 2**30,
+              show_default=True, help="Cut a graph where its weights would pass this many GiB (an engine build "
+                                      "needs about 3x its graph's weights in memory).")
 @click.option("--allow-parity-failure", is_flag=True, help="Install the build even if the parity gate fails.")
-def build_cmd(model, mlp, skip, out, precision, trt, batch, resolution, text_len, dynamic_shapes, opset, opt_level,
-              compute_capabilities, timing_cache, tf32, components, allow_parity_failure):
+def build_cmd(model, mlp, skip, out, precision, fp32_blocks, trt, batch, resolution, text_len, dynamic_shapes, opset,
+              opt_level, compute_capabilities, timing_cache, tf32, components, gate_mode, gate_device, max_graph_gib,
+              allow_parity_failure):
     """Split, export ONNX, compile TensorRT engines, gate on parity, and write manifest.json."""
     out = out or Path("engines") / f"{Path(model).name}-skip{skip}-{precision}"
-    config = BuildConfig(skip=skip, out=out, model=model, mlp=mlp, precision=precision, trt=trt, batch=batch,
-                         resolution=resolution, text_len=text_len, dynamic_shapes=dynamic_shapes, opset=opset, optimization_level=opt_level,
-                         compute_capabilities=tuple(compute_capabilities), timing_cache=timing_cache, tf32=tf32,
-                         components=components, allow_parity_failure=allow_parity_failure)
+    config = BuildConfig(skip=skip, out=out, model=model, mlp=mlp, precision=precision, fp32_blocks=fp32_blocks,
+                         trt=trt, batch=batch, resolution=resolution, text_len=text_len, dynamic_shapes=dynamic_shapes,
+                         opset=opset, optimization_level=opt_level, compute_capabilities=tuple(compute_capabilities),
+                         timing_cache=timing_cache, tf32=tf32, components=components,
+                         gate=GateConfig(gate_mode, gate_device), allow_parity_failure=allow_parity_failure,
+                         max_graph_bytes=int(max_graph_gib * 2**30))
     start = time.perf_counter()
     try:
         manifest = build(config, log=click.echo)
     except ParityFailedError as exc:
-        _echo_parity(exc.manifest["parity"])
+        _echo_parity(exc.manifest["verifications"][-1])
         raise
     elapsed = time.perf_counter() - start
-    click.echo(f"\n{'graph':8s} {'onnx MB':>8s} {'export s':>9s} {'engine MB':>10s} {'build s':>8s} {'weights MB':>11s}")
+    click.echo(f"\n{'graph':10s} {'blocks':>7s} {'weights MB':>11s} {'export s':>9s} {'engine MB':>10s} {'build s':>8s}")
     for name, g in manifest["graphs"].items():
-        engine = g["engine"]
-        click.echo(f"{name:8s} {g['onnx']['bytes'] / 1e6:8.3f} {g['export_seconds']:9.2f} "
-                   f"{(engine['bytes'] / 1e6 if engine else 0):10.3f} {g.get('build_seconds', 0):8.2f} "
-                   f"{g['weight_bytes'] / 1e6:11.3f}")
+        engine, blocks = g["engine"], (g["def"] or {}).get("blocks") or "-"
+        click.echo(f"{name:10s} {blocks:>7s} {g['weight_bytes'] / 1e6:11.1f} {g['export_seconds']:9.2f} "
+                   f"{(engine['bytes'] / 1e6 if engine else 0):10.1f} {g.get('build_seconds', 0):8.2f}")
     w = manifest["weights"]
-    click.echo(f"weights: graphs {w['graph_bytes'] / 1e6:.3f} MB / model {w['model_bytes'] / 1e6:.3f} MB "
+    click.echo(f"weights: graphs {w['graph_bytes'] / 1e6:.1f} MB / model {w['model_bytes'] / 1e6:.1f} MB "
                f"= duplication ratio {w['duplication_ratio']:.4f} (goal <= 1.02)")
+    stages = manifest["stages"]
+    click.echo("stages:  " + ", ".join(f"{n} {r['seconds']:.1f} s (peak {_gib(r['peak_rss_bytes'])} GiB)"
+                                      for n, r in stages.items() if n != "per_stage_peak"))
     click.echo(f"skip {manifest['skip']['one_based']} -> effective NFE {manifest['schedule']['effective_nfe']:.3f}; "
                f"engines: {manifest['trt']}; shapes {manifest['shapes']['ranges']}\n")
-    _echo_parity(manifest["parity"])
-    passed = manifest["status"] == "passed"
-    click.echo(f"{'PASSED' if passed else 'FAILED'} build: {out} in {elapsed:.1f} s"
-               + ("" if passed else " (installed anyway: --allow-parity-failure)"))
-    sys.exit(0 if passed else 1)
+    verification = manifest["verifications"][-1]
+    _echo_parity(verification)
+    status = manifest["status"]
+    if status == "unverified":
+        click.echo(f"PASSED build: {out} in {elapsed:.1f} s, UNVERIFIED ({verification.get('reason', '')})")
+    else:
+        click.echo(f"{'PASSED' if status == 'passed' else 'FAILED'} build: {out} in {elapsed:.1f} s"
+                   + ("" if status == "passed" else " (installed anyway: --allow-parity-failure)"))
+    sys.exit(1 if status == "failed" else 0)
 
 
 @main.command(name="verify")
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="Run the ONNX graphs (CPU) or the TensorRT engines (needs an NVIDIA GPU).")
-def verify_cmd(folder, backend):
-    """Check a build's files against its manifest (sha256) and re-run the parity gate."""
+@click.option("--gate", "gate_mode", type=click.Choice(["opt", "full"]), default="opt", show_default=True,
+              help="Check at the profile's optimum shape, or at every profile corner too.")
+@click.option("--gate-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the float32 reference runs (one module at a time).")
+def verify_cmd(folder, backend, gate_mode, gate_device):
+    """Check a build's files against its manifest (sha256), re-run the parity gate, and record the result in
+    the manifest (its status follows)."""
     start = time.perf_counter()
-    manifest, parity = verify(folder, log=click.echo, backend=backend)
-    _echo_parity(parity)
-    passed = parity["status"] == "passed"
+    manifest, verification = verify(folder, log=click.echo, backend=backend, gate=GateConfig(gate_mode, gate_device))
+    _echo_parity(verification)
+    passed = verification["status"] == "passed"
     ran = "engines executed" if backend == "tensorrt" else "ONNX graphs on ONNX Runtime; engines need --backend tensorrt"
-    click.echo(f"{'PASSED' if passed else 'FAILED'} verify: {folder} ({len(parity['rows'])} checks, "
-               f"{time.perf_counter() - start:.1f} s; {ran})")
+    click.echo(f"{'PASSED' if passed else 'FAILED'} verify: {folder} ({len(verification['rows'])} checks, "
+               f"{time.perf_counter() - start:.1f} s; {ran}); build status now {manifest['status']!r}")
     sys.exit(0 if passed else 1)
 
 

@@ -24,10 +24,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def default_mode() -> int:
+    """The permissions a new file gets from the process's umask (safetensors creates its files 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """Save ``tensors`` as safetensors at ``path`` atomically."""
+    """Save ``tensors`` as safetensors at ``path`` atomically, readable as any other file the user makes."""
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, default_mode())
     return Path(path)
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from bench import latency
 from bench.latency import main
+from bench.random_weights import random_transformer
 from bench.timing import measure_interleaved
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError
@@ -56,6 +57,7 @@ def test_benchmark_onnxruntime_backend(tmp_path):
     assert not any(name.startswith("peer") for name in report["results"][0]["schedules"])
     # Every stage runs on ONNX Runtime, the block as the 8-block segment graph / 8.
     assert report["stage_methods"]["one block"].endswith("/ 8")
+    assert all(report["results"][0]["stages"][n]["median_ms"] > 0 for n in ("MLP (both streams)", "one block"))
     assert {"text encoding", "VAE decode", "end to end 1.x skip 3-10"} <= set(report["results"][0]["stages"])
     assert set(report["peers"].values()) == {"not measured: torch backend only"}
 
@@ -68,8 +70,7 @@ def test_random_weight_architecture_is_built_from_a_saved_folder(tmp_path, monke
         joint_attention_dim=24, caption_projection_dim=16, pooled_projection_dim=12, out_channels=16,
         pos_embed_max_size=16))
     args = argparse.Namespace(arch="mini-real", backend="onnxruntime", device="cpu", dtype="fp32", batch=[1])
-    torch.manual_seed(0)
-    transformer = latency.make_transformer("mini-real", torch.float32, "cpu")
+    transformer = latency.make_transformer("mini-real", torch.float32, "cpu")  # seed 0
     dens = latency.denoisers(args, transformer, 64, tmp_path)
     assert set(dens) == {"3-8", "3-10"} and (tmp_path / "mini-real" / "config.json").is_file()
     assert not (tmp_path / "skip3-10" / "text.onnx").exists()  # no text encoders for a bare transformer
@@ -81,8 +82,8 @@ def test_random_weight_architecture_is_built_from_a_saved_folder(tmp_path, monke
         got = den.full(x, text, pooled, ts)
         # The built graphs hold the same random weights: ONNX Runtime fp32 against PyTorch fp32, atol 1e-4.
         assert all((a - b).abs().max().item() <= 1e-4 for a, b in zip(want, got))
-    # Negative control: a freshly drawn model of the same architecture does not match.
-    other = TorchDenoiser(SplitSD3Transformer(latency.make_transformer("mini-real", torch.float32, "cpu"), SkipRange(3, 10)))
+    # Negative control: the same architecture drawn from another seed does not match.
+    other = TorchDenoiser(SplitSD3Transformer(random_transformer("mini-real", torch.float32, "cpu", seed=1), SkipRange(3, 10)))
     assert (other.full(x, text, pooled, ts)[0] - dens["3-10"][0].full(x, text, pooled, ts)[0]).abs().max().item() > 1e-3
 
 
@@ -90,7 +91,8 @@ def test_benchmark_builds_accept_a_gate_that_cannot_run_here_but_not_a_failed_on
     # bf16: ONNX Runtime cannot run the gate on a CPU, which `onex-export build` alone would refuse.
     manifest = latency.checked_build(BuildConfig(skip=SkipRange(3, 10), out=tmp_path / "bf16", precision="bf16",
                                                  trt="none", components=(), batch=DimRange(1, 1, 1)))
-    assert manifest["parity"]["status"] == "not-run" and (tmp_path / "bf16" / "manifest.json").is_file()
+    assert manifest["status"] == "unverified" and manifest["verifications"][0]["status"] == "not-run"
+    assert (tmp_path / "bf16" / "manifest.json").is_file()
     # A real mismatch: an image embedding reaching 1e6 is fine in fp32 and inf in fp16.
     model = build_tiny("tiny-sd3")
     with torch.no_grad():
@@ -128,3 +130,17 @@ def test_interleaved_timing_runs_in_rounds_after_warmup():
     assert calls == ["a", "b", "a", "b", "a", "b", "a"]  # warm-up a, b; then rounds a b, a b, a
     assert (timings["a"].runs, timings["b"].runs) == (3, 2)
     assert all(t.p90_ms >= t.median_ms >= 0 for t in timings.values())
+
+
+def test_step_profile_counts_flops_and_groups_the_time(tmp_path):
+    from bench.step_profile import main as profile_main
+
+    assert profile_main(["--arch", "tiny-sd3", "--repeats", "2", "--matmul-size", "256", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "profile.json").read_text())
+    # tiny-sd3 at 128 px: 64 image + 16 text tokens through 24 blocks of width 32; the count is torch's own,
+    # checked here against the leading term, 2 x tokens x (12 d^2 per block) multiply-adds
+    assert 0.8 < report["tflop"] * 1e12 / (2 * 80 * 12 * 32**2 * 24) < 3
+    assert report["floor_ms"] == pytest.approx(report["tflop"] / report["matmul_tflops"] * 1e3)
+    assert report["eager_ms"] > 0 and sum(report["groups_ms"].values()) > 0
+    assert "matrix products" in report["groups_ms"]
+    assert "| eager |" in (tmp_path / "profile.md").read_text()

@@ -2,7 +2,7 @@
 
 Everything here is real: diffusers model, torch ONNX export, ONNX Runtime sessions, and TensorRT-RTX
 engine builds on the CPU (skipped, saying why, where the RTX package is missing). Engines are not
-executed: that needs a GPU.
+executed: that needs a GPU (tests/gpu).
 """
 import json
 import os
@@ -22,13 +22,15 @@ from onex_export.cli import main
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError, UsageError
 from onex_export.export import manifest as mf
-from onex_export.export.build import BuildConfig, ParityFailedError, build, load_reference
-from onex_export.export.graphs import PLANS
+from onex_export.export.build import BuildConfig, build
+from onex_export.export.gate import GateConfig
+from onex_export.export.precision import Fp32Blocks
 from onex_export.export.shapes import DimRange
 from onex_export.export.tensorrt import flavour_version
 from onex_export.export.verify import verify
-from onex_export.models import CompensationMLP, save_compensation
+from onex_export.models import CompensationMLP, SplitSD3Transformer, build_tiny, save_compensation
 from onex_export.runtime.graphs import OrtGraph, PlanDenoiser
+from onex_export.runtime.pipeline import BuildPipeline
 from onex_export.runtime.sampler import Conditioning, TorchDenoiser, sample
 from onex_export.schedule import SamplingPlan
 
@@ -36,6 +38,7 @@ HAS_RTX = flavour_version("tensorrt-rtx") is not None
 NO_RTX = "TensorRT-RTX not installed: pip install -e '.[tensorrt-rtx]' to build engines"
 SKIP = SkipRange(3, 10)
 FP32_ATOL = 1e-4
+TRANSFORMER_GRAPHS = ("head", "segment", "reuse", "tail")
 
 
 def run_cli(*args):
@@ -46,34 +49,45 @@ def tree_digest(folder: Path) -> dict:
     return {p.name: mf.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def reference():
+    return SplitSD3Transformer(build_tiny("tiny-sd3"), SKIP).eval()
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """One real build: RTX engines when installed, dynamic batch 1..3, resolution 64..128, text 8..16."""
+    """One real build: RTX engines when installed, dynamic batch 1..3, resolution 64..128, text 8..16, gated at
+    every corner of that profile."""
     out = tmp_path_factory.mktemp("engines") / "tiny"
     logs = []
     manifest = build(BuildConfig(skip=SKIP, out=out, trt="tensorrt-rtx" if HAS_RTX else "none",
                                  batch=DimRange(1, 1, 3), resolution=DimRange(64, 128, 128),
-                                 text_len=DimRange(8, 16, 16)), log=logs.append)
+                                 text_len=DimRange(8, 16, 16), gate=GateConfig("full")), log=logs.append)
     return out, manifest, logs
 
 
-def test_build_passes_with_fp32_parity_at_batch_1_and_3_and_two_resolutions(built):
+def test_build_passes_with_fp32_parity_at_every_profile_corner(built):
     _, manifest, _ = built
-    rows = manifest["parity"]["rows"]
-    assert manifest["status"] == "passed" and manifest["parity"]["status"] == "passed"
-    assert {r["case"].split(" ", 1)[0] for r in rows} == {"full", "skipping", "1.x-nfe", "text", "vae"}
-    cases = {r["case"] for r in rows}
-    assert any("b1 128px t16" in c for c in cases) and any("b3 64px t8" in c for c in cases)
+    [v] = manifest["verifications"]
+    assert manifest["status"] == "passed" and v["status"] == "passed"
+    assert (v["artifact"], v["backend"], v["device"], v["reference_device"], v["mode"]) == (
+        "onnx", "onnxruntime", "cpu", "cpu", "full")
+    assert sorted(map(tuple, v["shapes"])) == sorted({(1, 128, 16), *((b, r, t) for b in (1, 3) for r in (64, 128)
+                                                                    for t in (8, 16))})
+    rows = v["rows"]
     assert all(r["max_abs"] <= FP32_ATOL and r["cosine"] > 0.99999 for r in rows)
-    # two shape points x (3 full outputs + skipping + schedule), then the text (2 outputs) and VAE graphs
-    assert len(rows) == 2 * 5 + 3
+    # per shape point (the optimum is also a corner: 8 points): each graph alone (head 3 outputs, segment 4,
+    # reuse 2, tail 1), the chained schedule (step 1: 3, step 2: 1, latents 1); then the text (2) and VAE graphs once
+    assert len(v["shapes"]) == 8 and len(rows) == 8 * (10 + 5) + 3
+    cases = {r["case"] for r in rows}
+    assert "graph segment b3 64px t8" in cases and "1.x-nfe schedule b1 128px t16" in cases
+    assert v["range_check"]["limit"] is None  # fp32 has no narrower range to check
 
 
 def test_ort_plans_match_pytorch_independently_of_the_gate(built):
     """Our own run of the manifest's plans at a size the gate did not use (batch 3, 96 px, 12 tokens)."""
     out, manifest, _ = built
     graphs = {n: OrtGraph(out / g["onnx"]["file"]) for n, g in manifest["graphs"].items()}
-    split = load_reference("tiny-sd3", None, SKIP)
+    split = reference()
     g = torch.Generator().manual_seed(11)
     cond = Conditioning(torch.randn(3, 12, 48, generator=g), torch.randn(3, 40, generator=g))
     ref = sample(TorchDenoiser(split), SamplingPlan.one_x(), cond, (16, 12, 12), seed=5)
@@ -82,13 +96,13 @@ def test_ort_plans_match_pytorch_independently_of_the_gate(built):
     # negative: the skipping plan fed zero deltas is not the full result
     x = torch.randn(1, 16, 16, 16, generator=g)
     text, pooled, ts = torch.randn(1, 16, 48, generator=g), torch.randn(1, 40, generator=g), torch.full((1,), 750.0)
-    den = PlanDenoiser(graphs, PLANS)
+    den = PlanDenoiser(graphs, manifest["plans"])
     v, d_img, d_ctx = den.full(x, text, pooled, ts)
     assert torch.allclose(den.skipping(x, text, pooled, ts, d_img, d_ctx), v, atol=FP32_ATOL)
     assert (den.skipping(x, text, pooled, ts, 0 * d_img, 0 * d_ctx) - v).abs().max() > 1e-3
 
 
-def test_graphs_are_valid_onnx_with_dynamic_axes(built):
+def test_graphs_are_valid_onnx_with_every_symbolic_dimension_dynamic(built):
     out, manifest, _ = built
     for name, g in manifest["graphs"].items():
         model = onnx.load(str(out / g["onnx"]["file"]))
@@ -102,19 +116,25 @@ def test_graphs_are_valid_onnx_with_dynamic_axes(built):
     assert head_dims["encoder_hidden_states"] == ["batch", "text_len", 48]
 
 
-def test_manifest_lists_every_file_with_its_hash_and_the_schedule(built):
+def test_manifest_lists_every_file_with_its_hash_the_schedule_and_each_stage(built):
     out, manifest, _ = built
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk == json.loads(json.dumps(manifest))
-    assert mf.check_files(out, on_disk) == []
-    for entry in mf.artifact_entries(on_disk):
-        assert mf.sha256_file(out / entry["file"]) == entry["sha256"]
+    assert on_disk["schema_version"] == 2 and mf.check_files(out, on_disk) == []
     assert on_disk["skip"] == {"one_based": "3-10", "first": 3, "last": 10, "zero_based": list(range(2, 10)), "count": 8}
     assert on_disk["schedule"]["sigmas"] == [1.0, 0.75]
     assert [s["plan"] for s in on_disk["schedule"]["steps"]] == ["full", "skipping"]
     assert round(on_disk["schedule"]["effective_nfe"], 3) == 1.667
     assert on_disk["shapes"]["dims"]["img_tokens"] == [16, 64, 64]
-    assert set(on_disk["plans"]) == {"full", "skipping"}
+    assert [s["graph"] for s in on_disk["plans"]["full"]["steps"]] == ["head", "segment", "tail"]
+    assert [s["graph"] for s in on_disk["plans"]["skipping"]["steps"]] == ["head", "reuse", "tail"]
+    assert {n: g["def"]["blocks"] for n, g in on_disk["graphs"].items() if g["def"]} == {
+        "head": "1-2", "segment": "3-10", "reuse": "3-10", "tail": "11-24"}
+    assert on_disk["precision_policy"] == {"precision": "fp32", "fp32_blocks": None, "layer_norms": "float32 (all)",
+                                           "timestep": "float32"}
+    stages = on_disk["stages"]
+    assert set(stages) == {"per_stage_peak", "load", "export", "engines", "gate"}
+    assert all(stages[s]["seconds"] > 0 and stages[s]["peak_rss_bytes"] > 100e6 for s in ("load", "export", "gate"))
     assert not list(out.parent.glob(f".{out.name}.*"))  # no temp folder left behind
 
 
@@ -123,7 +143,7 @@ def test_rtx_built_real_engines_for_every_graph(built):
     out, manifest, _ = built
     for name, g in manifest["graphs"].items():
         engine = g["engine"]
-        assert engine["flavour"] == "tensorrt-rtx" and engine["file"] == f"{name}.plan"
+        assert engine["flavour"] == "tensorrt-rtx" and engine["file"] == f"{name}.plan" and engine["target"] == "default"
         assert (out / engine["file"]).stat().st_size > 100_000  # a real plan, not a stub
         first_input = g["inputs"][0]["name"]
         assert g["profile"][first_input][0][0] == 1  # the profile's minimum batch
@@ -132,21 +152,27 @@ def test_rtx_built_real_engines_for_every_graph(built):
 
 def test_weight_duplication_ratio_within_bound(built):
     out, manifest, _ = built
-    graph_bytes = 0
-    for g in (manifest["graphs"][n] for n in ("head", "segment", "reuse", "tail")):
-        model = onnx.load(str(out / g["onnx"]["file"]))
-        graph_bytes += sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
     w = manifest["weights"]
-    assert graph_bytes == w["graph_bytes"]
+    # the files themselves: weights plus the graph structure (a few hundred kB per graph at this tiny width)
+    files = sum((out / manifest["graphs"][n]["onnx"]["file"]).stat().st_size for n in TRANSFORMER_GRAPHS)
+    assert w["graph_bytes"] < files < w["graph_bytes"] + 4 * 500_000
+    # the model's own count: every parameter and buffer of the transformer and the MLP, float32
+    model = build_tiny("tiny-sd3")
+    model_bytes = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()))
+    mlp = CompensationMLP.for_transformer(model)
+    assert w["model_bytes"] == model_bytes + sum(t.numel() * 4 for t in mlp.parameters())
     assert 0.95 <= w["duplication_ratio"] <= 1.02
 
 
-def test_verify_passes_then_catches_tampering(built, tmp_path):
+def test_verify_passes_records_itself_then_catches_tampering(built, tmp_path):
     out, manifest, _ = built
     good = tmp_path / "good"
     shutil.copytree(out, good)
-    _, parity = verify(good)
-    assert parity["status"] == "passed"
+    updated, verification = verify(good)
+    assert verification["status"] == "passed"
+    assert [v["artifact"] for v in updated["verifications"]] == ["onnx", "onnx"]
+    assert mf.read_manifest(good)["verifications"][-1]["created"] == verification["created"]
+    assert mf.check_files(good, updated) == []  # recording touched only manifest.json
     victim = "segment.plan" if HAS_RTX else "segment.onnx"
     data = bytearray((good / victim).read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -169,6 +195,8 @@ def test_verify_on_engines_needs_a_gpu_and_engines(built, tmp_path):
         verify(out, backend="tensorrt")
     res = run_cli("verify", out, "--backend", "tensorrt")
     assert res.exit_code == 1 and "verify with --backend onnxruntime here" in res.output
+    res = run_cli("verify", out, "--gate-device", "cuda")
+    assert res.exit_code == 1 and "--gate-device cuda needs an NVIDIA GPU" in res.output
 
 
 def test_verify_catches_a_corrupted_onnx_and_a_missing_file(built, tmp_path):
@@ -197,7 +225,7 @@ def test_rebuild_reuses_unchanged_graphs_and_rebuilds_only_what_changed(built, t
     after = tree_digest(again)
     assert {k: v for k, v in after.items() if k != "manifest.json"} == {k: v for k, v in before.items() if k != "manifest.json"}
     # A trained MLP changes the reuse graph only.
-    mlp = CompensationMLP.for_transformer(load_reference("tiny-sd3", None, SKIP).transformer)
+    mlp = CompensationMLP.for_transformer(build_tiny("tiny-sd3"))
     torch.nn.init.normal_(mlp.img.fc2.weight, std=0.05)
     path = save_compensation(mlp, tmp_path / "mlp.safetensors")
     logs.clear()
@@ -208,31 +236,41 @@ def test_rebuild_reuses_unchanged_graphs_and_rebuilds_only_what_changed(built, t
     assert tree_digest(again)["head.onnx"] == before["head.onnx"]
 
 
-def test_external_data_for_large_graphs(tmp_path):
-    """The 2 GiB rule, exercised with a 1-byte threshold: weights go to <graph>.onnx.data."""
-    out = tmp_path / "ext"
-    manifest = build(BuildConfig(skip=SKIP, out=out, trt="none", batch=DimRange(1, 1, 1),
-                                 external_data_threshold=1))
-    assert manifest["status"] == "passed"
-    for name, g in manifest["graphs"].items():
-        assert g["onnx_data"]["file"] == f"{name}.onnx.data"
-        model = onnx.load(str(out / f"{name}.onnx"), load_external_data=False)
-        assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-        assert (out / f"{name}.onnx.data").stat().st_size >= g["weight_bytes"] > 0
-    assert mf.check_files(out, manifest) == []
+@pytest.mark.skipif(not HAS_RTX, reason=NO_RTX)
+def test_one_changed_weight_in_external_data_rebuilds_that_graph_and_its_engine(tmp_path):
+    """Every graph keeps its weights in <graph>.onnx.data (a 1-byte threshold forces it): changing one value in
+    block 12 re-exports the tail and rebuilds its engine, and nothing else."""
+    model = build_tiny("tiny-sd3")
+    model.save_pretrained(str(tmp_path / "m"))
+    config = dict(skip=SKIP, out=tmp_path / "b", model=str(tmp_path / "m"), trt="tensorrt-rtx", components=(),
+                  batch=DimRange(1, 1, 1), external_data_threshold=1)
+    first = build(BuildConfig(**config))
+    assert all(g["onnx_data"] for g in first["graphs"].values())
+    with torch.no_grad():
+        model.transformer_blocks[11].ff.net[2].bias[0] += 0.01
+    model.save_pretrained(str(tmp_path / "m"))
+    logs = []
+    second = build(BuildConfig(**config), log=logs.append)
+    rebuilt = sorted(line.split()[2] for line in logs if line.startswith(("[2/5]", "[3/5]")) and "reused" not in line)
+    assert rebuilt == ["tail", "tail"]  # its export and its engine
+    assert second["graphs"]["tail"]["onnx_data"]["sha256"] != first["graphs"]["tail"]["onnx_data"]["sha256"]
+    assert second["graphs"]["tail"]["engine"]["sha256"] != first["graphs"]["tail"]["engine"]["sha256"]
+    assert second["graphs"]["head"]["engine"] == first["graphs"]["head"]["engine"]
 
 
-def test_failed_engine_build_leaves_previous_build_intact(built, tmp_path):
-    if not HAS_RTX:
-        pytest.skip(NO_RTX)
-    out, _, _ = built
-    target = tmp_path / "keep"
-    shutil.copytree(out, target)
-    before = tree_digest(target)
-    res = run_cli("build", "--out", target, "--trt", "tensorrt-rtx", "--compute-capability", "9.0", "--batch", "1")
-    assert res.exit_code in (1, 2) and "9.0" in res.output
-    assert tree_digest(target) == before
-    assert not list(tmp_path.glob(".keep.*"))
+@pytest.mark.skipif(not HAS_RTX, reason=NO_RTX)
+def test_a_second_static_resolution_reuses_the_onnx_and_rebuilds_the_engines(tmp_path):
+    """The ONNX graphs do not depend on the size (they are traced small, every dimension symbolic), so a build
+    at 64 px after one at 128 px keeps them, builds new engines for the new profile, and its gate passes at
+    the new size."""
+    config = dict(skip=SKIP, out=tmp_path / "b", trt="tensorrt-rtx", components=(), batch=DimRange(1, 1, 1))
+    build(BuildConfig(**config, resolution=DimRange(128, 128, 128)))
+    logs = []
+    second = build(BuildConfig(**config, resolution=DimRange(64, 64, 64)), log=logs.append)
+    assert sum("export" in line and "reused" in line for line in logs) == 4
+    assert sum(line.startswith("[3/5] engine") and "reused" not in line for line in logs) == 4
+    assert second["graphs"]["head"]["profile"]["hidden_states"][1] == [1, 16, 8, 8]
+    assert second["status"] == "passed" and second["verifications"][0]["shapes"] == [[1, 64, 16]]
 
 
 def test_killed_build_leaves_previous_build_intact(built, tmp_path):
@@ -249,24 +287,51 @@ def test_killed_build_leaves_previous_build_intact(built, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert tree_digest(target) == before  # the good build is untouched
-    # The next build removes the dead build's temp folder.
-    build(BuildConfig(skip=SKIP, out=tmp_path / "other", trt="none", batch=DimRange(1, 1, 1)))
+    # The next build into the same place removes the dead build's temp folder (and says so).
+    logs = []
+    build(BuildConfig(skip=SKIP, out=target, trt="none", batch=DimRange(1, 1, 1), components=()), log=logs.append)
     assert not list(tmp_path.glob(".victim.tmp-*"))
+    assert any("left by a killed build" in line for line in logs)
     assert mf.check_files(target, mf.read_manifest(target)) == []
+
+
+def test_an_install_killed_halfway_is_restored_by_the_next_verify(built, tmp_path):
+    """The state a kill between the two renames of the fallback install leaves: the destination gone, the
+    previous build at .NAME.old-PID of a dead process. verify (or the next build) puts it back."""
+    out, _, _ = built
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = proc.stdout.strip()
+    shutil.copytree(out, tmp_path / f".tiny.old-{dead_pid}")
+    logs = []
+    _, verification = verify(tmp_path / "tiny", log=logs.append)
+    assert verification["status"] == "passed" and (tmp_path / "tiny" / "manifest.json").is_file()
+    assert "restored the previous build" in logs[0] and not list(tmp_path.glob(".tiny.old-*"))
+
+
+def test_a_folder_that_is_not_a_build_is_never_replaced(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    res = run_cli("build", "--out", mine, "--trt", "none")
+    assert res.exit_code == 2 and "holds no onex-export build" in res.output
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    res = run_cli("build", "--out", tmp_path / "file", "--trt", "none")
+    assert res.exit_code == 2 and "is not a folder" in res.output and (tmp_path / "file").read_text() == "x"
 
 
 @pytest.fixture(scope="module")
 def overflowing_model(tmp_path_factory):
     """A real diffusers folder whose image embedding reaches 1e6: fine in fp32, inf in fp16."""
-    split = load_reference("tiny-sd3", None, SKIP)
+    model = build_tiny("tiny-sd3")
     with torch.no_grad():
-        split.transformer.pos_embed.proj.weight.mul_(1e5)
+        model.pos_embed.proj.weight.mul_(1e5)
     folder = tmp_path_factory.mktemp("overflow") / "model"
-    split.transformer.save_pretrained(str(folder))
+    model.save_pretrained(str(folder))
     return folder
 
 
-def test_parity_failure_exits_1_keeps_artifacts_and_the_good_build(overflowing_model, tmp_path):
+def test_parity_failure_exits_1_names_the_cause_keeps_artifacts_and_the_good_build(overflowing_model, tmp_path):
     out = tmp_path / "big"
     build(BuildConfig(skip=SKIP, out=out, model=str(overflowing_model), trt="none", batch=DimRange(1, 1, 1),
                       text_len=DimRange(16, 16, 16)))
@@ -275,23 +340,84 @@ def test_parity_failure_exits_1_keeps_artifacts_and_the_good_build(overflowing_m
                   "--batch", "1", "--text-len", "16")
     assert res.exit_code == 1
     assert "FAIL" in res.output and res.output.strip().endswith("FAILED")
+    assert "pos_embed overflows fp16" in res.output and "--precision bf16" in res.output
+    assert "Traceback" not in res.output
     assert tree_digest(out) == before
     failed = mf.read_manifest(tmp_path / "big.failed")
     assert failed["status"] == "failed" and failed["precision"] == "fp16"
+    assert failed["verifications"][0]["range_check"]["first_overflow"] == "pos_embed"
     res = run_cli("build", "--model", overflowing_model, "--out", out, "--trt", "none", "--precision", "fp16",
                   "--batch", "1", "--text-len", "16", "--allow-parity-failure")
     assert res.exit_code == 1 and "installed anyway" in res.output
     assert mf.read_manifest(out)["status"] == "failed"
+    with pytest.raises(mf.ManifestError, match="failed its parity gate"):
+        BuildPipeline(out)
 
 
-def test_bf16_cannot_be_checked_by_onnxruntime_on_cpu(tmp_path):
-    with pytest.raises(ParityFailedError, match="cannot execute bf16"):
-        build(BuildConfig(skip=SKIP, out=tmp_path / "bf", precision="bf16", trt="none", batch=DimRange(1, 1, 1)))
-    failed = mf.read_manifest(tmp_path / "bf.failed")
-    assert failed["parity"]["status"] == "not-run"
-    head = onnx.load(str(tmp_path / "bf.failed" / "head.onnx"))
+@pytest.fixture(scope="module")
+def block_overflow_model(tmp_path_factory):
+    """tiny-sd3 whose block 5 (1-based) overflows fp16 inside its feed-forward only: the hidden layer is scaled
+    up 1e5x and the output layer down by the same, so float32 gives the same block output and fp16 gives inf."""
+    model = build_tiny("tiny-sd3")
+    ff = model.transformer_blocks[4].ff.net
+    with torch.no_grad():
+        ff[0].proj.weight.mul_(1e5)
+        ff[0].proj.bias.mul_(1e5)
+        ff[2].weight.mul_(1e-5)
+    folder = tmp_path_factory.mktemp("block") / "model"
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def test_a_block_overflowing_fp16_is_named_and_fp32_blocks_fixes_it(block_overflow_model, tmp_path):
+    common = ["--model", block_overflow_model, "--trt", "none", "--precision", "fp16", "--batch", "1",
+              "--text-len", "16", "--components", "none"]
+    res = run_cli("build", "--out", tmp_path / "a", *common)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "block 5 (1-based) is the first whose values overflow fp16" in res.output
+    assert "--fp32-blocks 5-5" in res.output
+    res = run_cli("build", "--out", tmp_path / "b", *common, "--fp32-blocks", "5-5")
+    assert res.exit_code == 0, res.output
+    manifest = mf.read_manifest(tmp_path / "b")
+    assert manifest["status"] == "passed" and manifest["precision_policy"]["fp32_blocks"] == "5-5"
+    rc = manifest["verifications"][0]["range_check"]
+    assert rc["first_overflow"] is None and rc["max_abs"]["transformer_blocks.4"] > 65504  # measured, allowed
+    # block 5 sits in the segment graph: its weights are float32 there, every other weight matrix is fp16
+    def big_types(graph):
+        model = onnx.load(str(tmp_path / "b" / f"{graph}.onnx"))
+        return {t.data_type for t in model.graph.initializer if len(onnx.numpy_helper.to_array(t).flatten()) > 100}
+    assert big_types("segment") == {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    assert big_types("head") == big_types("tail") == {onnx.TensorProto.FLOAT16}
+
+
+def test_fp32_blocks_ending_with_the_skip_range_give_float32_deltas_that_match(tmp_path):
+    """Blocks 9-10 in float32 with --skip 3-10: the segment's last block is float32, its input (I_n) fp16, so the
+    delta is formed across dtypes in the graph and the stream enters the tail in float32."""
+    manifest = build(BuildConfig(skip=SKIP, out=tmp_path / "m", precision="fp16", trt="none", components=(),
+                                 batch=DimRange(1, 1, 1), fp32_blocks=Fp32Blocks(9, 10)))
+    assert manifest["status"] == "passed", manifest["verifications"][0]["rows"]
+    dtypes = {(n, t["name"]): t["dtype"] for n, g in manifest["graphs"].items() for t in g["inputs"] + g["outputs"]}
+    assert dtypes[("segment", "img")] == "float16" and dtypes[("segment", "img_out")] == "float32"
+    assert dtypes[("segment", "delta_img")] == "float16" and dtypes[("tail", "img")] == "float32"
+
+
+def test_bf16_on_a_cpu_is_installed_unverified_and_usable(tmp_path):
+    res = run_cli("build", "--out", tmp_path / "bf", "--precision", "bf16", "--trt", "none", "--batch", "1")
+    assert res.exit_code == 0 and "UNVERIFIED" in res.output and "cannot execute bf16" in res.output
+    manifest = mf.read_manifest(tmp_path / "bf")
+    assert manifest["status"] == "unverified" and manifest["verifications"][0]["status"] == "not-run"
+    head = onnx.load(str(tmp_path / "bf" / "head.onnx"))
     types = {i.name: i.type.tensor_type.elem_type for i in head.graph.input}
     assert types["hidden_states"] == onnx.TensorProto.BFLOAT16 and types["timestep"] == onnx.TensorProto.FLOAT
+    pipe = BuildPipeline(tmp_path / "bf", "torch")  # the runtime accepts it (and says it is unverified)
+    assert pipe.verified is False
+
+
+def test_gate_none_is_recorded(tmp_path):
+    manifest = build(BuildConfig(skip=SKIP, out=tmp_path / "n", trt="none", components=(), batch=DimRange(1, 1, 1),
+                                 gate=GateConfig("none")))
+    assert manifest["status"] == "unverified"
+    assert manifest["verifications"][0]["status"] == "skipped" and "--gate none" in manifest["verifications"][0]["reason"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -301,6 +427,8 @@ def test_bf16_cannot_be_checked_by_onnxruntime_on_cpu(tmp_path):
     (["--batch", "4:2:1"], "MIN <= OPT <= MAX"),
     (["--components", "text,unet"], "unknown component(s) ['unet']"),
     (["--text-len", "8"], "does not include the text encoders' 16 tokens"),
+    (["--fp32-blocks", "20-30", "--precision", "fp16"], "--fp32-blocks 20-30 does not fit this model"),
+    (["--fp32-blocks", "3-4"], "only applies to --precision fp16 or bf16"),
 ])
 def test_bad_build_options_exit_2(args, message, tmp_path):
     res = run_cli("build", "--out", tmp_path / "x", "--trt", "none", *args)

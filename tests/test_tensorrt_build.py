@@ -258,3 +258,32 @@ def test_shape_profile_is_normalised_and_read_only():
     assert profile.shapes["x"] == ((1, 16), (2, 16), (8, 16))
     with pytest.raises(TypeError):
         profile.shapes["y"] = ((1,), (1,), (1,))
+
+
+def test_trt_auto_picks_what_can_run_and_says_why(monkeypatch):
+    import torch
+
+    lines = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expected = "tensorrt-rtx" if HAS_RTX else "none"  # full TensorRT needs a visible GPU as well
+    assert trt_export.choose_trt("auto", (), lines.append) == expected
+    assert lines and lines[0].startswith(f"      --trt auto: {expected} (")
+    assert trt_export.choose_trt("none") == "none" and trt_export.choose_trt("tensorrt-rtx") == "tensorrt-rtx"
+
+
+@pytest.mark.parametrize("capability, fix", [((9, 0), "--trt tensorrt"), ((7, 5), "--compute-capability 7.5")])
+def test_rtx_engines_that_cannot_run_on_the_visible_gpu_stop_with_the_fix(monkeypatch, capability, fix):
+    """No GPU here, so torch's view of one is mocked: an H100 (SM 9.0, no RTX target) and a Turing card (SM 7.5,
+    an RTX target but not a default one). The check itself is the real code path."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "the GPU here")
+    with pytest.raises(EngineOptionsError, match=f"cannot run on the visible the GPU here \\(SM {capability[0]}.{capability[1]}\\)") as info:
+        trt_export.choose_trt("tensorrt-rtx")
+    assert fix in info.value.hint
+    # naming targets on purpose (building for another machine) is allowed
+    assert trt_export.choose_trt("tensorrt-rtx", ("8.6",)) == "tensorrt-rtx"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 9))  # an RTX 4090 runs the defaults
+    assert trt_export.choose_trt("tensorrt-rtx") == "tensorrt-rtx"

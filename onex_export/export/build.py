@@ -1,10 +1,16 @@
-"""`onex-export build`: split, export ONNX, compile engines, gate on parity, write the manifest.
+"""`onex-export build`: load -> plan the graphs -> export -> engines -> gate -> manifest, in that order.
 
-Robustness: everything is written into a temporary sibling folder and renamed into place only at
-the end, so an interrupted or failed build never leaves half a build behind nor touches a good one.
-A build whose parity gate fails goes to ``<out>.failed`` for inspection (or into place with
-``allow_parity_failure``). Graphs and engines whose inputs are unchanged (content hashes) are reused
-from the previous build.
+Memory: the model is never whole in memory. It is built on the ``meta`` device, and each graph's modules
+are read from the checkpoint in the export precision just for that graph's export, then dropped; engines
+are built one at a time from the ONNX files alone; the gate streams a float32 reference one module at a
+time. A graph is cut where its weights would pass ``max_graph_bytes``, because an engine build holds
+about three times its graph's weights.
+
+Robustness: everything is written into a temporary sibling folder and swapped into place only at the
+end (:mod:`.install`), so an interrupted or failed build never leaves half a build behind nor touches a
+good one. A build whose gate fails goes to ``<out>.failed`` for inspection (or into place with
+``allow_parity_failure``). Artifacts whose key (a hash of everything they depend on) is unchanged are
+reused from the previous build.
 """
 from __future__ import annotations
 
@@ -23,20 +29,25 @@ import onnx
 import torch
 
 from .. import __version__
-from ..config import SkipRange
+from ..config import BlockRange, SkipRange
 from ..errors import OnexError, UsageError
-from ..models import DEFAULT_MODEL, SplitSD3Transformer, load_compensation, load_transformer
+from ..models import DEFAULT_MODEL, CompensationMLP, SplitSD3Transformer, load_compensation
+from ..models.weights import (
+    WeightSource, check_keys, materialized, meta_transformer, release, top_level_prefixes, transformer_source,
+)
 from ..models.zoo import TINY_MODELS, TINY_TEXT_LEN
-from ..runtime.graphs import TORCH_DTYPES, OrtGraph, TorchGraph
+from ..runtime.graphs import OrtGraph
 from ..schedule import SHIFT, SamplingPlan, timestep_from_sigma
 from . import manifest as mf
-from .gate import run_gate, step_inputs
-from .components import COMPONENTS, Components, available, component_graphs, component_inputs, load_components, save_tokenizers, text_length
-from .graphs import PLANS, TRANSFORMER_GRAPHS, graph_modules, graph_specs, graph_weights, weight_bytes
-from .onnx_export import MIN_OPSET, PROTOBUF_LIMIT, export_graph, sha256_file
-from .precision import ONNX_DTYPE_NAMES, for_precision
+from .components import COMPONENTS, Components, available, load_components, save_tokenizers
+from .gate import GateConfig, failure_summary, run_gate
+from .graphs import DEFAULT_GRAPH_BYTES, GraphDef, SubgraphModule, build_plans, module_bytes, transformer_graphs
+from .install import check_replaceable, install, recover, temp_name
+from .onnx_export import EXPORTER, MIN_OPSET, PROTOBUF_LIMIT, TRACE_DIMS, export_graph, sha256_file, trace_inputs
+from .precision import Fp32Blocks, PrecisionPolicy, apply_precision
 from .shapes import VAE_SCALE, DimRange, ShapeConfig
-from .tensorrt import EngineBuildOptions, build_engine, flavour_version
+from .stages import StageClock
+from .tensorrt import EngineBuildOptions, build_engine, choose_trt, flavour_version, load_trt
 
 TRT_CHOICES = ("auto", "tensorrt-rtx", "tensorrt", "none")
 REAL_TEXT_LEN = 333  # CLIP 77 + T5 256 tokens
@@ -59,6 +70,7 @@ class BuildConfig:
     model: str = DEFAULT_MODEL
     mlp: Path | None = None
     precision: str = "fp32"
+    fp32_blocks: BlockRange | None = None
     trt: str = "auto"
     batch: DimRange = field(default_factory=lambda: DimRange(1, 1, 4))
     resolution: DimRange | None = None  # default: the model's native size, static
@@ -70,22 +82,25 @@ class BuildConfig:
     compute_capabilities: tuple[str, ...] = ()
     timing_cache: Path | None = None
     tf32: bool = False
+    gate: GateConfig = field(default_factory=GateConfig)
     allow_parity_failure: bool = False
     eta: float = 1.0
     external_data_threshold: int = PROTOBUF_LIMIT
+    max_graph_bytes: int = DEFAULT_GRAPH_BYTES
 
     def __post_init__(self):
-        if self.precision not in ONNX_DTYPE_NAMES:
-            raise UsageError(f"unknown precision {self.precision!r}", f"choose one of {', '.join(ONNX_DTYPE_NAMES)}")
         if self.trt not in TRT_CHOICES:
             raise UsageError(f"unknown --trt {self.trt!r}", f"choose one of {', '.join(TRT_CHOICES)}")
         if self.opset < MIN_OPSET:
             raise UsageError(f"opset {self.opset} is too old", f"use {MIN_OPSET} or newer")
+        if self.max_graph_bytes <= 0:
+            raise UsageError(f"the per-graph weight budget must be positive, got {self.max_graph_bytes} bytes",
+                             "use e.g. --max-graph-gib 2")
+        self.policy  # validates precision and fp32_blocks
 
-    def resolved_trt(self) -> str:
-        if self.trt != "auto":
-            return self.trt
-        return "tensorrt-rtx" if flavour_version("tensorrt-rtx") else "none"
+    @property
+    def policy(self) -> PrecisionPolicy:
+        return PrecisionPolicy(self.precision, self.fp32_blocks)
 
 
 def _hash(*parts) -> str:
@@ -95,13 +110,12 @@ def _hash(*parts) -> str:
     return h.hexdigest()
 
 
-def _weights_hash(modules) -> bytes:
+def _module_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
-    for i, m in enumerate(modules):
-        for name, t in m.state_dict().items():
-            h.update(f"{i}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy())
-    return h.digest()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 def public_config(cfg) -> dict:
@@ -122,71 +136,32 @@ def _versions(trt: str) -> dict:
     return out
 
 
-def _clean_stale_temps(parent: Path) -> None:
-    """Remove the temp folders of builds in ``parent`` whose process is gone (killed builds)."""
-    for stale in parent.glob(".*.tmp-*"):
-        if not stale.is_dir():
-            continue
-        pid = stale.name.rsplit("-", 1)[-1]
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(stale, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, another user's build
+# -- load ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    """A model ready to export: its config and checkpoint, and a split model on ``meta`` with the precision
+    policy applied (its small MLP loaded, cast)."""
+
+    config: dict
+    source: WeightSource
+    split: SplitSD3Transformer
+    mlp_digest: str
 
 
-def _promote(tmp: Path, dest: Path) -> None:
-    """Move the finished ``tmp`` folder to ``dest``, replacing an older build only at the very end."""
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
+def split_on_meta(config: dict, mlp: Path | None, skip: SkipRange) -> SplitSD3Transformer:
+    """A split model whose transformer is on ``meta`` and whose MLP (loaded, or untrained) is float32."""
+    transformer = meta_transformer(config)
+    module = load_compensation(mlp, transformer) if mlp else CompensationMLP.for_transformer(transformer)
+    return SplitSD3Transformer(transformer, skip, module)
 
 
-def _reuse(previous: dict | None, prev_dir: Path, graph: str, kind: str, key: str, tmp: Path) -> dict | None:
-    """Copy an artifact from the previous build if its key matches and its file is intact."""
-    if not previous:
-        return None
-    entry = previous.get("graphs", {}).get(graph, {})
-    if entry.get(f"{kind}_key") != key or not entry.get(kind):
-        return None
-    files = [entry[kind]] + ([entry["onnx_data"]] if kind == "onnx" and entry.get("onnx_data") else [])
-    for f in files:
-        src = prev_dir / f["file"]
-        if not src.is_file() or sha256_file(src) != f["sha256"]:
-            return None
-    for f in files:
-        shutil.copy2(prev_dir / f["file"], tmp / f["file"])
-    return entry
-
-
-def _example_inputs(graphs: dict[str, TorchGraph], feeds: dict) -> dict[str, tuple]:
-    """Inputs of each graph at the profile's optimum, from a run of the full and skipping plans."""
-    h = graphs["head"](**feeds)
-    s = graphs["segment"](img=h["img"], ctx=h["ctx"], temb=h["temb"])
-    values = {"head": feeds, "segment": h, "reuse": {**h, **s}, "tail": {**feeds, "img": s["img_out"],
-              "ctx": s["ctx_out"], "temb": h["temb"]}}
-    return {name: tuple(values[name][t.name].to(TORCH_DTYPES[t.dtype]) for t in g.spec.inputs)
-            for name, g in graphs.items()}
-
-
-def load_reference(model: str, mlp: Path | None, skip: SkipRange) -> SplitSD3Transformer:
-    """The float32 PyTorch split model that a build is checked against."""
-    transformer = load_transformer(model, torch.float32)
-    return SplitSD3Transformer(transformer, skip, load_compensation(mlp, transformer) if mlp else None)
-
-
-def manifest_reference(manifest: dict) -> tuple[SplitSD3Transformer, Components]:
-    """The float32 reference model and the components that ``manifest``'s build was made from."""
-    model = manifest["model"]
-    split = load_reference(model["source"], Path(model["mlp"]) if model["mlp"] else None,
-                           SkipRange(manifest["skip"]["first"], manifest["skip"]["last"]))
-    comps = load_components(model["source"], split.transformer.config, tuple(manifest["pipeline"]["components"]))
-    return split, comps
+def load_model(model: str, mlp: Path | None, skip: SkipRange, policy: PrecisionPolicy) -> LoadedModel:
+    config, source = transformer_source(model)
+    split = split_on_meta(config, mlp, skip)
+    check_keys(split.transformer, source)
+    mlp_digest = _module_digest(split.mlp)  # as stored, before any cast
+    return LoadedModel(config, source, apply_precision(split, policy), mlp_digest)
 
 
 def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer, encoder_tokens: int | None = None) -> ShapeConfig:
@@ -223,140 +198,256 @@ def schedule_section(plan: SamplingPlan, num_layers: int, skip: SkipRange) -> di
     }
 
 
+# -- export and engines -------------------------------------------------------------------------------------
+
+def _reuse(previous: dict | None, prev_dir: Path, graph: str, kind: str, key: str, tmp: Path) -> dict | None:
+    """Copy an artifact from the previous build if its key matches and its files are intact."""
+    if not previous:
+        return None
+    entry = previous.get("graphs", {}).get(graph, {})
+    if entry.get(f"{kind}_key") != key or not entry.get(kind):
+        return None
+    files = [entry[kind]] + ([entry["onnx_data"]] if kind == "onnx" and entry.get("onnx_data") else [])
+    for f in files:
+        src = prev_dir / f["file"]
+        if not src.is_file() or src.stat().st_size != f["bytes"] or sha256_file(src) != f["sha256"]:
+            return None
+    for f in files:
+        try:
+            os.link(prev_dir / f["file"], tmp / f["file"])  # no second copy of gigabytes (the old folder goes)
+        except OSError:
+            shutil.copy2(prev_dir / f["file"], tmp / f["file"])
+    return entry
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """One graph to export: its definition (None for components), spec, the identity of the weights it carries,
+    and the transformer modules to load from the checkpoint while it is exported (a component loads whole)."""
+
+    d: GraphDef | None
+    spec: object
+    weight_key: str
+    prefixes: tuple[str, ...]
+
+
+def _graphs(loaded: LoadedModel, defs: list[GraphDef], specs: dict, comps: Components) -> dict[str, _Graph]:
+    out = {}
+    for d in defs:
+        prefixes = tuple(n for n in d.module_names() if n != "mlp")
+        weight_key = loaded.mlp_digest if d.role == "reuse" else loaded.source.digest(prefixes)
+        out[d.name] = _Graph(d, specs[d.name], weight_key, prefixes)
+    for name in comps.names:
+        out[name] = _Graph(None, comps.spec(name), comps.digest(name), ())
+    return out
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def export_stage(config: BuildConfig, loaded: LoadedModel, comps: Components, graphs: dict[str, _Graph],
+                 previous: dict | None, tmp: Path, versions: dict, log) -> dict[str, dict]:
+    """Export each graph (or reuse it), loading only its own weights while it is exported."""
+    split, policy, L = loaded.split, config.policy, loaded.split.num_layers
+    tool = {"opset": config.opset, "exporter": EXPORTER, "trace": TRACE_DIMS,
+            "versions": {k: versions[k] for k in ("torch", "onnx", "diffusers", "onex_export")},
+            "external_data_threshold": config.external_data_threshold}
+    transformer = {"policy": policy.to_json(), "skip": str(config.skip), "config": public_config(loaded.config)}
+    entries = {}
+    for i, (name, g) in enumerate(graphs.items(), 1):
+        # a component's key leaves out the transformer's settings: a new --skip or --precision keeps T5's export
+        key = _hash(tool, transformer if g.d else None, asdict(g.spec), g.d.to_json() if g.d else name, g.weight_key)
+        entry = {"def": g.d.to_json() if g.d else None, "onnx_key": key, "inputs": [asdict(t) for t in g.spec.inputs],
+                 "outputs": [asdict(t) for t in g.spec.outputs]}
+        reused = _reuse(previous, Path(config.out), name, "onnx", key, tmp)
+        if reused:
+            log(f"[2/5] export {name} ({i}/{len(graphs)}): unchanged, reused")
+            entry.update(weight_bytes=reused["weight_bytes"], export_seconds=0.0, onnx=reused["onnx"],
+                         onnx_data=reused.get("onnx_data"))
+            entries[name] = entry
+            continue
+        log(f"[2/5] export {name} ({i}/{len(graphs)}) ...")
+        inputs = trace_inputs(g.spec, split.transformer.config.patch_size)
+        if g.d is not None:
+            with materialized(split.transformer, g.prefixes, loaded.source, lambda k: policy.module_dtype(k, L)):
+                art = export_graph(SubgraphModule(split, g.d, g.spec), g.spec, inputs, tmp,
+                                   module_bytes(split, g.d.module_names()), config.opset, config.external_data_threshold,
+                                   release_weights=lambda: release(split.transformer, g.prefixes))
+        else:
+            module = comps.load(name)
+            art = export_graph(module, g.spec, inputs, tmp, _module_bytes(module), config.opset,
+                               config.external_data_threshold, release_weights=lambda: module.to("meta"))
+            del module
+        log(f"      {name}.onnx {art.weight_bytes / 1e6:.1f} MB of weights in {art.export_seconds:.1f} s")
+        data = tmp / f"{name}.onnx.data"
+        entry.update(weight_bytes=art.weight_bytes, export_seconds=round(art.export_seconds, 3),
+                     onnx=mf.file_entry(tmp, tmp / f"{name}.onnx"),
+                     onnx_data=mf.file_entry(tmp, data) if data.is_file() else None)
+        entries[name] = entry
+    return entries
+
+
+def _engine_options(config: BuildConfig, trt: str) -> EngineBuildOptions:
+    cache = config.timing_cache or (Path(config.out).parent / "timing-cache.bin" if trt == "tensorrt" else None)
+    return EngineBuildOptions(trt, config.optimization_level, config.compute_capabilities, cache, tf32=config.tf32)
+
+
+def engine_stage(config: BuildConfig, trt: str, entries: dict, specs: dict, shapes: ShapeConfig, patch_size: int,
+                 previous: dict | None, tmp: Path, versions: dict, log) -> None:
+    """Build one engine per graph from its ONNX file alone (or reuse it); fills the entries in place."""
+    if trt == "none":
+        for entry in entries.values():
+            entry["engine"] = None
+        return
+    options = _engine_options(config, trt)
+    target = (torch.cuda.get_device_name() if torch.cuda.is_available() else None) if trt == "tensorrt" \
+        else (list(options.compute_capabilities) or "default")
+    for i, (name, entry) in enumerate(entries.items(), 1):
+        profile = shapes.profile(specs[name], patch_size)
+        onnx_files = [entry["onnx"]["sha256"]] + ([entry["onnx_data"]["sha256"]] if entry["onnx_data"] else [])
+        opts = {k: v for k, v in asdict(options).items() if k != "timing_cache"}
+        key = _hash(onnx_files, profile, opts, trt, versions[trt], target)
+        entry.update(engine_key=key, profile={k: [list(s) for s in v] for k, v in profile.items()})
+        reused = _reuse(previous, Path(config.out), name, "engine", key, tmp)
+        if reused:
+            log(f"[3/5] engine {name} ({i}/{len(entries)}): unchanged, reused")
+            entry.update(build_seconds=0.0, engine=reused["engine"])
+            continue
+        log(f"[3/5] engine {name} ({i}/{len(entries)}) with {trt} ...")
+        report = build_engine(tmp / f"{name}.onnx", tmp / f"{name}.plan", profile, options)
+        entry["build_seconds"] = round(report.build_seconds, 3)
+        log(f"      {name}.plan {report.size_bytes / 1e6:.1f} MB in {report.build_seconds:.1f} s")
+        entry["engine"] = dict(mf.file_entry(tmp, tmp / f"{name}.plan"), flavour=trt, target=target,
+                               compute_capabilities=list(options.compute_capabilities) or "default", tf32=options.tf32)
+
+
+# -- the gate ----------------------------------------------------------------------------------------------
+
+def gate_stage(config: BuildConfig, loaded: LoadedModel, defs: list[GraphDef], plans: dict, shapes: ShapeConfig,
+               comps, tmp: Path, log) -> dict:
+    """The ONNX graphs in ONNX Runtime against the streamed float32 reference (engines need a GPU to run)."""
+    reference = split_on_meta(loaded.config, config.mlp, config.skip)
+    return run_gate(reference, loaded.source, defs, plans, lambda n: OrtGraph(tmp / f"{n}.onnx", low_memory=True), artifact="onnx",
+                    backend="onnxruntime", candidate_device="cpu", policy=config.policy, shapes=shapes,
+                    gate=config.gate, eta=config.eta, components=comps, log=log)
+
+
+# -- the whole build -----------------------------------------------------------------------------------------
+
 def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> dict:
     """Run a whole build and return its manifest. Raises :class:`ParityFailedError` (after keeping
     the artifacts in ``<out>.failed``) when the gate fails and failures are not allowed."""
-    trt = config.resolved_trt()
     out = Path(config.out)
-    log(f"[1/5] loading {config.model}" + (f" with MLP {config.mlp}" if config.mlp else " (untrained MLP: plain reuse)"))
-    split32 = load_reference(config.model, config.mlp, config.skip)
-    cfg = split32.transformer.config
-    wanted = config.components if config.components is not None else (COMPONENTS if available(config.model) else ())
-    comps = load_components(config.model, cfg, wanted)
-    shapes = resolve_shapes(config, split32, text_length(comps) if comps.text is not None else None)
-    split = for_precision(split32, config.precision)
-    specs = graph_specs(split, ONNX_DTYPE_NAMES[config.precision])
-    torch_graphs = {n: TorchGraph(m, specs[n]) for n, m in graph_modules(split).items()}
-    weights = {n: graph_weights(split, n) for n in torch_graphs}
-    for name, (module, spec) in component_graphs(comps, cfg).items():
-        torch_graphs[name], specs[name], weights[name] = TorchGraph(module, spec), spec, [module]
-    options = None
-    if trt != "none":
-        cache = config.timing_cache or (out.parent / "timing-cache.bin" if trt == "tensorrt" else None)
-        options = EngineBuildOptions(trt, config.optimization_level, config.compute_capabilities, cache,
-                                     tf32=config.tf32)
+    check_replaceable(out)
+    for line in recover(out):
+        log(line)
+    trt = choose_trt(config.trt, config.compute_capabilities, log)
+    if trt != "none":  # a missing flavour or a bad option stops here, not after minutes of export
+        load_trt(trt)
+        _engine_options(config, trt)
+    clock = StageClock()
+    with clock.stage("load"):
+        log(f"[1/5] loading {config.model}" + (f" with MLP {config.mlp}" if config.mlp else " (untrained MLP: plain reuse)"))
+        loaded = load_model(config.model, config.mlp, config.skip, config.policy)
+        cfg = loaded.split.transformer.config
+        wanted = config.components if config.components is not None else (COMPONENTS if available(config.model) else ())
+        comps = load_components(config.model, cfg, wanted)
+        shapes = resolve_shapes(config, loaded.split, comps.text_length if "text" in comps.names else None)
+        defs, specs = transformer_graphs(loaded.split, config.policy, config.max_graph_bytes)
+        plans = build_plans(defs)
+        log("      hashing the weights of each graph (an artifact is reused only if they are identical)")
+        graphs = _graphs(loaded, defs, specs, comps)
+        specs = {n: g.spec for n, g in graphs.items()}
+    log(f"      {len(defs)} transformer graphs ({', '.join(d.name for d in defs)}), at most "
+        f"{max(module_bytes(loaded.split, d.module_names()) for d in defs) / 2**30:.2f} GiB of weights each")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_temps(out.parent)
     previous = None
     if out.is_dir():
         try:
             previous = mf.read_manifest(out)
         except mf.ManifestError:
-            previous = None
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+            previous = None  # an older schema: nothing is reused
+    tmp = temp_name(out)
+    tmp.mkdir()
     versions = _versions(trt)
-    model_bytes = weight_bytes([split.transformer, split.mlp])
-    count = len(torch_graphs)
     try:
-        tmp.mkdir()
-        examples: dict[str, tuple] = {}
-
-        def example(name: str) -> tuple:
-            """Export inputs at the profile's optimum; computed (a head and segment pass) on the first export."""
-            if not examples:
-                batch, lat = shapes.batch.opt, shapes.resolution.opt // VAE_SCALE
-                feeds = step_inputs(split, batch, shapes.resolution.opt, shapes.text_len.opt, 1.0, 0)
-                examples.update(_example_inputs({n: torch_graphs[n] for n in TRANSFORMER_GRAPHS}, feeds))
-                for n, inputs in component_inputs(comps, batch, lat).items():
-                    examples[n] = tuple(inputs[t.name] for t in specs[n].inputs)
-            return examples[name]
-
-        graphs_json: dict[str, dict] = {}
-        common = {"precision": config.precision, "opset": config.opset, "dims": sorted(shapes.dynamic_dims),
-                  "skip": str(config.skip), "config": public_config(cfg), "versions": {k: versions[k] for k in ("torch", "onnx", "onex_export")}}
-        for i, (name, graph) in enumerate(torch_graphs.items(), 1):
-            modules = weights[name]
-            key = _hash(common, asdict(specs[name]), _weights_hash(modules))
-            entry = {"onnx_key": key, "inputs": [asdict(t) for t in specs[name].inputs],
-                     "outputs": [asdict(t) for t in specs[name].outputs], "weight_bytes": None}
-            reused = _reuse(previous, out, name, "onnx", key, tmp)
-            if reused:  # its file entries were checked against the copied files already
-                log(f"[2/5] export {name} ({i}/{count}): unchanged, reused")
-                entry.update(weight_bytes=reused["weight_bytes"], export_seconds=0.0, onnx=reused["onnx"],
-                             onnx_data=reused.get("onnx_data"))
-            else:
-                log(f"[2/5] export {name} ({i}/{count}) ...")
-                art = export_graph(graph.module, specs[name], example(name), tmp, shapes.dynamic_dims,
-                                   weight_bytes(modules), config.opset, config.external_data_threshold)
-                entry.update(weight_bytes=art.weight_bytes, export_seconds=round(art.export_seconds, 3))
-                log(f"      {name}.onnx {art.path.stat().st_size / 1e6:.2f} MB in {art.export_seconds:.1f} s")
-                entry["onnx"] = mf.file_entry(tmp, tmp / f"{name}.onnx")
-                data = tmp / f"{name}.onnx.data"
-                entry["onnx_data"] = mf.file_entry(tmp, data) if data.is_file() else None
-            graphs_json[name] = entry
-
-        for i, name in enumerate(torch_graphs, 1):
-            entry = graphs_json[name]
-            entry["engine"] = None
-            if options is None:
-                continue
-            profile = shapes.profile(specs[name], cfg.patch_size)
-            key = _hash(entry["onnx"]["sha256"], profile, asdict(options), versions[trt])
-            entry.update(engine_key=key, profile={k: [list(s) for s in v] for k, v in profile.items()})
-            reused = _reuse(previous, out, name, "engine", key, tmp)
-            if reused:  # flavour, capabilities and tf32 are part of the key, so its entry still holds
-                log(f"[3/5] engine {name} ({i}/{count}): unchanged, reused")
-                entry.update(build_seconds=0.0, engine=reused["engine"])
-                continue
-            log(f"[3/5] engine {name} ({i}/{count}) with {trt} ...")
-            report = build_engine(tmp / f"{name}.onnx", tmp / f"{name}.plan", profile, options)
-            entry["build_seconds"] = round(report.build_seconds, 3)
-            log(f"      {name}.plan {report.size_bytes / 1e6:.2f} MB in {report.build_seconds:.1f} s")
-            entry["engine"] = dict(mf.file_entry(tmp, tmp / f"{name}.plan"), flavour=trt,
-                                   compute_capabilities=list(options.compute_capabilities) or "default", tf32=options.tf32)
-
-        log("[4/5] parity gate: ONNX Runtime vs PyTorch (engines need a GPU to run)")
-        parity = run_gate(split32, lambda: {n: OrtGraph(tmp / f"{n}.onnx") for n in torch_graphs}, "onnxruntime",
-                          config.precision, shapes, config.eta, comps, log=log)
-        graph_bytes = sum(graphs_json[n]["weight_bytes"] for n in TRANSFORMER_GRAPHS)
+        with clock.stage("export"):
+            entries = export_stage(config, loaded, comps, graphs, previous, tmp, versions, log)
+        with clock.stage("engines"):
+            engine_stage(config, trt, entries, specs, shapes, cfg.patch_size, previous, tmp, versions, log)
+        with clock.stage("gate"):
+            log(f"[4/5] parity gate ({config.gate.mode}): ONNX Runtime vs PyTorch float32 on {config.gate.device}"
+                + (" (engines run only on a GPU: onex-export verify --backend tensorrt)" if trt != "none" else ""))
+            verification = gate_stage(config, loaded, defs, plans, shapes, comps, tmp, log)
+        graph_bytes = sum(entries[d.name]["weight_bytes"] for d in defs)
+        model_bytes = module_bytes(loaded.split, [*top_level_prefixes(loaded.split.transformer), "mlp"])
         manifest = {
             "schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION, "name": out.name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "status": parity["status"], "tool": versions,
+            "status": mf.derive_status([verification]), "tool": versions,
             "model": {"source": config.model, "mlp": str(config.mlp) if config.mlp else None,
-                      "num_layers": split.num_layers, "config": public_config(cfg)},
+                      "num_layers": loaded.split.num_layers, "config": public_config(cfg)},
             "skip": {"one_based": str(config.skip), "first": config.skip.first, "last": config.skip.last,
                      "zero_based": list(config.skip.indices0), "count": config.skip.count},
-            "precision": config.precision, "opset": config.opset, "trt": trt,
+            "precision": config.precision, "precision_policy": config.policy.to_json(), "opset": config.opset,
+            "trt": trt,
             "shapes": {"ranges": shapes.to_json(), "dims": shapes.dim_ranges(cfg.patch_size),
                        "dynamic": sorted(shapes.dynamic_dims)},
-            "schedule": schedule_section(SamplingPlan.one_x(config.eta), split.num_layers, config.skip),
-            "graphs": graphs_json, "plans": PLANS,
+            "schedule": schedule_section(SamplingPlan.one_x(config.eta), loaded.split.num_layers, config.skip),
+            "graphs": entries, "plans": plans,
             "weights": {"model_bytes": model_bytes, "graph_bytes": graph_bytes,
-                        "duplication_ratio": graph_bytes / model_bytes},
-            "parity": parity,
+                        "duplication_ratio": graph_bytes / model_bytes,
+                        "max_graph_bytes": config.max_graph_bytes},
+            "verifications": [verification],
             "pipeline": {
                 "components": list(comps.names),
                 "tokenizers": save_tokenizers(comps.tokenizers, tmp) if comps.tokenizers else {},
-                "text_graph": "text" if comps.text is not None else None,
-                "vae_graph": "vae" if comps.vae is not None else None,
+                "text_graph": "text" if "text" in comps.names else None,
+                "vae_graph": "vae" if "vae" in comps.names else None,
                 "vae_scale_factor": VAE_SCALE, "image_range": [0.0, 1.0], "component_precision": "fp32",
             },
         }
+        manifest["stages"] = clock.to_json()
         log("[5/5] manifest")
         mf.write_manifest(tmp, manifest)
-        if parity["status"] == "passed" or config.allow_parity_failure:
-            _promote(tmp, out)
+        if manifest["status"] != "failed" or config.allow_parity_failure:
+            install(tmp, out)
             return manifest
         failed = out.with_name(out.name + ".failed")
         shutil.rmtree(failed, ignore_errors=True)
         os.replace(tmp, failed)
-        raise ParityFailedError(
-            f"parity gate {parity['status']}" + (f": {parity['reason']}" if parity.get("reason") else "")
-            + f"; the artifacts are kept in {failed} for inspection; any previous build in {out} is untouched",
-            "inspect the table above; --allow-parity-failure installs the build anyway (marked failed)",
-            manifest,
-        )
+        what, hint = failure_summary(verification)
+        raise ParityFailedError(f"parity gate failed: {what}; the artifacts are kept in {failed} for inspection; "
+                                f"any previous build in {out} is untouched", hint, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def reference_split(manifest: dict) -> tuple[SplitSD3Transformer, WeightSource]:
+    """The float32 reference a build was made from, on ``meta`` (for the streamed gate), and its checkpoint."""
+    model = manifest["model"]
+    config, source = transformer_source(model["source"])
+    skip = SkipRange(manifest["skip"]["first"], manifest["skip"]["last"])
+    return split_on_meta(config, Path(model["mlp"]) if model["mlp"] else None, skip), source
+
+
+def manifest_defs(manifest: dict) -> list[GraphDef]:
+    """The transformer graph definitions a manifest records, in plan order."""
+    return [GraphDef.from_json(n, g["def"]) for n, g in manifest["graphs"].items() if g.get("def")]
+
+
+def manifest_components(manifest: dict, transformer_config):
+    return load_components(manifest["model"]["source"], transformer_config, tuple(manifest["pipeline"]["components"]))
+
+
+def manifest_policy(manifest: dict) -> PrecisionPolicy:
+    blocks = manifest["precision_policy"]["fp32_blocks"]
+    return PrecisionPolicy(manifest["precision"], Fp32Blocks.parse(blocks) if blocks else None)
+
+
+def manifest_shapes(manifest: dict) -> ShapeConfig:
+    ranges = manifest["shapes"]["ranges"]
+    return ShapeConfig(*(DimRange(*ranges[k]) for k in ("batch", "resolution", "text_len")))
+

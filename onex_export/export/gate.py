@@ -1,97 +1,322 @@
-"""The parity gate: a build's graphs against the float32 PyTorch split model, on seeded inputs.
+"""The parity gate: a build's graphs (ONNX in ONNX Runtime, or engines) against the float32 PyTorch model.
 
-For each shape point (the profile's optimum and, when the profile has a range, its extremes):
-- ``full`` plan vs ``split.full`` (velocity and both deltas),
-- ``skipping`` plan vs ``split.skipping``, fed the reference deltas of a step at another sigma,
-- the whole 1.x-NFE schedule through the sampler (final latents).
+What it checks, at each shape point (``opt``: the profile's optimum; ``full``: also every corner of the
+profile), on seeded inputs:
+- **every graph alone**, fed the reference's own inputs for it (so an error is pinned to one graph);
+- **the 1.x-NFE schedule chained through the candidate graphs** from the same noise: step 1's velocity and
+  deltas, step 2's velocity, and the final latents (so errors that add up along the chain are seen);
+- **the range of the working precision** (fp16): every module output and every block output of the
+  float32 reference is compared with fp16's largest finite value, and the report names the first block
+  that would overflow, with the ``--fp32-blocks`` that avoids it. Running the reference itself in fp16
+  would show the same overflow, but PyTorch's fp16 matrix products on a CPU ran at 1.3 GFLOP/s here
+  (bf16: 700), so a real-size fp16 reference is out of reach without a GPU; the range check costs nothing.
+
+Memory: the reference never exists whole. Its transformer sits on the ``meta`` device and each module
+(embedders, one block, the output projection) is loaded in float32 from the checkpoint just before it
+runs and dropped just after, on ``device`` ("cuda" with ``--gate-device cuda``). Candidate graphs are
+loaded one at a time. Only the first call of each graph keeps its reference inputs and outputs.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+import functools
+import gc
+import time
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
+from ..errors import OnexError, UsageError
 from ..models.split import SplitSD3Transformer
+from ..models.weights import WeightSource, materialize, release, top_level_prefixes
 from ..parity import compare, rows_to_json, tolerance_for
-from ..runtime.graphs import PlanDenoiser
-from ..runtime.sampler import Conditioning, TorchDenoiser, sample
-from ..schedule import SamplingPlan, timestep_from_sigma
-from ..runtime.graphs import TorchGraph
-from .components import Components, component_graphs, component_inputs
-from .graphs import PLANS, run_plan
+from ..runtime.graphs import PlanDenoiser, TorchGraph
+from ..runtime.sampler import Conditioning, sample
+from ..schedule import SamplingPlan
+from .components import Components
+from .graphs import GraphDef, SubgraphModule, graph_spec
+from .precision import PrecisionPolicy
 from .shapes import VAE_SCALE, ShapeConfig
+from .stages import rss_bytes
+
+GATE_MODES = ("opt", "full", "none")
+FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def shape_points(shapes: ShapeConfig) -> list[tuple[int, int, int]]:
-    """(batch, resolution, text_len) points to check: the optimum, then the extremes of any range."""
-    points = [(shapes.batch.opt, shapes.resolution.opt, shapes.text_len.opt),
-              (shapes.batch.max, shapes.resolution.min, shapes.text_len.min),
-              (shapes.batch.min, shapes.resolution.max, shapes.text_len.max)]
+@dataclass(frozen=True)
+class GateConfig:
+    """``mode``: opt (the profile's optimum), full (also every profile corner) or none (recorded as skipped);
+    ``device``: where the float32 reference runs."""
+
+    mode: str = "opt"
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in GATE_MODES:
+            raise UsageError(f"unknown gate mode {self.mode!r}", f"choose one of {', '.join(GATE_MODES)}")
+        if self.device not in ("cpu", "cuda"):
+            raise UsageError(f"unknown gate device {self.device!r}", "choose cpu or cuda")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise OnexError("--gate-device cuda needs an NVIDIA GPU with CUDA, and none is visible here",
+                            "drop --gate-device (the reference then runs on the CPU, one block at a time)")
+
+
+def shape_points(shapes: ShapeConfig, mode: str) -> list[tuple[int, int, int]]:
+    """(batch, resolution, text_len) points to check: the optimum, then (``full``) every corner of the ranges."""
+    b, r, t = shapes.batch, shapes.resolution, shapes.text_len
+    points = [(b.opt, r.opt, t.opt)]
+    if mode == "full":
+        points += [(bb, rr, tt) for bb in (b.min, b.max) for rr in (r.min, r.max) for tt in (t.min, t.max)]
     return list(dict.fromkeys(points))
 
 
-def step_inputs(split: SplitSD3Transformer, batch: int, resolution: int, text_len: int, sigma: float, seed: int):
-    """Seeded transformer inputs at ``sigma``; the first step's are the sampler's own (same seed, same order)."""
-    cfg = split.transformer.config
-    g = torch.Generator().manual_seed(seed)
-    lat = resolution // VAE_SCALE
-    return dict(
-        hidden_states=torch.randn(batch, cfg.in_channels, lat, lat, generator=g),
-        encoder_hidden_states=torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g),
-        pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
-        timestep=torch.full((batch,), timestep_from_sigma(sigma)),
-    )
+def conditioning(joint_dim: int, pooled_dim: int, batch: int, text_len: int, seed: int) -> Conditioning:
+    """Seeded text conditioning for the gate's schedule (the noise is the sampler's own, from ``seed``)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    return Conditioning(torch.randn(batch, text_len, joint_dim, generator=g), torch.randn(batch, pooled_dim, generator=g))
 
 
-def run_gate(
-    split: SplitSD3Transformer,
-    load_graphs: Callable[[], dict],
-    backend: str,
-    precision: str,
-    shapes: ShapeConfig,
-    eta: float = 1.0,
-    components: Components | None = None,
-    seed: int = 0,
-    log: Callable[[str], None] = lambda _: None,
-    device: str = "cpu",
-) -> dict:
-    """Run every case and return the manifest's ``parity`` section (status, tolerance, rows).
+class StreamedReference:
+    """The float32 reference over a meta-device split model: each transformer module is loaded from ``source``
+    just before it runs and dropped after it (forward hooks). Records, per module, the largest |value| of its
+    outputs and of every leaf module's outputs inside it (the range check)."""
 
-    ``load_graphs()`` gives the candidate graphs; it is not called when ``backend`` cannot run
-    ``precision`` at all (status ``not-run``). The reference runs in float32 on the CPU; the candidate's
-    schedule runs on ``device`` ("cuda" for engines, whose outputs stay on the GPU).
+    def __init__(self, split: SplitSD3Transformer, source: WeightSource, device: str):
+        self.split, self.source, self.device = split, source, device
+        self.max_abs: dict[str, float] = {}
+        self._hooks = []
+        t = split.transformer
+        for prefix in top_level_prefixes(t):
+            module = t.get_submodule(prefix)
+            self._hooks.append(module.register_forward_pre_hook(functools.partial(self._load, prefix)))
+            self._hooks.append(module.register_forward_hook(functools.partial(self._drop, prefix)))
+            for inner in list(module.modules())[1:]:  # every module inside, leaves and containers alike
+                self._hooks.append(inner.register_forward_hook(functools.partial(self._track, prefix)))
+        for inner in split.mlp.modules():  # the reuse graph runs the MLP in the working precision too
+            self._hooks.append(inner.register_forward_hook(functools.partial(self._track, "mlp")))
+        split.mlp.to(device=device, dtype=torch.float32)
+
+    def _load(self, prefix, module, args):
+        materialize(self.split.transformer, [prefix], self.source, lambda _: torch.float32, self.device)
+
+    def _drop(self, prefix, module, args, output):
+        self._track(prefix, module, args, output)
+        release(self.split.transformer, [prefix])
+
+    def _track(self, prefix, module, args, output):
+        outs = output if isinstance(output, tuple) else (output,)
+        for o in outs:
+            if isinstance(o, torch.Tensor) and o.is_floating_point() and o.numel():
+                self.max_abs[prefix] = max(self.max_abs.get(prefix, 0.0), float(o.detach().abs().max()))
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+def range_check(max_abs: dict[str, float], policy: PrecisionPolicy, num_layers: int) -> dict:
+    """The first module (in execution order) whose reference values exceed the working precision's range."""
+    limit = FP16_MAX if policy.precision == "fp16" else None
+    result = {"limit": limit, "first_overflow": None, "first_overflow_block": None, "last_overflow_block": None,
+              "nonfinite": None, "max_abs": dict(max_abs)}
+    for prefix, value in max_abs.items():  # insertion order = execution order
+        if value != value or value == float("inf"):
+            result["nonfinite"] = result["nonfinite"] or prefix
+            continue
+        if limit is None or value <= limit or torch.float32 == policy.module_dtype(prefix, num_layers):
+            continue
+        result["first_overflow"] = result["first_overflow"] or prefix
+        if prefix.startswith("transformer_blocks."):
+            block = int(prefix.split(".")[1]) + 1
+            result["first_overflow_block"] = result["first_overflow_block"] or block
+            result["last_overflow_block"] = block
+    return result
+
+
+def failure_summary(verification: dict) -> tuple[str, str]:
+    """(what failed, what to do) for a verification that did not pass."""
+    rc = verification.get("range_check") or {}
+    if verification.get("reason"):
+        return verification["reason"], "check the model's weights (they give inf/NaN in float32 already)"
+    first = rc.get("first_overflow")
+    if first and not first.startswith("transformer_blocks."):  # an embedder: every block after it sees the values
+        return (f"{first} overflows fp16 (|value| up to {rc['max_abs'][first]:.3g} > {FP16_MAX:.0f})",
+                "build with --precision bf16 (float32's range) or fp32")
+    if first:
+        lo, hi = rc["first_overflow_block"], rc["last_overflow_block"]
+        if verification.get("fp32_blocks"):  # one range only: the fix must keep the blocks already kept
+            kept = [int(b) for b in verification["fp32_blocks"].split("-")]
+            lo, hi = min(lo, kept[0]), max(hi, kept[-1])
+        worst = max(v for k, v in rc["max_abs"].items() if k.startswith("transformer_blocks."))
+        return (f"block {rc['first_overflow_block']} (1-based) is the first whose values overflow fp16 (|value| up to "
+                f"{worst:.3g} > {FP16_MAX:.0f}; blocks {rc['first_overflow_block']}-{rc['last_overflow_block']} exceed it)",
+                f"keep those blocks in float32 with --fp32-blocks {lo}-{hi}, or build with --precision bf16")
+    failing = [r for r in verification["rows"] if not r["passed"]]
+    worst = failing[0] if failing else None
+    what = (f"{len(failing)} of {len(verification['rows'])} outputs differ from PyTorch beyond tolerance, first "
+            f"{worst['case']} / {worst['output']} (max rel {worst['max_rel']:.3g}, cosine {worst['cosine']:.6f})"
+            if worst else "no output was compared")
+    return what, "inspect the table above; --allow-parity-failure installs the build anyway (marked failed)"
+
+
+def _timed(graph: Callable, label: str, log: Callable[[str], None]) -> Callable:
+    """A runner that logs how long each call took and the process's memory after it (progress on long gates)."""
+    def call(**inputs):
+        start = time.perf_counter()
+        out = graph(**inputs)
+        log(f"        {label}: {time.perf_counter() - start:.1f} s, resident {rss_bytes() / 2**30:.1f} GiB")
+        return out
+    return call
+
+
+class _Recorder:
+    """Graph runners that keep the inputs and outputs of the first call of each graph (moved to the CPU)."""
+
+    def __init__(self, graphs: dict, log: Callable[[str], None]):
+        self.graphs, self.first, self.log = graphs, {}, log
+
+    def __getitem__(self, name):
+        def call(**inputs):
+            out = _timed(self.graphs[name], f"reference {name}", self.log)(**inputs)
+            if name not in self.first:
+                self.first[name] = ({k: v.detach().cpu() for k, v in inputs.items()},
+                                    {k: v.detach().cpu() for k, v in out.items()})
+            return out
+        return call
+
+
+class _OneAtATime:
+    """Candidate graphs loaded on first use and dropped when another is needed; checks each graph once, on its
+    recorded reference inputs, while it is loaded."""
+
+    def __init__(self, load: Callable[[str], Callable], records: dict, check: Callable, artifact: str,
+                 log: Callable[[str], None]):
+        self.load, self.records, self.check, self.artifact, self.log = load, records, check, artifact, log
+        self.name, self.graph, self.checked = None, None, set()
+
+    def __getitem__(self, name):
+        if name != self.name:
+            self.graph = None  # free the previous graph before loading the next
+            gc.collect()
+            self.name, self.graph = name, _timed(_guarded(self.load(name), name, self.artifact),
+                                                 f"{self.artifact} {name}", self.log)
+        if name not in self.checked and name in self.records:
+            self.checked.add(name)
+            self.check(name, self.graph, *self.records[name])
+        return self.graph
+
+
+def _guarded(graph: Callable, name: str, artifact: str) -> Callable:
+    """A candidate graph whose run-time failure (ONNX Runtime or TensorRT refusing it) is reported as the
+    build's problem with a hint, not as a traceback."""
+    def call(**inputs):
+        try:
+            return graph(**inputs)
+        except OnexError:
+            raise
+        except Exception as exc:
+            raise OnexError(f"the {artifact} graph {name!r} failed to run in the gate: {exc}",
+                            "rebuild it; if it persists, report it with the build's manifest.json") from exc
+    return call
+
+
+def run_gate(ref_split: SplitSD3Transformer, source: WeightSource, defs: list[GraphDef], plans: dict,
+             load_candidate: Callable[[str], Callable], *, artifact: str, backend: str, candidate_device: str,
+             policy: PrecisionPolicy, shapes: ShapeConfig, gate: GateConfig, eta: float = 1.0,
+             components: Components | None = None, log: Callable[[str], None] = lambda _: None) -> dict:
+    """Check candidate graphs against the streamed float32 reference; returns a verification record.
+
+    ``ref_split`` is a float32 split model on ``meta`` (its MLP loaded), ``source`` its checkpoint.
+    ``load_candidate(name)`` gives a graph runner ``graph(**inputs) -> {output: tensor}``.
     """
-    tol = tolerance_for(backend, precision)
+    record = {"artifact": artifact, "backend": backend, "device": candidate_device, "reference_device": gate.device,
+              "precision": policy.precision, "fp32_blocks": str(policy.fp32_blocks) if policy.fp32_blocks else None,
+              "mode": gate.mode, "shapes": [], "rows": [], "range_check": None,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tol = tolerance_for(backend, policy.precision)
+    if gate.mode == "none":
+        return dict(record, status="skipped", reason="--gate none: the graphs were not compared with PyTorch")
     if tol is None:
-        return {"status": "not-run", "backend": backend, "precision": precision, "rows": [],
-                "reason": f"{backend} cannot execute {precision} graphs on this machine (verify on a GPU)"}
-    graphs = load_graphs()
+        return dict(record, status="not-run", reason=f"{backend} cannot execute {policy.precision} graphs on this "
+                    "machine; run `onex-export verify --backend tensorrt` on a GPU")
+    start = time.perf_counter()
+    cfg = ref_split.transformer.config
+    fp32 = PrecisionPolicy("fp32")
+    ref_graphs = {d.name: TorchGraph(SubgraphModule(ref_split, d, graph_spec(ref_split, d, fp32)),
+                                     graph_spec(ref_split, d, fp32)) for d in defs}
+    reference = StreamedReference(ref_split, source, gate.device)
     rows = []
     plan = SamplingPlan.one_x(eta)
-    for batch, res, text_len in shape_points(shapes):
-        tag = f"b{batch} {res}px t{text_len}"
-        log(f"parity {tag}")
-        step1 = step_inputs(split, batch, res, text_len, plan.sigmas[0], seed)
-        step2 = step_inputs(split, batch, res, text_len, plan.sigmas[1], seed + 1)
-        with torch.no_grad():
-            v, d_img, d_ctx = split.full(*step1.values())
-            v_skip = split.skipping(*step2.values(), d_img, d_ctx)
-        rows += compare(f"full plan {tag}", {"velocity": v, "delta_img": d_img, "delta_ctx": d_ctx},
-                        run_plan(PLANS["full"], graphs, step1), tol)
-        rows += compare(f"skipping plan {tag}", {"velocity": v_skip},
-                        run_plan(PLANS["skipping"], graphs, dict(step2, delta_img=d_img, delta_ctx=d_ctx)), tol)
-        cond = Conditioning(step1["encoder_hidden_states"], step1["pooled_projections"])
-        latent = (split.transformer.config.in_channels, res // VAE_SCALE, res // VAE_SCALE)
-        ref = sample(TorchDenoiser(split), plan, cond, latent, seed)
-        got = sample(PlanDenoiser(graphs, PLANS), plan, cond, latent, seed, device=device)
-        rows += compare(f"1.x-nfe schedule {tag}", {"latents": ref}, {"latents": got}, tol)
-    if components is not None:
-        # Components are float32 graphs whatever the transformer's precision.
-        comp_tol = tolerance_for(backend, "fp32")
-        modules = component_graphs(components, split.transformer.config)
-        for name, inputs in component_inputs(components, shapes.batch.opt, shapes.resolution.opt // VAE_SCALE, seed).items():
-            module, spec = modules[name]
-            rows += compare(f"{name} b{shapes.batch.opt}", TorchGraph(module, spec)(**inputs), graphs[name](**inputs), comp_tol)
-    return {"status": "passed" if all(r.passed for r in rows) else "failed", "backend": backend,
-            "precision": precision, "tolerance": asdict(tol), "rows": rows_to_json(rows)}
+    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # a float32 reference means float32 matrix products
+    try:
+        for batch, res, text_len in shape_points(shapes, gate.mode):
+            tag = f"b{batch} {res}px t{text_len}"
+            record["shapes"].append([batch, res, text_len])
+            cond = conditioning(cfg.joint_attention_dim, cfg.pooled_projection_dim, batch, text_len, gate.seed)
+            latent = (cfg.in_channels, res // VAE_SCALE, res // VAE_SCALE)
+            log(f"      reference {tag} on {gate.device} (float32, one module at a time)")
+            recorder = _Recorder(ref_graphs, log)
+            ref_steps = _StepTap(PlanDenoiser(recorder, plans))
+            with torch.no_grad():
+                ref = sample(ref_steps, plan, cond, latent, gate.seed, device=gate.device)
+
+            def check(name, graph, inputs, outputs, tag=tag):
+                rows.extend(compare(f"graph {name} {tag}", outputs, graph(**inputs), tol))
+
+            log(f"      {artifact} graphs {tag} on {backend}, one at a time")
+            cand_steps = _StepTap(PlanDenoiser(_OneAtATime(load_candidate, recorder.first, check, artifact, log), plans))
+            got = sample(cand_steps, plan, cond, latent, gate.seed, device=candidate_device)
+            rows += compare(f"1.x-nfe step 1 {tag}", ref_steps.outputs[0], cand_steps.outputs[0], tol)
+            rows += compare(f"1.x-nfe step 2 {tag}", ref_steps.outputs[1], cand_steps.outputs[1], tol)
+            rows += compare(f"1.x-nfe schedule {tag}", {"latents": ref}, {"latents": got}, tol)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
+        reference.close()
+    record["range_check"] = range_check(reference.max_abs, policy, ref_split.num_layers)
+    if components is not None and components.names:
+        rows += _component_rows(components, load_candidate, backend, shapes, gate.seed)
+    status = "passed" if rows and all(r.passed for r in rows) else "failed"
+    if record["range_check"]["first_overflow"]:
+        status = "failed"  # found, not shipped: an engine may overflow where ONNX Runtime happened not to
+    if record["range_check"]["nonfinite"]:
+        status = "failed"
+        record["reason"] = (f"the float32 reference itself is not finite from {record['range_check']['nonfinite']} on: "
+                            "the weights are broken")
+    return dict(record, status=status, tolerance=asdict(tol), rows=rows_to_json(rows),
+                seconds=round(time.perf_counter() - start, 3))
+
+
+class _StepTap:
+    """A denoiser that keeps what each step returned (step 1: velocity and deltas; step 2: velocity)."""
+
+    def __init__(self, inner):
+        self.inner, self.outputs = inner, []
+
+    def full(self, x, text, pooled, timestep):
+        v, d_img, d_ctx = self.inner.full(x, text, pooled, timestep)
+        self.outputs.append({"velocity": v.cpu(), "delta_img": d_img.cpu(), "delta_ctx": d_ctx.cpu()})
+        return v, d_img, d_ctx
+
+    def skipping(self, x, text, pooled, timestep, delta_img, delta_ctx):
+        v = self.inner.skipping(x, text, pooled, timestep, delta_img, delta_ctx)
+        self.outputs.append({"velocity": v.cpu()})
+        return v
+
+
+def _component_rows(components: Components, load_candidate, backend: str, shapes: ShapeConfig, seed: int) -> list:
+    """Components are float32 graphs whatever the transformer's precision. Each is loaded, run and dropped
+    before its candidate is loaded: a real T5-XXL is 19 GB in float32."""
+    tol = tolerance_for(backend, "fp32")
+    rows = []
+    for name in components.names:
+        inputs = components.inputs(name, shapes.batch.opt, shapes.resolution.opt // VAE_SCALE, seed)
+        module, spec = components.load(name), components.spec(name)
+        want = TorchGraph(module, spec)(**inputs)
+        del module
+        gc.collect()
+        candidate = _guarded(load_candidate(name), name, "component")
+        rows += compare(f"{name} b{shapes.batch.opt}", want, candidate(**inputs), tol)
+    return rows

@@ -1,13 +1,17 @@
-"""The four subgraphs of a build and the two execution plans that chain them.
+"""The subgraphs of a build and the two execution plans that chain them.
 
-Weights are never duplicated: every block lives in exactly one graph.
-- ``head``: embedders and the blocks before the skip range -> ``img``, ``ctx``, ``temb``
-- ``segment``: the skipped blocks; also emits ``delta_img`` / ``delta_ctx`` (``O_m - I_n``)
+Four roles, each weight in exactly one graph:
+- ``head``: embedders and the blocks before the skip range -> ``img_out``, ``ctx_out``, ``temb``
+- ``segment``: the skipped blocks; its last graph also emits ``delta_img`` / ``delta_ctx`` (``O_m - I_n``)
 - ``reuse``: the compensation MLP, ``I_n + f(delta)`` for both streams
 - ``tail``: the blocks after the range, final norm, projection and unpatchify -> ``velocity``
 
-full = head, segment, tail; skipping = head, reuse, tail. The tail reads the latents input only for
-its height and width (the token count alone cannot tell a non-square latent's shape).
+full = head, segment, tail; skipping = head, reuse, tail. A role whose weights exceed the build's
+per-graph budget is cut at block boundaries into several graphs (``tail_1``, ``tail_2``, ...), so that no
+engine build has to hold more than the budget: the plans are data and simply list more steps. The
+last segment graph then also takes ``img_in`` / ``ctx_in`` (``I_n``) to form the deltas. The projecting
+graph reads ``hidden_states`` only for its height and width (the token count alone cannot tell a
+non-square latent's shape).
 """
 from __future__ import annotations
 
@@ -17,11 +21,16 @@ import torch
 from torch import nn
 
 from ..models.split import SplitSD3Transformer
+from .precision import PrecisionPolicy
 
 # Symbolic dimension names shared by all graphs (and by the manifest's shape ranges).
 B, T, N, H, W = "batch", "text_len", "img_tokens", "latent_height", "latent_width"
 IH, IW = "image_height", "image_width"  # 8x the latent size (the VAE decoder's output)
-TRANSFORMER_GRAPHS = ("head", "segment", "reuse", "tail")
+ROLES = ("head", "segment", "reuse", "tail")
+EMBED_MODULES = ("pos_embed", "time_text_embed", "context_embedder")
+OUTPUT_MODULES = ("norm_out", "proj_out")
+DEFAULT_GRAPH_BYTES = 2 * 1024**3  # an engine build needs about 3x its graph's weights in memory
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
 
 
 @dataclass(frozen=True)
@@ -30,7 +39,7 @@ class TensorSpec:
 
     name: str
     shape: tuple[int | str, ...]
-    dtype: str  # "float32" | "float16" | "bfloat16"
+    dtype: str  # "float32" | "float16" | "bfloat16" | "int64"
 
 
 @dataclass(frozen=True)
@@ -40,101 +49,211 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
 
 
-class _Head(nn.Module):
-    def __init__(self, split: SplitSD3Transformer):
-        super().__init__()
-        self.split = split
+@dataclass(frozen=True)
+class GraphDef:
+    """One transformer subgraph: diffusers blocks ``start..stop-1`` (0-based) of ``role``, plus the embedders
+    (``embed``), the output projection (``project``), the deltas (``delta``, with ``I_n`` as extra inputs when
+    ``delta_inputs``) or the MLP (role ``reuse``)."""
 
-    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        img, ctx, temb = self.split.embed(hidden_states, encoder_hidden_states, pooled_projections, timestep)
-        img, ctx = self.split.run_blocks(img, ctx, temb, 0, self.split.skip.start0)
-        return img, ctx, temb
+    name: str
+    role: str
+    start: int
+    stop: int
+    embed: bool = False
+    project: bool = False
+    delta: bool = False
+    delta_inputs: bool = False
 
+    @property
+    def blocks(self) -> range:
+        return range(self.start, self.stop)
 
-class _Segment(_Head):
-    def forward(self, img, ctx, temb):
-        s = self.split.skip
-        out_img, out_ctx = self.split.run_blocks(img, ctx, temb, s.start0, s.stop0)
-        return out_img, out_ctx, out_img - img, out_ctx - ctx
+    def module_names(self) -> list[str]:
+        """The transformer modules (checkpoint prefixes) whose weights this graph carries; ``mlp`` for reuse."""
+        if self.role == "reuse":
+            return ["mlp"]
+        names = list(EMBED_MODULES) if self.embed else []
+        names += [f"transformer_blocks.{i}" for i in self.blocks]
+        return names + (list(OUTPUT_MODULES) if self.project else [])
 
+    def to_json(self) -> dict:
+        """The manifest's ``graphs.<name>.def``: ``blocks`` 1-based inclusive (for people), ``start``/``stop``
+        0-based half-open (diffusers' indices)."""
+        one_based = f"{self.start + 1}-{self.stop}" if self.stop > self.start else None
+        return {"role": self.role, "blocks": one_based, "start": self.start, "stop": self.stop, "embed": self.embed,
+                "project": self.project, "delta": self.delta, "delta_inputs": self.delta_inputs}
 
-class _Reuse(_Head):
-    def forward(self, img, ctx, delta_img, delta_ctx):
-        return self.split.reuse(img, ctx, delta_img, delta_ctx)
-
-
-class _Tail(_Head):
-    def forward(self, img, ctx, temb, hidden_states):
-        img, _ = self.split.run_blocks(img, ctx, temb, self.split.skip.stop0, self.split.num_layers)
-        return self.split.project_out(img, temb, hidden_states.shape[-2], hidden_states.shape[-1])
-
-
-GRAPH_MODULES = {"head": _Head, "segment": _Segment, "reuse": _Reuse, "tail": _Tail}
-
-# The plans: each step names a graph and binds each of its inputs to "inputs.<name>" (the plan's
-# inputs) or "<graph>.<output>"; "outputs" binds the plan's outputs the same way.
-PLANS = {
-    "full": {
-        "inputs": ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"],
-        "steps": [
-            {"graph": "head", "bind": {"hidden_states": "inputs.hidden_states",
-                                       "encoder_hidden_states": "inputs.encoder_hidden_states",
-                                       "pooled_projections": "inputs.pooled_projections",
-                                       "timestep": "inputs.timestep"}},
-            {"graph": "segment", "bind": {"img": "head.img", "ctx": "head.ctx", "temb": "head.temb"}},
-            {"graph": "tail", "bind": {"img": "segment.img_out", "ctx": "segment.ctx_out", "temb": "head.temb",
-                                       "hidden_states": "inputs.hidden_states"}},
-        ],
-        "outputs": {"velocity": "tail.velocity", "delta_img": "segment.delta_img", "delta_ctx": "segment.delta_ctx"},
-    },
-    "skipping": {
-        "inputs": ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "delta_img", "delta_ctx"],
-        "steps": [
-            {"graph": "head", "bind": {"hidden_states": "inputs.hidden_states",
-                                       "encoder_hidden_states": "inputs.encoder_hidden_states",
-                                       "pooled_projections": "inputs.pooled_projections",
-                                       "timestep": "inputs.timestep"}},
-            {"graph": "reuse", "bind": {"img": "head.img", "ctx": "head.ctx",
-                                        "delta_img": "inputs.delta_img", "delta_ctx": "inputs.delta_ctx"}},
-            {"graph": "tail", "bind": {"img": "reuse.img_out", "ctx": "reuse.ctx_out", "temb": "head.temb",
-                                       "hidden_states": "inputs.hidden_states"}},
-        ],
-        "outputs": {"velocity": "tail.velocity"},
-    },
-}
+    @classmethod
+    def from_json(cls, name: str, data: dict) -> "GraphDef":
+        return cls(name, data["role"], data["start"], data["stop"], data["embed"], data["project"], data["delta"],
+                   data["delta_inputs"])
 
 
-def graph_specs(split: SplitSD3Transformer, dtype: str) -> dict[str, GraphSpec]:
-    """The I/O of the four graphs. ``timestep`` stays float32 at every precision: fp16 cannot hold
-    teacher timesteps such as 987.38 exactly, and diffusers embeds it in float32 anyway."""
+def module_bytes(split: SplitSD3Transformer, names: list[str]) -> int:
+    """Bytes of the parameters and buffers of the named modules (``mlp`` or transformer modules), at their
+    current dtypes: works on a model still on the ``meta`` device."""
+    total = 0
+    for name in names:
+        module = split.mlp if name == "mlp" else split.transformer.get_submodule(name)
+        total += sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    return total
+
+
+def _chunks(start: int, stop: int, cost, budget: int, fixed: int = 0) -> list[tuple[int, int]]:
+    """Cut blocks ``start..stop-1`` into consecutive runs whose cost stays within ``budget`` (a block larger
+    than the budget gets a run of its own). ``fixed`` is added to the first run (the embedders), which may then
+    hold no block at all."""
+    runs, first, used = [], start, fixed
+    for i in range(start, stop):
+        if used > 0 and used + cost(i) > budget:  # with ``fixed`` the first run may end before its first block
+            runs.append((first, i))
+            first, used = i, 0
+        used += cost(i)
+    runs.append((first, stop))
+    return runs
+
+
+def plan_graphs(split: SplitSD3Transformer, max_graph_bytes: int = DEFAULT_GRAPH_BYTES) -> list[GraphDef]:
+    """The graphs of a build, in plan order (head..., segment..., reuse, tail...), each within the budget
+    where single blocks allow. ``split`` may be on ``meta``: only sizes and dtypes are read."""
+    if split.skip is None:
+        raise ValueError("a build needs a skip range")
+    if max_graph_bytes <= 0:
+        raise ValueError(f"max_graph_bytes must be positive, got {max_graph_bytes}")
+    s, L = split.skip, split.num_layers
+
+    def cost(i: int) -> int:
+        return module_bytes(split, [f"transformer_blocks.{i}"])
+
+    def names(role: str, runs: list) -> list[str]:
+        return [role] if len(runs) == 1 else [f"{role}_{k}" for k in range(1, len(runs) + 1)]
+
+    head = _chunks(0, s.start0, cost, max_graph_bytes, module_bytes(split, list(EMBED_MODULES)))
+    segment = _chunks(s.start0, s.stop0, cost, max_graph_bytes)
+    # the output modules ride on the last tail run: cut the tail as if they sat on its last block
+    out_bytes = module_bytes(split, list(OUTPUT_MODULES))
+    tail = _chunks(s.stop0, L, lambda i: cost(i) + (out_bytes if i == L - 1 else 0), max_graph_bytes)
+    defs = [GraphDef(n, "head", a, b, embed=k == 0) for k, (n, (a, b)) in enumerate(zip(names("head", head), head))]
+    last = len(segment) - 1
+    defs += [GraphDef(n, "segment", a, b, delta=k == last, delta_inputs=k == last and last > 0)
+             for k, (n, (a, b)) in enumerate(zip(names("segment", segment), segment))]
+    defs.append(GraphDef("reuse", "reuse", s.start0, s.stop0))
+    last = len(tail) - 1
+    defs += [GraphDef(n, "tail", a, b, project=k == last) for k, (n, (a, b)) in enumerate(zip(names("tail", tail), tail))]
+    return defs
+
+
+def stream_dtype(policy: PrecisionPolicy, boundary: int) -> str:
+    """The ONNX dtype of ``img``/``ctx`` entering block ``boundary`` (0-based): the dtype of the block that
+    produced them, so that a run of float32 blocks stays float32 across a graph boundary."""
+    dtype = policy.block_dtype(boundary - 1) if boundary > 0 else policy.dtype
+    return str(dtype).removeprefix("torch.")
+
+
+def graph_spec(split: SplitSD3Transformer, d: GraphDef, policy: PrecisionPolicy) -> GraphSpec:
+    """The inputs and outputs of graph ``d``. ``timestep`` stays float32 at every precision (fp16 cannot hold
+    teacher timesteps such as 987.38 exactly, and diffusers embeds it in float32 anyway); ``temb`` and the
+    deltas are in the working precision; the streams take :func:`stream_dtype` at each boundary."""
     cfg = split.transformer.config
-    D, Dc = split.transformer.inner_dim, cfg.caption_projection_dim
+    D, Dc, work = split.transformer.inner_dim, cfg.caption_projection_dim, policy.onnx_dtype
     lat = (B, cfg.in_channels, H, W)
-    img, ctx, temb = TensorSpec("img", (B, N, D), dtype), TensorSpec("ctx", (B, T, Dc), dtype), TensorSpec("temb", (B, D), dtype)
-    d_img, d_ctx = TensorSpec("delta_img", (B, N, D), dtype), TensorSpec("delta_ctx", (B, T, Dc), dtype)
-    img_out, ctx_out = TensorSpec("img_out", (B, N, D), dtype), TensorSpec("ctx_out", (B, T, Dc), dtype)
-    hidden = TensorSpec("hidden_states", lat, dtype)
+
+    def streams(boundary: int, suffix: str = "") -> tuple[TensorSpec, TensorSpec]:
+        dt = stream_dtype(policy, boundary)
+        return TensorSpec(f"img{suffix}", (B, N, D), dt), TensorSpec(f"ctx{suffix}", (B, T, Dc), dt)
+
+    temb, hidden = TensorSpec("temb", (B, D), work), TensorSpec("hidden_states", lat, work)
+    deltas = (TensorSpec("delta_img", (B, N, D), work), TensorSpec("delta_ctx", (B, T, Dc), work))
+    if d.role == "reuse":
+        return GraphSpec(d.name, (*streams(d.start), *deltas), streams(d.stop, "_out"))
+    if d.embed:
+        inputs = (hidden, TensorSpec("encoder_hidden_states", (B, T, cfg.joint_attention_dim), work),
+                  TensorSpec("pooled_projections", (B, cfg.pooled_projection_dim), work),
+                  TensorSpec("timestep", (B,), "float32"))
+    else:
+        inputs = (*streams(d.start), temb)
+    if d.delta_inputs:
+        inputs += streams(split.skip.start0, "_in")
+    if d.project:
+        velocity = TensorSpec("velocity", lat, stream_dtype(policy, split.num_layers))
+        return GraphSpec(d.name, (*inputs, hidden), (velocity,))
+    outputs = streams(d.stop, "_out") + ((temb,) if d.embed else ()) + (deltas if d.delta else ())
+    return GraphSpec(d.name, inputs, outputs)
+
+
+class SubgraphModule(nn.Module):
+    """The PyTorch computation of one graph over ``split``'s modules (shared, not copied): positional inputs
+    and outputs in the order of ``spec``, outputs cast to the spec's dtypes."""
+
+    def __init__(self, split: SplitSD3Transformer, d: GraphDef, spec: GraphSpec):
+        super().__init__()
+        self.split, self.d, self.spec = split, d, spec
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = dict(zip((t.name for t in self.spec.inputs), args))
+        s, d = self.split, self.d
+        if d.role == "reuse":
+            img, ctx = s.reuse(x["img"], x["ctx"], x["delta_img"], x["delta_ctx"])
+            out = {"img_out": img, "ctx_out": ctx}
+        else:
+            if d.embed:
+                img, ctx, temb = s.embed(x["hidden_states"], x["encoder_hidden_states"], x["pooled_projections"],
+                                         x["timestep"])
+            else:
+                img, ctx, temb = x["img"], x["ctx"], x["temb"]
+            img_in, ctx_in = (x["img_in"], x["ctx_in"]) if d.delta_inputs else (img, ctx)
+            img, ctx = s.run_blocks(img, ctx, temb, d.start, d.stop)
+            if d.project:
+                out = {"velocity": s.project_out(img, temb, x["hidden_states"].shape[-2], x["hidden_states"].shape[-1])}
+            else:
+                out = {"img_out": img, "ctx_out": ctx, "temb": temb}
+                if d.delta:
+                    out["delta_img"], out["delta_ctx"] = img - img_in, ctx - ctx_in
+        return tuple(_cast(out[t.name], TORCH_DTYPES[t.dtype]) for t in self.spec.outputs)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def build_plans(defs: list[GraphDef]) -> dict:
+    """The ``full`` and ``skipping`` plans over ``defs``: each step names a graph and binds each of its inputs
+    to ``"inputs.<name>"`` (the plan's inputs) or ``"<graph>.<output>"``; ``outputs`` binds the plan's results."""
+    by_role = {r: [d for d in defs if d.role == r] for r in ROLES}
+    transformer_inputs = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
+    temb = f"{by_role['head'][0].name}.temb"
+
+    def chain(graphs: list[GraphDef], prev: str | None, extra=lambda d: {}) -> tuple[list[dict], str]:
+        steps = []
+        for d in graphs:
+            if d.embed:
+                bind = {k: f"inputs.{k}" for k in transformer_inputs}
+            else:
+                bind = {"img": f"{prev}.img_out", "ctx": f"{prev}.ctx_out", "temb": temb}
+            if d.project:
+                bind["hidden_states"] = "inputs.hidden_states"
+            steps.append({"graph": d.name, "bind": {**bind, **extra(d)}})
+            prev = d.name
+        return steps, prev
+
+    last_head = by_role["head"][-1].name
+    head, prev = chain(by_role["head"], None)
+    segment, last_segment = chain(by_role["segment"], prev, lambda d: (
+        {"img_in": f"{last_head}.img_out", "ctx_in": f"{last_head}.ctx_out"} if d.delta_inputs else {}))
+    tail_full, last_tail = chain(by_role["tail"], last_segment)
+    reuse = {"graph": "reuse", "bind": {"img": f"{last_head}.img_out", "ctx": f"{last_head}.ctx_out",
+                                        "delta_img": "inputs.delta_img", "delta_ctx": "inputs.delta_ctx"}}
+    tail_skip, _ = chain(by_role["tail"], "reuse")
     return {
-        "head": GraphSpec("head", (
-            hidden,
-            TensorSpec("encoder_hidden_states", (B, T, cfg.joint_attention_dim), dtype),
-            TensorSpec("pooled_projections", (B, cfg.pooled_projection_dim), dtype),
-            TensorSpec("timestep", (B,), "float32"),
-        ), (img, ctx, temb)),
-        "segment": GraphSpec("segment", (img, ctx, temb), (img_out, ctx_out, d_img, d_ctx)),
-        "reuse": GraphSpec("reuse", (img, ctx, d_img, d_ctx), (img_out, ctx_out)),
-        "tail": GraphSpec("tail", (img, ctx, temb, hidden), (TensorSpec("velocity", lat, dtype),)),
+        "full": {"inputs": transformer_inputs, "steps": head + segment + tail_full,
+                 "outputs": {"velocity": f"{last_tail}.velocity", "delta_img": f"{last_segment}.delta_img",
+                             "delta_ctx": f"{last_segment}.delta_ctx"}},
+        "skipping": {"inputs": transformer_inputs + ["delta_img", "delta_ctx"], "steps": head + [reuse] + tail_skip,
+                     "outputs": {"velocity": f"{last_tail}.velocity"}},
     }
 
 
-def graph_modules(split: SplitSD3Transformer) -> dict[str, nn.Module]:
-    """The PyTorch module behind each graph (sharing ``split``'s weights)."""
-    if split.skip is None:
-        raise ValueError("a build needs a skip range")
-    return {name: cls(split).eval() for name, cls in GRAPH_MODULES.items()}
-
-
-def run_plan(plan: dict, graphs: dict, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def run_plan(plan: dict, graphs, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Execute a plan over callables ``graphs[name](**inputs) -> {output: tensor}``.
 
     This is the whole contract a service implements from the manifest; the ONNX Runtime and
@@ -147,18 +266,8 @@ def run_plan(plan: dict, graphs: dict, feeds: dict[str, torch.Tensor]) -> dict[s
     return {name: values[src] for name, src in plan["outputs"].items()}
 
 
-def graph_weights(split: SplitSD3Transformer, name: str) -> list[nn.Module]:
-    """The modules whose weights graph ``name`` carries (each weight belongs to exactly one graph)."""
-    t, s = split.transformer, split.skip
-    blocks = list(t.transformer_blocks)
-    return {
-        "head": [t.pos_embed, t.time_text_embed, t.context_embedder, *blocks[: s.start0]],
-        "segment": blocks[s.start0 : s.stop0],
-        "reuse": [split.mlp],
-        "tail": [*blocks[s.stop0 :], t.norm_out, t.proj_out],
-    }[name]
-
-
-def weight_bytes(modules: list[nn.Module]) -> int:
-    """Bytes of the parameters and buffers of ``modules``."""
-    return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+def transformer_graphs(split: SplitSD3Transformer, policy: PrecisionPolicy,
+                       max_graph_bytes: int = DEFAULT_GRAPH_BYTES) -> tuple[list[GraphDef], dict[str, GraphSpec]]:
+    """The graph definitions of a build of ``split`` and their specs."""
+    defs = plan_graphs(split, max_graph_bytes)
+    return defs, {d.name: graph_spec(split, d, policy) for d in defs}

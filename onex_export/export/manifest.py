@@ -14,7 +14,7 @@ from ..fileio import atomic_path
 from .onnx_export import sha256_file
 
 SCHEMA = "onex-export/build-manifest"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FILENAME = "manifest.json"
 
 
@@ -33,6 +33,14 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     return Path(folder) / FILENAME
 
 
+def is_build_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a manifest written by onex-export (any schema version)."""
+    try:
+        return json.loads((Path(folder) / FILENAME).read_text()).get("schema") == SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_manifest(folder: Path) -> dict:
     """Load and check the schema of ``folder/manifest.json``."""
     path = Path(folder) / FILENAME
@@ -47,6 +55,27 @@ def read_manifest(folder: Path) -> dict:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ManifestError(f"{path} has schema version {manifest.get('schema_version')}, this tool reads "
                             f"{SCHEMA_VERSION}", "rebuild with this version of onex-export")
+    return manifest
+
+
+def derive_status(verifications: list[dict]) -> str:
+    """A build's ``status`` from its verifications, taking the latest of each (artifact, backend, device):
+    ``failed`` if any failed, else ``passed`` if any passed, else ``unverified`` (none could run here,
+    e.g. bf16 graphs on a CPU, or ``--gate none``)."""
+    latest = {}
+    for v in verifications:
+        latest[(v["artifact"], v["backend"], v.get("device"))] = v["status"]
+    if "failed" in latest.values():
+        return "failed"
+    return "passed" if "passed" in latest.values() else "unverified"
+
+
+def add_verification(folder: Path, verification: dict) -> dict:
+    """Append ``verification`` to ``folder``'s manifest, re-derive ``status`` and rewrite it atomically."""
+    manifest = read_manifest(folder)
+    manifest["verifications"].append(verification)
+    manifest["status"] = derive_status(manifest["verifications"])
+    write_manifest(folder, manifest)
     return manifest
 
 

@@ -72,6 +72,40 @@ def load_trt(flavour: str) -> ModuleType:
         ) from exc
 
 
+# TensorRT-RTX targets (its ComputeCapability enum) and the ones it builds for when none are named.
+RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0", "12.1")
+
+
+def choose_trt(requested: str, compute_capabilities: tuple[str, ...] = (), log: Callable[[str], None] = lambda _: None
+               ) -> str:
+    """The engine flavour of a build. ``auto``: full TensorRT where it is installed and a GPU is visible, else
+    TensorRT-RTX where installed, else none (ONNX only). An RTX build for its default targets stops when the
+    visible GPU is not among them (an H100, SM 9.0, is no RTX target), with the fix."""
+    import torch
+
+    gpu = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    choice = requested
+    if requested == "auto":
+        if flavour_version("tensorrt") and gpu and not compute_capabilities:  # targets name RTX builds
+            choice = "tensorrt"
+        else:
+            choice = "tensorrt-rtx" if flavour_version("tensorrt-rtx") else "none"
+        why = {"tensorrt": "full TensorRT is installed and a GPU is visible",
+               "tensorrt-rtx": "TensorRT-RTX is installed" + ("" if gpu else " (builds ahead of time on the CPU)"),
+               "none": "no TensorRT flavour is installed: ONNX only"}[choice]
+        log(f"      --trt auto: {choice} ({why})")
+    if choice == "tensorrt-rtx" and gpu and not compute_capabilities:
+        sm = f"{gpu[0]}.{gpu[1]}"
+        if sm not in RTX_DEFAULT_TARGETS:
+            name = torch.cuda.get_device_name()
+            raise EngineOptionsError(
+                f"TensorRT-RTX engines for its default targets ({', '.join(RTX_DEFAULT_TARGETS)}) cannot run on the "
+                f"visible {name} (SM {sm})",
+                "use --trt tensorrt (full TensorRT) on this GPU" if sm == "9.0" else
+                f"add --compute-capability {sm}, or use --trt tensorrt")
+    return choice
+
+
 def flavour_version(flavour: str) -> str | None:
     """The installed version of ``flavour``, or None when it is not installed."""
     try:

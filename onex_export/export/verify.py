@@ -1,42 +1,61 @@
-"""`onex-export verify DIR`: check an existing build's files against its manifest, then re-run the
-parity gate on its graphs against the PyTorch model it was built from."""
+"""`onex-export verify DIR`: check an existing build's files against its manifest, re-run the parity gate
+on its ONNX graphs (ONNX Runtime) or its engines (TensorRT, GPU), and record the result in the manifest."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UsageError
-from ..runtime.graphs import load_build_graphs
+from ..errors import OnexError, UsageError
+from ..runtime.graphs import OrtGraph
 from ..runtime.tensorrt_runner import require_gpu
 from . import manifest as mf
-from .build import manifest_reference
-from .gate import run_gate
-from .shapes import DimRange, ShapeConfig
+from .build import manifest_components, manifest_defs, manifest_policy, manifest_shapes, reference_split
+from .gate import GateConfig, run_gate
+from .install import recover
 
 
-def verify(folder: Path, log: Callable[[str], None] = lambda _: None,
-           backend: str = "onnxruntime") -> tuple[dict, dict]:
-    """Return ``(manifest, parity)``; raises :class:`~manifest.ManifestError` on a file mismatch.
+def verify(folder: Path, log: Callable[[str], None] = lambda _: None, backend: str = "onnxruntime",
+           gate: GateConfig = GateConfig(), record: bool = True) -> tuple[dict, dict]:
+    """Return ``(manifest, verification)``; raises :class:`~manifest.ManifestError` on a file mismatch.
 
     ``backend`` runs the build's ONNX graphs ("onnxruntime", CPU) or its engines ("tensorrt", GPU only).
+    With ``record`` the verification is appended to the manifest (atomically) and its status re-derived.
     """
     if backend not in ("onnxruntime", "tensorrt"):
         raise UsageError(f"verify cannot run backend {backend!r}", "choose onnxruntime or tensorrt")
     if backend == "tensorrt":
         require_gpu("verify with --backend onnxruntime here, and with --backend tensorrt on a GPU")
+    if gate.mode == "none":
+        raise UsageError("verify --gate none would check nothing", "use --gate opt or --gate full")
     folder = Path(folder)
+    for line in recover(folder):
+        log(line)
     manifest = mf.read_manifest(folder)
     log(f"checking {len(mf.artifact_entries(manifest))} files against their sha256")
     problems = mf.check_files(folder, manifest)
     if problems:
         raise mf.ManifestError(f"{folder} does not match its manifest:\n    " + "\n    ".join(problems),
                                "rebuild with `onex-export build`; never edit a build by hand")
-    log(f"loading the reference {manifest['model']['source']}")
-    split, comps = manifest_reference(manifest)
-    ranges = manifest["shapes"]["ranges"]
-    shapes = ShapeConfig(*(DimRange(*ranges[k]) for k in ("batch", "resolution", "text_len")))
     engines = backend == "tensorrt"
-    parity = run_gate(split, lambda: load_build_graphs(folder, manifest, backend), manifest["trt"] if engines else backend,
-                      manifest["precision"], shapes, manifest["schedule"]["eta"], comps, log=log,
-                      device="cuda" if engines else "cpu")
-    return manifest, parity
+    if engines and manifest["trt"] == "none":
+        raise OnexError(f"{folder} has no engines (built with --trt none)",
+                        "rebuild with --trt tensorrt or tensorrt-rtx, or verify with --backend onnxruntime")
+    log(f"loading the reference {manifest['model']['source']} (float32, one module at a time on {gate.device})")
+    split, source = reference_split(manifest)
+    graphs = manifest["graphs"]
+    if engines:
+        from ..runtime.tensorrt_runner import TrtGraph
+
+        def load(name):
+            return TrtGraph(folder / graphs[name]["engine"]["file"], manifest["trt"])
+    else:
+        def load(name):
+            return OrtGraph(folder / graphs[name]["onnx"]["file"], low_memory=True)
+    verification = run_gate(
+        split, source, manifest_defs(manifest), manifest["plans"], load, artifact="engine" if engines else "onnx",
+        backend=manifest["trt"] if engines else backend, candidate_device="cuda" if engines else "cpu",
+        policy=manifest_policy(manifest), shapes=manifest_shapes(manifest), gate=gate,
+        eta=manifest["schedule"]["eta"], components=manifest_components(manifest, split.transformer.config), log=log)
+    if record:
+        manifest = mf.add_verification(folder, verification)
+    return manifest, verification

@@ -114,6 +114,11 @@ def _canonical_key(key: str) -> str | None:
     return key if key.split(".", 1)[0] in STREAMS else None
 
 
+def is_mlp_key(key: str) -> bool:
+    """Whether a stored key is a compensation-MLP weight (ours or the reference release's)."""
+    return _canonical_key(key) is not None
+
+
 def _weight_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
@@ -125,12 +130,14 @@ def _weight_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_compensation(path: str | os.PathLike, transformer: nn.Module | None = None) -> CompensationMLP:
+def load_compensation(path: str | os.PathLike, transformer: nn.Module | None = None,
+                      dtype: torch.dtype = torch.float32) -> CompensationMLP:
     """Load an MLP from our layout or the reference release's (``delta_pred_*``).
 
     ``path`` may be a file or a folder of safetensors shards (e.g. the reference release's transformer
     folder, where the MLP sits beside the transformer weights). With ``transformer`` given, stream
-    widths are checked against it and a mismatch raises :class:`WeightMismatchError`.
+    widths are checked against it and a mismatch raises :class:`WeightMismatchError`. Every tensor comes
+    back in ``dtype``, whatever the file stores.
     """
     path = Path(path)
     found: dict[str, torch.Tensor] = {}
@@ -174,4 +181,4 @@ def load_compensation(path: str | os.PathLike, transformer: nn.Module | None = N
     if transformer is not None:
         mlp.check_fits(transformer)
     mlp.load_state_dict({k: v.float() for k, v in found.items()})
-    return mlp
+    return mlp.to(dtype)

@@ -8,6 +8,11 @@ and out as tensors, so each pass traces and exports as one graph.
 With ``I_n`` the input of the first skipped block and ``O_m`` the output of the last (DESIGN.md 2):
 - full pass: ``delta_img = O_m^img - I_n^img`` and ``delta_ctx = O_m^ctx - I_n^ctx``;
 - skipping pass: ``h = I_n + f(delta)`` per stream, then the blocks after the range.
+
+Modules may hold different dtypes (a half-precision model with float32 blocks, see
+:mod:`onex_export.export.precision`): each piece casts its inputs into the dtype of its own weights, so
+a run of float32 blocks carries the residual streams in float32. With one dtype throughout (and under
+autocast, where the weights are float32) no cast is ever made.
 """
 from __future__ import annotations
 
@@ -17,6 +22,16 @@ from torch import nn
 
 from ..config import SkipRange
 from .compensation import CompensationMLP
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point parameter (the dtype it computes in)."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
+def _to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``; no cast (and no node in an exported graph) when it already is."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 class SplitSD3Transformer(nn.Module):
@@ -56,9 +71,9 @@ class SplitSD3Transformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Patchify and embed. Returns ``img`` (B, N, D), ``ctx`` (B, T, D_ctx), ``temb`` (B, D)."""
         t = self.transformer
-        img = t.pos_embed(hidden_states).contiguous()
-        temb = t.time_text_embed(timestep, pooled_projections)
-        ctx = t.context_embedder(encoder_hidden_states)
+        img = t.pos_embed(_to(hidden_states, weight_dtype(t.pos_embed))).contiguous()
+        temb = t.time_text_embed(timestep, _to(pooled_projections, weight_dtype(t.time_text_embed)))
+        ctx = t.context_embedder(_to(encoder_hidden_states, weight_dtype(t.context_embedder)))
         return img, ctx, temb
 
     def run_blocks(
@@ -67,6 +82,8 @@ class SplitSD3Transformer(nn.Module):
         """Run diffusers blocks ``start..stop-1`` (0-based). ``ctx`` is None after the last block."""
         t = self.transformer
         for block in t.transformer_blocks[start:stop]:
+            dtype = weight_dtype(block)
+            img, ctx, temb = _to(img, dtype), _to(ctx, dtype), _to(temb, dtype)
             if torch.is_grad_enabled() and t.gradient_checkpointing:
                 ctx, img = t._gradient_checkpointing_func(block, img, ctx, temb, None)
             else:
@@ -77,7 +94,8 @@ class SplitSD3Transformer(nn.Module):
         """Final norm, projection and unpatchify to the velocity (B, C_out, height, width)."""
         t = self.transformer
         p = t.config.patch_size
-        out = t.proj_out(t.norm_out(img, temb))
+        dtype = weight_dtype(t.norm_out)
+        out = t.proj_out(t.norm_out(_to(img, dtype), _to(temb, dtype)))
         out = out.reshape(out.shape[0], height // p, width // p, p, p, t.out_channels)
         out = torch.einsum("nhwpqc->nchpwq", out)
         return out.reshape(out.shape[0], t.out_channels, height, width)
@@ -85,9 +103,10 @@ class SplitSD3Transformer(nn.Module):
     def reuse(
         self, img: torch.Tensor, ctx: torch.Tensor, delta_img: torch.Tensor, delta_ctx: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``I_n + f(delta)`` for both streams."""
-        f_img, f_ctx = self.mlp(delta_img, delta_ctx)
-        return img + f_img, ctx + f_ctx
+        """``I_n + f(delta)`` for both streams, in the streams' dtypes."""
+        dtype = weight_dtype(self.mlp)
+        f_img, f_ctx = self.mlp(_to(delta_img, dtype), _to(delta_ctx, dtype))
+        return img + _to(f_img, img.dtype), ctx + _to(f_ctx, ctx.dtype)
 
     # -- the two passes -----------------------------------------------------------------------------
 

@@ -113,21 +113,43 @@ def build_tiny_text(joint_dim: int, pooled_dim: int, seed: int = 0) -> tuple[SD3
     return encoder, tokenizers
 
 
-def load_text(folder: Path, t5_length: int = 256) -> tuple[SD3TextEncoder, SD3Tokenizers]:
-    """The encoders and tokenizers of an SD3/SD3.5 diffusers pipeline folder."""
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
-
+def _check_text_folders(folder: Path) -> None:
     missing = [d for d in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
                            "tokenizer_3") if not (folder / d).is_dir()]
     if missing:
         raise ModelLoadError(f"{folder} has no {', '.join(missing)}: text encoders need an SD3 pipeline folder",
                              "point --model at the pipeline folder, or build without --components text")
+
+
+def load_text_encoder(folder: Path) -> SD3TextEncoder:
+    """The three encoders of an SD3/SD3.5 diffusers pipeline folder, in float32 whatever the files hold
+    (components run in float32: T5 overflows in fp16). T5-XXL alone is 19 GB in float32."""
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    _check_text_folders(folder)
+    f32 = dict(torch_dtype=torch.float32)
     try:
-        encoder = SD3TextEncoder(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder"),
-                                 CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2"),
-                                 T5EncoderModel.from_pretrained(folder / "text_encoder_3"))
-        toks = [AutoTokenizer.from_pretrained(folder / d, use_fast=True) for d in ("tokenizer", "tokenizer_2", "tokenizer_3")]
+        encoder = SD3TextEncoder(CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", **f32),
+                                 CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **f32),
+                                 T5EncoderModel.from_pretrained(folder / "text_encoder_3", **f32)).float()
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the text encoders in {folder}: {exc}") from exc
+    return encoder.eval()
+
+
+def load_tokenizers(folder: Path, t5_length: int = 256) -> SD3Tokenizers:
+    """The three tokenizers of an SD3/SD3.5 diffusers pipeline folder (T5 cut at ``t5_length``, as SD3 does)."""
+    from transformers import AutoTokenizer
+
+    _check_text_folders(folder)
+    try:
+        toks = [AutoTokenizer.from_pretrained(folder / d, use_fast=True) for d in ("tokenizer", "tokenizer_2", "tokenizer_3")]
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizers in {folder}: {exc}") from exc
     toks[2].model_max_length = t5_length
-    return encoder.eval(), SD3Tokenizers(*toks)
+    return SD3Tokenizers(*toks)
+
+
+def load_text(folder: Path, t5_length: int = 256) -> tuple[SD3TextEncoder, SD3Tokenizers]:
+    """The encoders and tokenizers of an SD3/SD3.5 diffusers pipeline folder."""
+    return load_text_encoder(folder), load_tokenizers(folder, t5_length)

@@ -43,6 +43,7 @@ def load_vae(folder: Path) -> AutoencoderKL:
     if not (folder / "vae").is_dir():
         raise ModelLoadError(f"{folder} has no vae/ folder", "point --model at an SD3 pipeline folder")
     try:
-        return AutoencoderKL.from_pretrained(folder / "vae").eval()
+        # float32 whatever the files hold: the decoder runs once per image and is a float32 graph
+        return AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).float().eval()
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the VAE in {folder}: {exc}") from exc

@@ -2,8 +2,8 @@
 
 Tiny models keep the block topology of the real ones (block count, dual attention, qk norm, the
 ``context_pre_only`` last block) at a small width, and are built in code from a fixed seed: no
-downloads. Real models load from the ``transformer`` subfolder of an SD3/SD3.5 pipeline folder, or
-from that subfolder itself.
+downloads. Real models live in the ``transformer`` subfolder of an SD3/SD3.5 pipeline folder, or in
+that subfolder itself; :mod:`.weights` loads them.
 """
 from __future__ import annotations
 
@@ -100,16 +100,3 @@ def transformer_config(spec: str) -> dict:
     if spec in TINY_MODELS:
         return dict(TINY_MODELS[spec].config)
     return dict(SD3Transformer2DModel.load_config(str(transformer_folder(spec))))
-
-
-def load_transformer(spec: str, dtype: torch.dtype = torch.float32) -> SD3Transformer2DModel:
-    """An embedded model by name, or a diffusers SD3/SD3.5 transformer from a local folder."""
-    if spec in TINY_MODELS:
-        model = build_tiny(spec)
-        return model if dtype == torch.float32 else model.to(dtype)
-    folder = transformer_folder(spec)
-    try:
-        model = SD3Transformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise ModelLoadError(f"cannot load the transformer in {folder}: {exc}") from exc
-    return model.eval()

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import SkipRange
 from ..errors import OnexError, UsageError
 from ..export import manifest as mf
 from ..export.components import component_graphs
-from ..export.graphs import graph_modules, graph_specs
 from ..export.shapes import VAE_SCALE
 from ..models.text import SD3Tokenizers
 from ..schedule import SamplingPlan
@@ -70,9 +70,12 @@ class BuildPipeline:
         if check_files and (problems := mf.check_files(self.folder, m)):
             raise mf.ManifestError(f"{self.folder} does not match its manifest:\n    " + "\n    ".join(problems),
                                    "rebuild with `onex-export build`")
-        if m["status"] != "passed":
-            raise mf.ManifestError(f"{self.folder} did not pass its parity gate (status {m['status']!r})",
+        if m["status"] == "failed":
+            raise mf.ManifestError(f"{self.folder} failed its parity gate: its outputs do not match PyTorch",
                                    "rebuild it, or inspect it with `onex-export verify`")
+        # "unverified" (no backend could check it where it was built, e.g. bf16 on a CPU) is usable: callers
+        # see it in self.verified and `onex-export verify --backend tensorrt` on a GPU settles it.
+        self.verified = m["status"] == "passed"
         missing = {"text", "vae"} - set(m["pipeline"]["components"])
         if missing:
             raise OnexError(f"{self.folder} has no {' and no '.join(sorted(missing))} graph, so it cannot go from text "
@@ -88,13 +91,22 @@ class BuildPipeline:
     def _graphs(self) -> dict:
         if self.backend != "torch":
             return load_build_graphs(self.folder, self.manifest, self.backend)
-        from ..export.build import manifest_reference
+        from ..export.build import manifest_components, manifest_defs
+        from ..export.graphs import SubgraphModule, graph_spec
+        from ..export.precision import PrecisionPolicy
+        from ..models import SplitSD3Transformer, load_compensation, load_transformer
 
-        split, comps = manifest_reference(self.manifest)
-        split = split.to(self.device)
-        specs = graph_specs(split, "float32")
-        graphs = {n: TorchGraph(mod, specs[n]) for n, mod in graph_modules(split).items()}
-        for name, (module, spec) in component_graphs(comps, split.transformer.config).items():
+        # The float32 reference, whole in memory (SD3.5-Large: 32 GB): a reference backend, not a fast one.
+        model, fp32 = self.manifest["model"], PrecisionPolicy("fp32")
+        transformer = load_transformer(model["source"], device=self.device)
+        mlp = load_compensation(model["mlp"], transformer) if model["mlp"] else None
+        split = SplitSD3Transformer(transformer, SkipRange(self.manifest["skip"]["first"], self.manifest["skip"]["last"]),
+                                    mlp).to(self.device)
+        graphs = {}
+        for d in manifest_defs(self.manifest):
+            spec = graph_spec(split, d, fp32)
+            graphs[d.name] = TorchGraph(SubgraphModule(split, d, spec), spec)
+        for name, (module, spec) in component_graphs(manifest_components(self.manifest, transformer.config)).items():
             graphs[name] = TorchGraph(module.to(self.device), spec)
         return graphs
 

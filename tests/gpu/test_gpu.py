@@ -7,6 +7,7 @@ Run them on a GPU machine with ``python -m pytest -q tests/gpu``:
   when executed, also under CUDA-graph capture;
 - the latency benchmark runs end to end on those engines.
 """
+import copy
 import importlib.util
 import json
 
@@ -15,7 +16,7 @@ import torch
 
 from onex_export.config import SkipRange
 from onex_export.export.build import BuildConfig, build
-from onex_export.export.precision import for_precision
+from onex_export.export.precision import PrecisionPolicy, apply_precision
 from onex_export.export.shapes import DimRange
 from onex_export.export.verify import verify
 from onex_export.models import SplitSD3Transformer, build_tiny
@@ -62,7 +63,7 @@ def test_cuda_graph_replay_matches_eager(split, batch):
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_torch_half_precision_on_the_gpu_is_within_tolerance(split, precision):
-    half = for_precision(split, precision)  # a cast copy; the fixture stays float32
+    half = apply_precision(copy.deepcopy(split), PrecisionPolicy(precision))  # a copy: the fixture stays float32
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     cond, plan = conditioning(split, 2), SamplingPlan.one_x()
     want = sample(TorchDenoiser(split), plan, cond, LATENT, 0, device="cuda")
@@ -93,8 +94,9 @@ def test_tensorrt_engines_pass_the_gate_and_generate(tmp_path):
     out = tmp_path / "engines"
     manifest = build(BuildConfig(skip=SKIP, out=out, trt=flavour, batch=DimRange(1, 1, 2)))
     assert manifest["status"] == "passed"
-    _, parity = verify(out, backend="tensorrt")
-    assert parity["status"] == "passed", parity["rows"]
+    manifest, verification = verify(out, backend="tensorrt")
+    assert verification["status"] == "passed", verification["rows"]
+    assert [v["artifact"] for v in manifest["verifications"]] == ["onnx", "engine"]  # the engine row is recorded
     eager = BuildPipeline(out, "tensorrt").generate(["a red cube", "a blue ball"], seed=0)
     graphed = BuildPipeline(out, "tensorrt", cuda_graph=True).generate(["a red cube", "a blue ball"], seed=0)
     reference = BuildPipeline(out, "torch").generate(["a red cube", "a blue ball"], seed=0)
@@ -116,3 +118,20 @@ def test_tensorrt_benchmark_runs_end_to_end(tmp_path):
     assert report["backend"] == flavour and report["versions"][flavour]
     assert [r["batch"] for r in report["results"]] == [1, 2]
     assert {"text encoding", "VAE decode", "MLP (both streams)"} <= set(report["results"][0]["stages"])
+
+
+def test_gate_with_the_reference_on_the_gpu(tmp_path):
+    """--gate-device cuda: the float32 reference streams its modules onto the GPU; the ONNX graphs still run in
+    ONNX Runtime. Its verdict and figures match the CPU reference's."""
+    from onex_export.export.gate import GateConfig
+
+    rows = {}
+    for device in ("cpu", "cuda"):
+        manifest = build(BuildConfig(skip=SKIP, out=tmp_path / device, trt="none", precision="fp16", components=(),
+                                     batch=DimRange(1, 1, 1), gate=GateConfig("opt", device)))
+        v = manifest["verifications"][0]
+        assert v["status"] == "passed" and v["reference_device"] == device
+        rows[device] = {(r["case"], r["output"]): r["max_rel"] for r in v["rows"]}
+    assert rows["cpu"].keys() == rows["cuda"].keys()
+    # the candidate is the same fp16 graph on the same CPU; only the reference moved (float32, TF32 off)
+    assert all(abs(rows["cpu"][k] - rows["cuda"][k]) < 1e-4 for k in rows["cpu"])

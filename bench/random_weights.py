@@ -1,0 +1,128 @@
+"""Random weights for the real architectures (SD3-Medium, SD3.5-Large), made directly in half precision.
+
+Latency and build cost do not depend on the weight values, so benchmarks use random weights of the real
+shapes. They are drawn tensor by tensor in the target dtype (never a float32 copy of the model: SD3.5-Large
+is 32 GB in float32) with diffusers' default initialisation (PyTorch's uniform(+-1/sqrt(fan_in)) for linear
+and convolution layers, ones and zeros for norms) and the real sin-cos position table. They can go straight
+into a model (:func:`random_transformer`) or to disk the way published checkpoints are
+(:func:`write_checkpoint`: diffusers folder, safetensors shards with an index, the position buffer in float32
+beside half-precision weights).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import SD3Transformer2DModel
+from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+from safetensors.torch import save_file
+from torch import nn
+
+from onex_export.fileio import atomic_path, default_mode
+from onex_export.models.weights import INDEX_NAME, WEIGHTS_NAME, WeightSource, materialize, meta_transformer, top_level_prefixes
+
+# Real architectures with random weights: latency and build cost do not depend on the weight values.
+ARCHS = {
+    "sd3-medium": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                       num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
+    "sd35-large": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                       num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
+}
+SHARD_BYTES = 10 * 10**9  # diffusers' default max_shard_size ("10GB"): SD3-Medium is one file, SD3.5-Large two
+
+
+class RandomSource(WeightSource):
+    """A :class:`WeightSource` that draws each tensor of ``config``'s model on request, seeded by its name (the
+    same tensor every time), in ``dtype``; the position table is exact and float32."""
+
+    def __init__(self, config: dict, dtype: torch.dtype, seed: int = 0):
+        self.config, self.dtype, self.seed = config, dtype, seed
+        model = meta_transformer(config)
+        self._make: dict[str, tuple[tuple[int, ...], Callable]] = {}
+        for mname, module in model.named_modules():
+            for pname, p in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                key = f"{mname}.{pname}" if mname else pname
+                self._make[key] = (tuple(p.shape), self._initializer(module, pname, p))
+        self._shapes = {k: v[0] for k, v in self._make.items()}
+
+    def _initializer(self, module: nn.Module, name: str, p: torch.Tensor) -> Callable:
+        if isinstance(module, PatchEmbed) and name == "pos_embed":
+            return lambda g: get_2d_sincos_pos_embed(
+                module.proj.out_channels, module.pos_embed_max_size, base_size=module.base_size,
+                interpolation_scale=module.interpolation_scale, output_type="pt").float().unsqueeze(0)
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            bound = 1 / math.sqrt(math.prod(module.weight.shape[1:]))
+            return lambda g: torch.empty(tuple(p.shape), dtype=self.dtype).uniform_(-bound, bound, generator=g)
+        if name == "weight" and p.dim() == 1:  # LayerNorm / RMSNorm scales
+            return lambda g: torch.ones(tuple(p.shape), dtype=self.dtype)
+        if name == "bias":
+            return lambda g: torch.zeros(tuple(p.shape), dtype=self.dtype)
+        return lambda g: torch.empty(tuple(p.shape), dtype=self.dtype).normal_(generator=g)
+
+    def keys(self) -> list[str]:
+        return list(self._make)
+
+    def get(self, key: str) -> torch.Tensor:
+        seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{key}".encode()).digest()[:7], "little")
+        return self._make[key][1](torch.Generator().manual_seed(seed))
+
+    def stored_dtypes(self) -> dict[str, int]:
+        return {str(self.dtype).removeprefix("torch."): len(self._make) - 1, "float32": 1}
+
+    def tensor_bytes(self, key: str) -> int:
+        size = 4 if key.endswith("pos_embed.pos_embed") else torch.finfo(self.dtype).bits // 8
+        return math.prod(self._shapes[key]) * size
+
+
+def random_transformer(arch: str, dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> SD3Transformer2DModel:
+    """A real architecture with random weights, materialised in ``dtype`` on ``device`` tensor by tensor."""
+    source = RandomSource(ARCHS[arch], dtype, seed)
+    model = meta_transformer(ARCHS[arch])
+    materialize(model, top_level_prefixes(model), source, lambda _: dtype, device)
+    return model.eval()
+
+
+def write_checkpoint(config: dict, folder: Path, dtype: torch.dtype, seed: int = 0, shard_bytes: int = SHARD_BYTES,
+                     progress: Callable[[str], None] = lambda _: None) -> Path:
+    """Write a diffusers transformer folder of random weights: ``config.json`` and safetensors shards of at most
+    ``shard_bytes`` (with ``diffusion_pytorch_model.safetensors.index.json`` when there are several). Memory:
+    one shard."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_transformer(config).save_config(str(folder))
+    source = RandomSource(config, dtype, seed)
+    # Plan the shards from the shapes first (the file names carry their count), then draw and write one at a time.
+    shards, size = [[]], 0
+    for key in source.keys():
+        n = source.tensor_bytes(key)
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += n
+    if len(shards) == 1:
+        names = [WEIGHTS_NAME]
+    else:
+        names = [f"diffusion_pytorch_model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    weight_map, total = {}, 0
+    for i, (name, keys) in enumerate(zip(names, shards)):
+        shard = {k: source.get(k) for k in keys}
+        nbytes = sum(t.numel() * t.element_size() for t in shard.values())
+        progress(f"writing {name} ({i + 1}/{len(shards)}, {nbytes / 1e9:.2f} GB)")
+        with atomic_path(folder / name) as tmp:
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+            os.chmod(tmp, default_mode())
+        weight_map.update(dict.fromkeys(keys, name))
+        total += nbytes
+        del shard
+    if len(names) > 1:
+        with atomic_path(folder / INDEX_NAME) as tmp:
+            tmp.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return folder

@@ -1,0 +1,121 @@
+"""The gate's parts: the streamed float32 reference, the fp16 range check, shape points, statuses, and a gate
+that really fails when one graph is wrong."""
+import pytest
+import torch
+
+from onex_export.config import SkipRange
+from onex_export.export import manifest as mf
+from onex_export.export.gate import (
+    FP16_MAX, GateConfig, StreamedReference, failure_summary, range_check, run_gate, shape_points,
+)
+from onex_export.export.graphs import SubgraphModule, build_plans, transformer_graphs
+from onex_export.export.precision import Fp32Blocks, PrecisionPolicy
+from onex_export.export.shapes import DimRange, ShapeConfig
+from onex_export.models import CompensationMLP, SplitSD3Transformer, build_tiny
+from onex_export.models.weights import meta_transformer, transformer_source
+from onex_export.runtime.graphs import TorchGraph
+
+SKIP = SkipRange(3, 10)
+
+
+def streamed():
+    config, source = transformer_source("tiny-sd3")
+    transformer = meta_transformer(config)
+    return SplitSD3Transformer(transformer, SKIP, CompensationMLP.for_transformer(transformer)), source
+
+
+def inputs(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 16, 16, 16, generator=g), torch.randn(batch, 16, 48, generator=g),
+            torch.randn(batch, 40, generator=g), torch.full((batch,), 1000.0))
+
+
+def test_streamed_reference_equals_the_model_in_memory_with_one_block_loaded_at_a_time():
+    split, source = streamed()
+    ref = StreamedReference(split, source, "cpu")
+    loaded_during_calls = []
+    for block in split.transformer.transformer_blocks:  # registered after the loading hooks, so they run after them
+        block.register_forward_pre_hook(lambda m, a: loaded_during_calls.append(
+            sum(not p.is_meta for b in split.transformer.transformer_blocks for p in b.parameters())))
+    whole = SplitSD3Transformer(build_tiny("tiny-sd3"), SKIP).eval()
+    x = inputs()
+    with torch.no_grad():
+        v, d_img, d_ctx = split.full(*x)
+        want = whole.full(*x)
+    ref.close()
+    assert torch.equal(v, want[0]) and torch.equal(d_img, want[1]) and torch.equal(d_ctx, want[2])
+    per_block = max(loaded_during_calls)  # one block's parameters, never two blocks'
+    assert per_block == sum(1 for _ in whole.transformer.transformer_blocks[0].parameters())
+    assert all(p.is_meta for p in split.transformer.parameters())  # nothing stays loaded
+    assert set(ref.max_abs) >= {"pos_embed", "transformer_blocks.0", "transformer_blocks.23", "proj_out"}
+
+
+def test_range_check_names_the_first_block_over_fp16_and_skips_float32_blocks():
+    values = {"pos_embed": 10.0, "transformer_blocks.0": 100.0, "transformer_blocks.6": 7e4,
+              "transformer_blocks.7": 1e5, "transformer_blocks.8": 30.0, "proj_out": 5.0}
+    rc = range_check(values, PrecisionPolicy("fp16"), 24)
+    assert (rc["first_overflow"], rc["first_overflow_block"], rc["last_overflow_block"]) == ("transformer_blocks.6", 7, 8)
+    what, hint = failure_summary({"range_check": rc, "rows": []})
+    assert "block 7 (1-based)" in what and "--fp32-blocks 7-8" in hint
+    assert range_check(values, PrecisionPolicy("fp16", Fp32Blocks(7, 8)), 24)["first_overflow"] is None
+    assert range_check(values, PrecisionPolicy("bf16"), 24)["first_overflow"] is None  # bf16 has float32's range
+    rc = range_check({**values, "transformer_blocks.8": float("nan")}, PrecisionPolicy("bf16"), 24)
+    assert rc["nonfinite"] == "transformer_blocks.8"
+    assert FP16_MAX == 65504.0
+
+
+def test_shape_points():
+    shapes = ShapeConfig(DimRange(1, 2, 4), DimRange(64, 128, 128), DimRange(16, 16, 16))
+    assert shape_points(shapes, "opt") == [(2, 128, 16)]
+    full = shape_points(shapes, "full")
+    assert full[0] == (2, 128, 16) and sorted(full[1:]) == [(1, 64, 16), (1, 128, 16), (4, 64, 16), (4, 128, 16)]
+
+
+def test_derive_status():
+    def row(artifact, status, backend="onnxruntime", device="cpu"):
+        return dict(artifact=artifact, status=status, backend=backend, device=device)
+
+    assert mf.derive_status([row("onnx", "passed")]) == "passed"
+    assert mf.derive_status([row("onnx", "not-run")]) == "unverified"
+    assert mf.derive_status([row("onnx", "skipped")]) == "unverified"
+    assert mf.derive_status([row("onnx", "not-run"), row("engine", "passed", "tensorrt", "cuda")]) == "passed"
+    assert mf.derive_status([row("onnx", "passed"), row("engine", "failed", "tensorrt", "cuda")]) == "failed"
+    # a later run of the same check replaces the earlier one
+    assert mf.derive_status([row("onnx", "failed"), row("onnx", "passed")]) == "passed"
+
+
+def test_gate_pins_a_wrong_graph_and_passes_the_right_ones():
+    """Candidates here are PyTorch graphs (the gate's interface is any runner): the right model, and the same
+    model with tail weights changed by 1%. The gate must fail the second, at the tail and downstream only."""
+    ref_split, source = streamed()
+    defs, specs = transformer_graphs(ref_split, PrecisionPolicy("fp32"))
+    plans = build_plans(defs)
+    good = SplitSD3Transformer(build_tiny("tiny-sd3"), SKIP).eval()
+    bad = SplitSD3Transformer(build_tiny("tiny-sd3"), SKIP).eval()
+    with torch.no_grad():
+        bad.transformer.transformer_blocks[15].ff.net[2].weight.mul_(1.01)
+    shapes = ShapeConfig(DimRange(1, 1, 1), DimRange(128, 128, 128), DimRange(16, 16, 16))
+
+    def gate(model):
+        def load(name):
+            return TorchGraph(SubgraphModule(model, next(d for d in defs if d.name == name), specs[name]), specs[name])
+        return run_gate(streamed()[0], source, defs, plans, load, artifact="onnx", backend="onnxruntime",
+                        candidate_device="cpu", policy=PrecisionPolicy("fp32"), shapes=shapes, gate=GateConfig())
+
+    passed = gate(good)
+    assert passed["status"] == "passed" and all(r["max_abs"] == 0.0 for r in passed["rows"])
+    failed = gate(bad)
+    verdict = {(r["case"].rsplit(" ", 3)[0], r["output"]): r["passed"] for r in failed["rows"]}
+    assert failed["status"] == "failed"
+    assert verdict[("graph head", "img_out")] and verdict[("graph segment", "delta_img")]
+    assert not verdict[("graph tail", "velocity")] and not verdict[("1.x-nfe schedule", "latents")]
+    what, _ = failure_summary(failed)
+    assert "graph tail" in what
+
+
+def test_gate_config_is_checked():
+    with pytest.raises(Exception, match="unknown gate mode"):
+        GateConfig("all")
+    if not torch.cuda.is_available():
+        with pytest.raises(Exception, match="--gate-device cuda needs an NVIDIA GPU"):
+            GateConfig("opt", "cuda")

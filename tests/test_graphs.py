@@ -1,0 +1,124 @@
+"""The graphs of a build: cut within a weight budget, chained by the plans, and traced once for every size."""
+import onnxruntime as ort
+import pytest
+import torch
+
+from onex_export.config import SkipRange
+from onex_export.export.graphs import (
+    SubgraphModule, build_plans, module_bytes, run_plan, stream_dtype, transformer_graphs,
+)
+from onex_export.export.onnx_export import export_graph, trace_inputs
+from onex_export.export.precision import Fp32Blocks, PrecisionPolicy, apply_precision
+from onex_export.models import SplitSD3Transformer, build_tiny
+from onex_export.models.weights import meta_transformer
+from onex_export.models.zoo import TINY_MODELS
+
+@pytest.fixture(scope="module")
+def split():
+    torch.manual_seed(0)
+    model = SplitSD3Transformer(build_tiny("tiny-sd3"), SkipRange(3, 10)).eval()
+    torch.nn.init.normal_(model.mlp.img.fc2.weight, std=0.05)  # a trained-looking MLP
+    return model
+
+
+def runners(split, defs, specs):
+    def runner(d):
+        module = SubgraphModule(split, d, specs[d.name])
+
+        def call(**inputs):
+            return dict(zip((t.name for t in specs[d.name].outputs), module(*(inputs[t.name] for t in specs[d.name].inputs))))
+        return call
+    return {d.name: runner(d) for d in defs}
+
+
+def feeds(batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 16, 12, 8, generator=g),
+                encoder_hidden_states=torch.randn(batch, 9, 48, generator=g),
+                pooled_projections=torch.randn(batch, 40, generator=g), timestep=torch.full((batch,), 600.0))
+
+
+@pytest.mark.parametrize("budget_blocks", [1, 3, 100])
+def test_graphs_within_the_budget_carry_every_weight_once_and_compute_the_same(split, budget_blocks):
+    block = module_bytes(split, ["transformer_blocks.5"])
+    defs, specs = transformer_graphs(split, PrecisionPolicy("fp32"), budget_blocks * block + 1)
+    roles = [d.role for d in defs]
+    assert roles == sorted(roles, key=["head", "segment", "reuse", "tail"].index)
+    names = [n for d in defs for n in d.module_names()]
+    assert sorted(names) == sorted(["pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out", "mlp",
+                                    *(f"transformer_blocks.{i}" for i in range(24))])  # each exactly once
+    for d in defs:
+        if d.role != "reuse" and d.stop - d.start > 1:  # only a single block may exceed the budget
+            assert module_bytes(split, d.module_names()) <= budget_blocks * block + 1
+    # the embedders weigh 1.3 blocks: alone over a 1-block budget, with one block within a 3-block one
+    expected = {1: 3 + 8 + 1 + 14, 3: 2 + 3 + 1 + 5, 100: 4}[budget_blocks]
+    assert len(defs) == expected, [d.name for d in defs]
+    plans = build_plans(defs)
+    f = feeds()
+    with torch.no_grad():
+        v, d_img, d_ctx = split.full(*f.values())
+        out = run_plan(plans["full"], runners(split, defs, specs), f)
+        v2 = split.skipping(*f.values(), d_img, d_ctx)
+        out2 = run_plan(plans["skipping"], runners(split, defs, specs), dict(f, delta_img=d_img, delta_ctx=d_ctx))
+    # the same modules in the same order: bit-identical, however the chain is cut
+    assert torch.equal(out["velocity"], v) and torch.equal(out["delta_img"], d_img) and torch.equal(out["delta_ctx"], d_ctx)
+    assert torch.equal(out2["velocity"], v2)
+    assert (v2 - v).abs().max() > 1e-3  # and the skipping plan is really another computation
+
+
+def test_a_cut_segment_takes_the_range_input_for_its_deltas(split):
+    block = module_bytes(split, ["transformer_blocks.5"])
+    defs, specs = transformer_graphs(split, PrecisionPolicy("fp32"), 3 * block + 1)
+    segments = [d for d in defs if d.role == "segment"]
+    assert [(d.start, d.stop) for d in segments] == [(2, 5), (5, 8), (8, 10)]
+    assert [d.delta for d in segments] == [False, False, True] and segments[-1].delta_inputs
+    assert [t.name for t in specs[segments[-1].name].inputs] == ["img", "ctx", "temb", "img_in", "ctx_in"]
+    plans = build_plans(defs)
+    last = next(s for s in plans["full"]["steps"] if s["graph"] == segments[-1].name)
+    assert last["bind"]["img_in"] == "head_2.img_out" and last["bind"]["temb"] == "head_1.temb"
+
+
+def test_fp32_blocks_keep_float32_across_a_graph_boundary():
+    split = SplitSD3Transformer(meta_transformer(TINY_MODELS["tiny-sd3"].config), SkipRange(3, 10))
+    policy = PrecisionPolicy("fp16", Fp32Blocks(9, 12))
+    apply_precision(split, policy)
+    assert split.transformer.transformer_blocks[8].attn.to_q.weight.dtype == torch.float32
+    assert split.transformer.transformer_blocks[12].attn.to_q.weight.dtype == torch.float16
+    defs, specs = transformer_graphs(split, policy)
+    by_name = {n: {t.name: t.dtype for t in (*s.inputs, *s.outputs)} for n, s in specs.items()}
+    # block 10 (the segment's last) is float32, so the stream leaves the segment, and enters the tail, in float32
+    assert by_name["segment"]["img"] == "float16" and by_name["segment"]["img_out"] == "float32"
+    assert by_name["tail"]["img"] == "float32" and by_name["tail"]["velocity"] == "float16"
+    assert by_name["segment"]["delta_img"] == "float16" and by_name["reuse"]["img_out"] == "float32"
+    assert stream_dtype(policy, 0) == "float16" and stream_dtype(PrecisionPolicy("fp16", Fp32Blocks(20, 24)), 24) == "float32"
+
+
+def _export(split, d, spec, folder, dims):
+    inputs = trace_inputs(spec, split.transformer.config.patch_size, dims=dims)
+    folder.mkdir()
+    export_graph(SubgraphModule(split, d, spec), spec, inputs, folder, 0)
+    return ort.InferenceSession(str(folder / f"{d.name}.onnx"))
+
+
+def test_a_graph_traced_at_one_size_runs_at_every_size(split, tmp_path):
+    """Tracing is done small, where it costs nothing; the graph must not remember that size. The head (position
+    table crop, patchify) and the tail (unpatchify) traced at two different sizes agree with PyTorch at a third,
+    non-square one, and with each other."""
+    defs, specs = transformer_graphs(split, PrecisionPolicy("fp32"))
+    head, tail = defs[0], defs[-1]
+    sessions = {size: {d.name: _export(split, d, specs[d.name], tmp_path / f"{d.name}{size}", dims)
+                       for d in (head, tail)}
+                for size, dims in {"a": {}, "b": {"batch": 3, "latent_height": 4, "latent_width": 10, "text_len": 5}}.items()}
+    f = feeds(batch=1, seed=3)  # 12 x 8 latents, 9 text tokens: neither traced size
+    with torch.no_grad():
+        ref_head = SubgraphModule(split, head, specs[head.name])(*f.values())
+        ref = SubgraphModule(split, tail, specs[tail.name])(ref_head[0], ref_head[1], ref_head[2], f["hidden_states"])[0]
+    outs = []
+    for s in sessions.values():
+        h = s["head"].run(None, {k: v.numpy() for k, v in f.items()})
+        v = s["tail"].run(None, {"img": h[0], "ctx": h[1], "temb": h[2], "hidden_states": f["hidden_states"].numpy()})[0]
+        assert abs(torch.from_numpy(h[0]) - ref_head[0]).max() < 1e-5
+        outs.append(torch.from_numpy(v))
+        assert (outs[-1] - ref).abs().max() < 1e-5
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
+    assert tuple(outs[0].shape) == (1, 16, 12, 8)
