@@ -149,6 +149,7 @@ def run(args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="onex-bench-build-", dir=args.workdir))
     report = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": torch.get_num_threads(), "memory_gib": _memory_gib()},
+              "commit": _commit(),
               "config": {"arch": args.arch, "precision": args.precision, "resolution": args.resolution,
                          "text_len": args.text_len, "skip": args.skip, "trt": args.trt, "gate": args.gate,
                          "rss_limit_gib": args.rss_limit_gib}}
@@ -209,6 +210,16 @@ def summarize_build(child: dict, manifest: dict | None) -> dict:
     return out
 
 
+def _commit() -> str | None:
+    """The checkout the benchmark ran from (``+dirty`` with uncommitted changes), for the record."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty.strip() else "")
+
+
 def _memory_gib() -> float:
     match = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
     return round(int(match.group(1)) / 2**20, 1) if match else 0.0
@@ -218,7 +229,8 @@ def markdown(report: dict) -> str:
     c, ours = report["config"], report["onex_export"]
     lines = [f"# Build: {c['arch']} {c['precision']} at {c['resolution']} px, {c['trt']} engines, gate {c['gate']}", "",
              f"Machine: {report['machine']['processor']}, {report['machine']['cpus']} threads, "
-             f"{report['machine']['memory_gib']} GiB; watchdog at {c['rss_limit_gib']} GiB. Checkpoint: "
+             f"{report['machine']['memory_gib']} GiB; watchdog at {c['rss_limit_gib']} GiB; commit "
+             f"{report.get('commit') or 'unknown'}. Checkpoint: "
              f"{report['checkpoint']['files']} file(s), {report['checkpoint']['bytes'] / GIB:.2f} GiB, written in "
              f"{report['checkpoint']['seconds']:.0f} s.", "",
              "| | stage | seconds | peak RSS GiB |", "|---|---|---|---|"]

@@ -26,7 +26,7 @@ from onex_export.export.build import BuildConfig, build
 from onex_export.export.gate import GateConfig
 from onex_export.export.precision import Fp32Blocks
 from onex_export.export.shapes import DimRange
-from onex_export.export.tensorrt import flavour_version
+from onex_export.export.tensorrt import RTX_DEFAULT_TARGETS, flavour_version
 from onex_export.export.verify import verify
 from onex_export.models import CompensationMLP, SplitSD3Transformer, build_tiny, save_compensation
 from onex_export.runtime.graphs import OrtGraph, PlanDenoiser
@@ -35,6 +35,17 @@ from onex_export.runtime.sampler import Conditioning, TorchDenoiser, sample
 from onex_export.schedule import SamplingPlan
 
 HAS_RTX = flavour_version("tensorrt-rtx") is not None
+
+
+def rtx_targets() -> tuple[str, ...]:
+    """RTX's default targets; on a machine whose visible GPU RTX cannot target (an H100), an RTX card's, since a
+    build for default targets that cannot run on the visible GPU is refused."""
+    if torch.cuda.is_available() and "%d.%d" % torch.cuda.get_device_capability() not in RTX_DEFAULT_TARGETS:
+        return ("8.6",)
+    return ()
+
+
+RTX = dict(trt="tensorrt-rtx", compute_capabilities=rtx_targets()) if HAS_RTX else dict(trt="none")
 NO_RTX = "TensorRT-RTX not installed: pip install -e '.[tensorrt-rtx]' to build engines"
 SKIP = SkipRange(3, 10)
 FP32_ATOL = 1e-4
@@ -59,7 +70,7 @@ def built(tmp_path_factory):
     every corner of that profile."""
     out = tmp_path_factory.mktemp("engines") / "tiny"
     logs = []
-    manifest = build(BuildConfig(skip=SKIP, out=out, trt="tensorrt-rtx" if HAS_RTX else "none",
+    manifest = build(BuildConfig(skip=SKIP, out=out, **RTX,
                                  batch=DimRange(1, 1, 3), resolution=DimRange(64, 128, 128),
                                  text_len=DimRange(8, 16, 16), gate=GateConfig("full")), log=logs.append)
     return out, manifest, logs
@@ -143,7 +154,8 @@ def test_rtx_built_real_engines_for_every_graph(built):
     out, manifest, _ = built
     for name, g in manifest["graphs"].items():
         engine = g["engine"]
-        assert engine["flavour"] == "tensorrt-rtx" and engine["file"] == f"{name}.plan" and engine["target"] == "default"
+        assert engine["flavour"] == "tensorrt-rtx" and engine["file"] == f"{name}.plan"
+        assert engine["target"] == (list(rtx_targets()) or "default")
         assert (out / engine["file"]).stat().st_size > 100_000  # a real plan, not a stub
         first_input = g["inputs"][0]["name"]
         assert g["profile"][first_input][0][0] == 1  # the profile's minimum batch
@@ -218,7 +230,7 @@ def test_rebuild_reuses_unchanged_graphs_and_rebuilds_only_what_changed(built, t
     shutil.copytree(out, again)
     before = tree_digest(again)
     logs = []
-    config = dict(skip=SKIP, out=again, trt="tensorrt-rtx" if HAS_RTX else "none", batch=DimRange(1, 1, 3),
+    config = dict(skip=SKIP, out=again, **RTX, batch=DimRange(1, 1, 3),
                   resolution=DimRange(64, 128, 128), text_len=DimRange(8, 16, 16))
     build(BuildConfig(**config), log=logs.append)
     assert sum("unchanged, reused" in line for line in logs) == (12 if HAS_RTX else 6)
@@ -242,7 +254,7 @@ def test_one_changed_weight_in_external_data_rebuilds_that_graph_and_its_engine(
     block 12 re-exports the tail and rebuilds its engine, and nothing else."""
     model = build_tiny("tiny-sd3")
     model.save_pretrained(str(tmp_path / "m"))
-    config = dict(skip=SKIP, out=tmp_path / "b", model=str(tmp_path / "m"), trt="tensorrt-rtx", components=(),
+    config = dict(skip=SKIP, out=tmp_path / "b", model=str(tmp_path / "m"), **RTX, components=(),
                   batch=DimRange(1, 1, 1), external_data_threshold=1)
     first = build(BuildConfig(**config))
     assert all(g["onnx_data"] for g in first["graphs"].values())
@@ -263,7 +275,7 @@ def test_a_second_static_resolution_reuses_the_onnx_and_rebuilds_the_engines(tmp
     """The ONNX graphs do not depend on the size (they are traced small, every dimension symbolic), so a build
     at 64 px after one at 128 px keeps them, builds new engines for the new profile, and its gate passes at
     the new size."""
-    config = dict(skip=SKIP, out=tmp_path / "b", trt="tensorrt-rtx", components=(), batch=DimRange(1, 1, 1))
+    config = dict(skip=SKIP, out=tmp_path / "b", **RTX, components=(), batch=DimRange(1, 1, 1))
     build(BuildConfig(**config, resolution=DimRange(128, 128, 128)))
     logs = []
     second = build(BuildConfig(**config, resolution=DimRange(64, 64, 64)), log=logs.append)
