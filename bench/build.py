@@ -34,9 +34,9 @@ import torch
 
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.stages import StageClock
-from onex_export.fileio import atomic_path
 
 from .random_weights import ARCHS, write_checkpoint
+from .report import write_results
 
 GIB = 2**30
 
@@ -285,11 +285,8 @@ def main(argv=None) -> int:
     args.out_dir = args.out or Path("bench/results") / f"build-{args.arch}-{args.precision}-{args.trt}-cpu"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = run(args)
-    with atomic_path(args.out_dir / "build.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
-    with atomic_path(args.out_dir / "build.md") as tmp:
-        tmp.write_text(table)
+    write_results(args.out_dir, "build", report, table)
     print(table)
     print(f"wrote {args.out_dir}/build.json, build.md")
     return 0 if report["onex_export"].get("status") in ("passed", "unverified") else 1

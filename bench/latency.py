@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import platform
 import sys
 import tempfile
@@ -33,7 +32,6 @@ from onex_export.export.components import component_graphs, load_components
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.shapes import VAE_SCALE, DimRange
 from onex_export.export.tensorrt import flavour_version
-from onex_export.fileio import atomic_path
 from onex_export.models import SplitSD3Transformer, build_tiny
 from onex_export.models.zoo import TINY_TEXT_LEN
 from onex_export.runtime.cuda_graph import CudaGraphDenoiser
@@ -44,7 +42,7 @@ from onex_export.schedule import SamplingPlan
 
 from .random_weights import ARCHS, random_transformer
 from .peers import CacheDitPeer, SkipLayersPeer, cache_dit_installed
-from .report import markdown, plot
+from .report import markdown, plot, write_results
 from .timing import measure_interleaved
 
 SKIPS = ("3-8", "3-10")
@@ -333,12 +331,8 @@ def main(argv=None) -> int:
     device = (report["machine"]["gpu"] or "cpu").replace(" ", "-").lower()
     graph = "-cudagraph" if args.cuda_graph else ""
     out = args.out or Path("bench/results") / f"{args.arch}-{report['backend']}{graph}-{args.dtype}-{device}"
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "latency.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
-    with atomic_path(out / "latency.md") as tmp:
-        tmp.write_text(table)
+    write_results(out, "latency", report, table)
     plot(report, out / "latency.png")
     print(table)
     print(f"wrote {out}/latency.json, latency.md, latency.png")

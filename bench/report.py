@@ -1,10 +1,20 @@
 """The latency report as a Markdown table and a PNG plot."""
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
 from onex_export.fileio import atomic_path
+
+
+def write_results(out: Path, stem: str, report: dict, table: str) -> None:
+    """``<out>/<stem>.json`` (the report) and ``<out>/<stem>.md`` (the table), each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / f"{stem}.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_path(out / f"{stem}.md") as tmp:
+        tmp.write_text(table)
 
 
 def markdown(report: dict) -> str:

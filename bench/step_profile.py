@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import sys
 import time
@@ -23,11 +22,11 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from onex_export.export.precision import PRECISIONS
-from onex_export.fileio import atomic_path
 from onex_export.models import build_tiny
 from onex_export.models.zoo import TINY_TEXT_LEN
 
 from .random_weights import ARCHS, random_transformer
+from .report import write_results
 
 GROUPS = (("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
           ("matrix products", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "addmm", "mm", "matmul", "linear")),
@@ -147,12 +146,8 @@ def main(argv=None) -> int:
     report = run(args)
     device = (report["gpu"] or "cpu").replace(" ", "-").lower()
     out = args.out or Path("bench/results") / f"profile-{args.arch}-{args.dtype}-{device}"
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "profile.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
-    with atomic_path(out / "profile.md") as tmp:
-        tmp.write_text(table)
+    write_results(out, "profile", report, table)
     print(table)
     print(f"wrote {out}/profile.json, profile.md")
     return 0

@@ -27,26 +27,24 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def rss_bytes() -> int:
-    """The process's resident memory now."""
+def _status_bytes(field: str) -> int | None:
+    """A ``VmRSS``/``VmHWM``-style field of ``/proc/self/status`` in bytes, or None where there is none."""
     try:
-        match = re.search(r"VmRSS:\s+(\d+) kB", _STATUS.read_text())
-        if match:
-            return int(match.group(1)) * 1024
+        match = re.search(rf"{field}:\s+(\d+) kB", _STATUS.read_text())
     except OSError:
-        pass
-    return 0
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+def rss_bytes() -> int:
+    """The process's resident memory now (0 where the OS does not say)."""
+    return _status_bytes("VmRSS") or 0
 
 
 def peak_rss_bytes() -> int:
     """The peak resident memory since the last reset (or since the process started)."""
-    try:
-        match = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text())
-        if match:
-            return int(match.group(1)) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
 
 
 @dataclass(frozen=True)
