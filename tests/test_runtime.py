@@ -119,3 +119,27 @@ def test_cuda_graph_errors(build_dir):
     res = run_cli("generate", "--build", build_dir, "--prompt", "x", "--backend", "torch", "--device", "cuda",
                   "--cuda-graph")
     assert res.exit_code == 1 and "drop --cuda-graph" in res.output
+
+
+def test_a_graph_onnx_runtime_refuses_unoptimised_is_loaded_optimised(build_dir, monkeypatch, tmp_path):
+    """ONNX Runtime 1.30 (seen on the GPU machine) refuses some fp16 graphs at ORT_DISABLE_ALL, the gate's lean
+    setting; the pinned 1.31 does not, so that refusal is simulated here. The graph must still load, and
+    compute the same."""
+    from onex_export.runtime import graphs as rg
+
+    real = rg._session
+    lean = rg.OrtGraph(build_dir / "reuse.onnx", low_memory=True)
+
+    def refusing(path, providers, low_memory):
+        if low_memory:
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Type Error (as 1.30 says)")
+        return real(path, providers, low_memory)
+
+    monkeypatch.setattr(rg, "_session", refusing)
+    loaded = rg.OrtGraph(build_dir / "reuse.onnx", low_memory=True)
+    g = torch.Generator().manual_seed(0)
+    inputs = {n: torch.randn(1, 64 if "img" in n else 16, 32, generator=g) for n in ("img", "ctx", "delta_img", "delta_ctx")}
+    assert all(torch.equal(a, b) for a, b in zip(loaded(**inputs).values(), lean(**inputs).values()))
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    with pytest.raises(OnexError, match="ONNX Runtime cannot load"):
+        rg.OrtGraph(tmp_path / "bad.onnx", low_memory=True)

@@ -30,25 +30,36 @@ class TorchGraph:
         return {t.name: o for t, o in zip(self.spec.outputs, outs)}
 
 
+def _session(path: Path, providers: tuple[str, ...], low_memory: bool):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: shape-merge notices on dynamic graphs are noise
+    if low_memory:
+        # One-off runs (the gate): give every buffer back after the run instead of keeping an arena, and skip
+        # graph rewrites, which keep float32 copies of fp16 weights (SD3-Medium's 1.9 GiB tail graph: 4.6 GiB
+        # resident and 9.5 GiB peak optimised, 2.0 and 7.1 as exported; and faster to load and run).
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
 class OrtGraph:
     """An ONNX graph in an ONNX Runtime session (CPU unless other providers are given). ``low_memory`` trades
-    ONNX Runtime's memory arena (fast repeated runs) for memory given back after each run."""
+    ONNX Runtime's memory arena and graph optimisations (fast repeated runs) for memory."""
 
     def __init__(self, path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",), low_memory: bool = False):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: shape-merge notices on dynamic graphs are noise
-        if low_memory:
-            # One-off runs (the gate): give every buffer back after the run instead of keeping an arena, and
-            # skip graph rewrites, which keep float32 copies of fp16 weights (SD3-Medium's 1.9 GiB tail graph:
-            # 4.6 GiB resident and 9.5 GiB peak optimised, 2.0 and 7.1 as exported; and faster to load and run).
-            options.enable_cpu_mem_arena = False
-            options.enable_mem_pattern = False
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
-        except Exception as exc:  # onnxruntime raises its own exception types for a bad file
+            try:
+                self.session = _session(path, providers, low_memory)
+            except Exception:  # onnxruntime raises its own exception types
+                if not low_memory:
+                    raise
+                # ONNX Runtime 1.30 refuses some fp16 graphs left unoptimised (a type error in the casts it inserts
+                # for the CPU; 1.31 loads them): load those optimised, with more memory and the same results.
+                self.session = _session(path, providers, False)
+        except Exception as exc:
             raise OnexError(f"ONNX Runtime cannot load {path}: {exc}", "rebuild with `onex-export build`") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
