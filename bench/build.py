@@ -35,6 +35,7 @@ import torch
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.stages import StageClock
 
+from .arguments import positive_int, resolution
 from .random_weights import ARCHS, write_checkpoint
 from .report import write_results
 
@@ -263,8 +264,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=list(ARCHS), default="sd3-medium")
     p.add_argument("--precision", choices=["fp16", "bf16"], default="fp16")
-    p.add_argument("--resolution", type=int, default=1024)
-    p.add_argument("--text-len", type=int, default=333)
+    p.add_argument("--resolution", type=resolution, default=1024)
+    p.add_argument("--text-len", type=positive_int, default=333)
     p.add_argument("--skip", default="3-10")
     p.add_argument("--trt", choices=["tensorrt-rtx", "tensorrt", "none"], default="tensorrt-rtx")
     p.add_argument("--gate", choices=["opt", "none"], default="opt")

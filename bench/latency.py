@@ -40,6 +40,7 @@ from onex_export.runtime.sampler import Conditioning, TorchDenoiser, sample
 from onex_export.runtime.tensorrt_runner import require_gpu
 from onex_export.schedule import SamplingPlan
 
+from .arguments import device_spec, non_negative_int, positive_int, resolution
 from .random_weights import ARCHS, random_transformer
 from .peers import CacheDitPeer, SkipLayersPeer, cache_dit_installed
 from .report import markdown, plot, write_results
@@ -300,12 +301,12 @@ def main(argv=None) -> int:
                    help="tensorrt builds engines first and needs a GPU (--device cuda)")
     p.add_argument("--trt", choices=["tensorrt", "tensorrt-rtx"], default=None,
                    help="TensorRT flavour for --backend tensorrt (default: tensorrt if installed, else tensorrt-rtx)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_spec, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--resolution", type=int, default=None, help="pixels (default: the model's native size)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--resolution", type=resolution, default=None, help="pixels, a multiple of 16 (default: the model's native size)")
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 4])
+    p.add_argument("--warmup", type=non_negative_int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=8)
     p.add_argument("--cuda-graph", action="store_true",
                    help="replay each transformer step as a captured CUDA graph (GPU; cache-dit stays eager)")
     p.add_argument("--out", type=Path, default=None, help="folder for JSON/Markdown/PNG (default bench/results/<name>)")

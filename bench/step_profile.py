@@ -25,6 +25,7 @@ from onex_export.export.precision import PRECISIONS
 from onex_export.models import build_tiny
 from onex_export.models.zoo import TINY_TEXT_LEN
 
+from .arguments import device_spec, positive_int, resolution
 from .random_weights import ARCHS, random_transformer
 from .report import write_results
 
@@ -129,12 +130,12 @@ def markdown(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="tiny-sd3", help=f"tiny-sd3 | {' | '.join(ARCHS)} (random weights)")
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--resolution", type=resolution, default=None)
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--device", type=device_spec, default="cpu")
     p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--matmul-size", type=int, default=None, help="default 8192 on a GPU, 1024 on a CPU")
+    p.add_argument("--repeats", type=positive_int, default=20)
+    p.add_argument("--matmul-size", type=positive_int, default=None, help="default 8192 on a GPU, 1024 on a CPU")
     p.add_argument("--compile", action="store_true", help="also time torch.compile's version")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
