@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
 
+from .errors import UsageError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error removed."""
-    path = Path(path)
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error removed.
+
+    A symlink is followed (its target is replaced, the link kept); a destination that exists and is not
+    a regular file (a device node, a FIFO, a folder, a socket) is refused before anything is written.
+    """
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise UsageError(f"{path} exists and is not a regular file: refusing to replace it",
+                             hint="give a path to a new file or to a regular file that may be overwritten")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
