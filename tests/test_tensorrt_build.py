@@ -84,7 +84,7 @@ def test_rtx_builds_dynamic_batch_engine_twice(onnx_files, tmp_path, monkeypatch
     assert first.inputs == (EngineTensor("x", "float32", (-1, 16)),)
     assert first.outputs == (EngineTensor("y", "float32", (-1, 32)),)
     assert first.compute_capabilities == ()
-    assert 0 < first.build_seconds < 30
+    assert first.build_seconds > 0  # recorded; how fast is bench.build's to report
     second = build_engine(onnx_files / "fp32.onnx", engine, ShapeProfile(PROFILE), RTX)
     assert second.size_bytes == engine.stat().st_size > 10_000
     assert sorted(p.name for p in engine.parent.iterdir()) == ["block.plan"]
