@@ -2,23 +2,25 @@
 0 success, 1 a user error (bad file, failed check), 2 bad usage (malformed or unfitting option)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import click
 import diffusers
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, interrupts
 from .config import SkipRange
 from .errors import OnexError, UsageError
-from .fileio import save_png, save_tensors_atomic
+from .fileio import as_disk_error, save_png, save_tensors_atomic
 from .models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
 from .models.zoo import TINY_TEXT_LEN
 from .export.components import COMPONENTS
-from .export.build import REAL_TEXT_LEN, TRT_CHOICES, BuildConfig, ParityFailedError, build
+from .export.build import REAL_TEXT_LEN, TRT_CHOICES, BuildConfig, ParityFailedError, build, max_text_len
 from .export.gate import GATE_MODES, GateConfig
 from .export.graphs import DEFAULT_GRAPH_BYTES
 from .export.precision import PRECISIONS, Fp32Blocks
@@ -32,6 +34,14 @@ from .schedule import SamplingPlan
 DTYPES = PRECISIONS  # --dtype names, the same as the build's precisions
 
 
+def exit_on_interrupt(exc: KeyboardInterrupt) -> None:
+    """Report a Ctrl-C or SIGTERM (the temporary files are already gone) and exit 130 or 143."""
+    name = str(exc) if isinstance(exc, interrupts.Interrupted) else "SIGINT"
+    click.secho(f"interrupted ({name}): stopped; nothing was installed or replaced", fg="yellow", err=True)
+    click.echo("FAILED", err=True)
+    sys.exit(exc.exit_code if isinstance(exc, interrupts.Interrupted) else 130)
+
+
 def exit_on_user_error(exc: OnexError) -> None:
     """Print a user error (message, hint, FAILED) without a traceback and exit with its code."""
     click.secho(f"error: {exc.message}", fg="red", err=True)
@@ -41,14 +51,29 @@ def exit_on_user_error(exc: OnexError) -> None:
     sys.exit(exc.exit_code)
 
 
+@contextlib.contextmanager
+def errors_reported() -> Iterator[None]:
+    """An entry point's body: user errors, Ctrl-C / SIGTERM and full disks become a message and an exit code
+    (1 or 2, 130 or 143); bugs keep their traceback."""
+    try:
+        yield
+    except OnexError as exc:
+        exit_on_user_error(exc)
+    except KeyboardInterrupt as exc:
+        exit_on_interrupt(exc)
+    except OSError as exc:  # a full disk or a folder not ours to write, met outside fileio.writing
+        error = as_disk_error(exc, exc.filename or "a file")
+        if error is None:
+            raise
+        exit_on_user_error(error)
+
+
 class _Group(click.Group):
-    """Turns :class:`OnexError` into a clean message and its exit code; bugs keep their traceback."""
+    """Runs every command under :func:`errors_reported`."""
 
     def invoke(self, ctx):
-        try:
+        with errors_reported():
             return super().invoke(ctx)
-        except OnexError as exc:
-            exit_on_user_error(exc)
 
 
 def _parsed_by(parse):
@@ -81,6 +106,7 @@ _parse_range = _parsed_by(DimRange.parse)
 @click.version_option(__version__, prog_name="onex-export")
 def main():
     """onex-export: 1.x-Distill SD3/SD3.5 models from PyTorch to TensorRT engines."""
+    interrupts.install()  # Ctrl-C and SIGTERM clean up and exit 130 / 143
     diffusers.utils.logging.set_verbosity_error()  # our own output says what matters
     from transformers.utils import logging as transformers_logging  # imported here: transformers is slow to load
 
@@ -147,6 +173,9 @@ def sample_cmd(model, mlp, skip, mode, steps, guidance, eta, seed, batch, resolu
             f"use e.g. {size // (VAE_SCALE * cfg.patch_size) * VAE_SCALE * cfg.patch_size}",
         )
     tokens = text_len or (TINY_TEXT_LEN if model in TINY_MODELS else REAL_TEXT_LEN)
+    if tokens > max_text_len(model):
+        raise UsageError(f"--text-len {tokens} goes past the {max_text_len(model)} tokens the text encoders of "
+                         f"{model} can give", f"use at most {max_text_len(model)}")
     gen = torch.Generator().manual_seed(seed + 1)  # embeddings from another stream than the noise
     cond = Conditioning(
         text=torch.randn(batch, tokens, cfg.joint_attention_dim, generator=gen),

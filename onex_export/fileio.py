@@ -1,9 +1,12 @@
 """Atomic file output: write to a temporary sibling, then rename, so a reader never sees half a file
-and an interrupted write never clobbers a good one."""
+and an interrupted write never clobbers a good one. A full disk or a path that cannot be written is a
+user error (:class:`DiskError`) naming the path, never a traceback."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Iterator
@@ -11,7 +14,71 @@ from typing import Iterator
 import torch
 from safetensors.torch import save_file
 
-from .errors import UsageError
+from .errors import OnexError, UsageError
+
+_REASONS = {
+    errno.ENOSPC: "no space is left on its file system", errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "the file is too large for its file system", errno.EROFS: "its file system is read-only",
+    errno.EACCES: "permission denied", errno.EPERM: "the operation is not permitted",
+}
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FULL_TEXT = ("no space left", "os error 28", "quota exceeded", "file write failed", "unexpected pos")
+LOW_SPACE = 16 * 2**20  # an unexplained write failure with less than this free is taken for a full disk
+
+
+class DiskError(OnexError):
+    """A file could not be written: its disk is full, or its folder is read-only or not ours to write."""
+
+
+def free_bytes(path: str | os.PathLike) -> int | None:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    path = Path(os.path.abspath(path))
+    for folder in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            if folder.exists():
+                return shutil.disk_usage(folder).free
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def as_disk_error(exc: BaseException, path: str | os.PathLike, needed: int | None = None) -> DiskError | None:
+    """The user error behind ``exc``, raised while writing ``path``, when it is a full disk or a permission
+    problem (libraries report these as ``OSError``, or as their own errors that only quote the OS); else None."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        text = str(exc).lower()
+        free = free_bytes(path)
+        if any(t in text for t in _FULL_TEXT) and (free is None or free < LOW_SPACE or "space" in text):
+            code = errno.ENOSPC
+    if code not in _REASONS:
+        return None
+    where = getattr(exc, "filename", None) or path
+    message = f"cannot write {where}: {_REASONS[code]}"
+    if code in _FULL:
+        free = free_bytes(where)
+        message += f" ({_size(free) if free is not None else 'unknown'} free"
+        message += f", about {_size(needed)} needed)" if needed else ")"
+        hint = "free some space there, or write somewhere else (--out)"
+    else:
+        hint = "choose a location you may write to (--out), or fix the folder's permissions"
+    return DiskError(message, hint)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk or a permission error while writing ``path`` into a :class:`DiskError`."""
+    try:
+        yield
+    except OnexError:
+        raise
+    except Exception as exc:
+        error = as_disk_error(exc, path, needed)
+        if error is None:
+            raise
+        raise error from exc
 
 
 @contextlib.contextmanager
@@ -27,11 +94,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if not stat.S_ISREG(mode):
             raise UsageError(f"{path} exists and is not a regular file: refusing to replace it",
                              hint="give a path to a new file or to a regular file that may be overwritten")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

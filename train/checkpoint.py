@@ -5,14 +5,17 @@
   fp32). ``student/`` loads with ``onex-export build --model <it>`` and ``from_pretrained``;
 - ``trainer.pt``: both optimizers and LR schedulers, the step, and the RNG states;
 - ``config.yaml``: the run's resolved config.
+- ``checksums.json``: the sha256 of every other file, checked before a run resumes from it.
 ``<run_dir>/checkpoints/latest`` names the newest complete one. A checkpoint is written to a hidden
-temporary folder and renamed into place, so a run killed while saving leaves the previous one intact.
+temporary folder and renamed into place, so a run killed while saving leaves the previous one intact
+(and its temporary folder is removed by the next save). Weights that are not finite are never saved.
 
 Model and optimizer state are kept "full" (unsharded, keyed by parameter name), so a checkpoint
 written under torchrun with W ranks resumes on any other number, or on one process.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,12 +28,15 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
 
 from onex_export.errors import OnexError
-from onex_export.fileio import atomic_path, save_tensors_atomic
+from onex_export.export.install import owner_alive
+from onex_export.export.manifest import sha256_file
+from onex_export.fileio import atomic_path, save_tensors_atomic, writing
 
 from .config import Stage1Config
 from .distributed import DistInfo, barrier
 
 WEIGHTS = SAFETENSORS_WEIGHTS_NAME  # diffusers' own file name, so from_pretrained finds it
+CHECKSUMS = "checksums.json"
 
 
 class CheckpointError(OnexError):
@@ -99,20 +105,58 @@ def save(cfg: Stage1Config, step: int, models: dict[str, nn.Module], optimizers:
         state = TrainerState(step, optim, {k: s.state_dict() for k, s in schedulers.items()}, rng_state, info.world)
         root = checkpoints_dir(cfg.run_dir)
         path = root / f"step-{step:06d}"
+        _check_finite(weights, step)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step-*.tmp-*"):  # a save killed before its rename
+            if not owner_alive(stale):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f".{path.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for name, sd in weights.items():
-            write_diffusers(tmp / name, sd, config_json)
-        torch.save(state.__dict__, tmp / "trainer.pt")
-        (tmp / "config.yaml").write_text(cfg.to_yaml())
-        if path.exists():  # a re-run of the same step: replace it
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        with atomic_path(root / "latest") as pointer:
-            pointer.write_text(path.name + "\n")
+        try:
+            with writing(tmp):
+                for name, sd in weights.items():
+                    write_diffusers(tmp / name, sd, config_json)
+                torch.save(state.__dict__, tmp / "trainer.pt")
+                (tmp / "config.yaml").write_text(cfg.to_yaml())
+                sums = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+                (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n")
+                if path.exists():  # a re-run of the same step: replace it
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
+                with atomic_path(root / "latest") as pointer:
+                    pointer.write_text(path.name + "\n")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         _prune(root, cfg.keep_checkpoints)
     barrier(info)
     return path
+
+
+class DivergedError(OnexError):
+    """The run produced non-finite losses or weights: it stops, and its last good checkpoint stays ``latest``."""
+
+
+def _check_finite(weights: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+    for model, state in weights.items():
+        bad = [k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise DivergedError(f"step {step}: {len(bad)} {model} weight tensors are not finite (e.g. {bad[0]}); "
+                                "nothing was saved", "lower the learning rates, or resume from an earlier checkpoint")
+
+
+def verify_checksums(path: Path) -> None:
+    """Check every file of checkpoint ``path`` against its ``checksums.json``."""
+    try:
+        sums = json.loads((path / CHECKSUMS).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} has no readable {CHECKSUMS} ({exc}): it is incomplete or was not written by "
+                              "this trainer", "resume from another checkpoint (write its name into "
+                              f"{path.parent / 'latest'}), or start over with --no-resume") from exc
+    bad = [name for name, digest in sums.items()
+           if not (path / name).is_file() or sha256_file(path / name) != digest]
+    if bad:
+        raise CheckpointError(f"{path} is damaged: {', '.join(bad)} no longer match(es) the checksum written with it",
+                              "resume from an earlier checkpoint (write its name into "
+                              f"{path.parent / 'latest'}), or start over with --no-resume")
 
 
 def _prune(root: Path, keep: int) -> None:

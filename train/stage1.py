@@ -10,6 +10,8 @@ point is the only place that prints.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import signal
 import time
@@ -20,8 +22,9 @@ import click
 import torch
 from tqdm import tqdm
 
-from onex_export.cli import exit_on_user_error
-from onex_export.errors import OnexError
+from onex_export import interrupts
+from onex_export.cli import errors_reported
+from onex_export.locks import exclusive
 from onex_export.export.shapes import VAE_SCALE
 from onex_export.schedule import student_sigmas
 
@@ -58,9 +61,31 @@ def run(cfg: Stage1Config, resume: bool = True, kill_after: int | None = None) -
         torch.set_num_threads(cfg.cpu_threads)
     info = init_distributed(cfg.device)
     try:
-        return _run(cfg, info, resume, kill_after)
+        with _run_lock(Path(cfg.run_dir), info):
+            return _run(cfg, info, resume, kill_after)
     finally:
         shutdown(info)
+
+
+def _run_lock(run_dir: Path, info: DistInfo):
+    """One run at a time per run folder (rank 0 holds the lock for all ranks)."""
+    if not info.is_main:
+        return contextlib.nullcontext()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return exclusive(run_dir / ".lock", f"run folder {run_dir}",
+                     "wait for that run to finish, or give this one another run_dir (--set run_dir=...)")
+
+
+def check_finite(record: dict, last_checkpoint: Path | None, cfg: Stage1Config) -> None:
+    """Stop the run at the first non-finite loss or gradient norm, before anything is saved from it."""
+    bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        kept = f"the last good checkpoint, {last_checkpoint.name}, stays latest" if last_checkpoint else \
+            "no checkpoint was written"
+        raise checkpoint.DivergedError(
+            f"step {record['step']}: {', '.join(f'{k} = {v}' for k, v in bad.items())}; the run stopped and {kept}",
+            f"lower the learning rates (lr_generator {cfg.lr_generator:g}, lr_fake {cfg.lr_fake:g}) or check the "
+            "teacher's weights; resuming repeats the same steps")
 
 
 def _run(cfg: Stage1Config, info: DistInfo, resume: bool, kill_after: int | None) -> RunResult:
@@ -72,6 +97,7 @@ def _run(cfg: Stage1Config, info: DistInfo, resume: bool, kill_after: int | None
     ckpt = checkpoint.latest(run_dir) if resume else None
     if ckpt is not None:
         checkpoint.check_resumable(ckpt, cfg)
+        checkpoint.verify_checksums(ckpt)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -138,10 +164,11 @@ def _run(cfg: Stage1Config, info: DistInfo, resume: bool, kill_after: int | None
                   "loss_generator": metrics.pop("loss_generator", None), **metrics, "uncond_pass": uncond_pass,
                   "lr_generator": sched_g.get_last_lr()[0], "lr_fake": sched_f.get_last_lr()[0],
                   "seconds": round(time.perf_counter() - tic, 4)}
-        result.records.append(record)
-        result.step = step + 1
         if main:
             log.write(record)
+        check_finite(record, result.checkpoint, cfg)
+        result.records.append(record)
+        result.step = step + 1
         progress.update(1)
         if (step + 1) % cfg.log_every == 0:
             progress.set_postfix(format_postfix(record))
@@ -184,11 +211,10 @@ def sample_grid(cfg: Stage1Config, models: Transformers, store: EmbeddingStore, 
               help="Testing: SIGKILL this process right after writing the checkpoint of step N.")
 def main(config_path, overrides, resume, kill_after):
     """Stage I: distil an SD3/SD3.5 teacher into an N-step student by distribution matching."""
-    try:
+    interrupts.install()  # Ctrl-C / SIGTERM: the checkpoint being saved is dropped, the last one kept; exit 130 / 143
+    with errors_reported():
         cfg = Stage1Config.load(config_path, overrides)
         result = run(cfg, resume=resume, kill_after=kill_after)
-    except OnexError as exc:
-        exit_on_user_error(exc)
     if int(os.environ.get("RANK", "0")) == 0:
         last = result.records[-1] if result.records else None
         summary = (f"loss_fake {last['loss_fake']:.5g}" + (f", loss_generator {last['loss_generator']:.5g}"

@@ -31,6 +31,8 @@ import torch
 from .. import __version__
 from ..config import BlockRange, SkipRange
 from ..errors import OnexError, UsageError
+from ..fileio import DiskError, free_bytes, writing
+from ..locks import build_lock
 from ..models import DEFAULT_MODEL, CompensationMLP, SplitSD3Transformer, load_compensation
 from ..models.weights import (
     WeightSource, check_keys, materialized, meta_transformer, release, top_level_prefixes, transformer_source,
@@ -51,6 +53,13 @@ from .tensorrt import EngineBuildOptions, build_engine, choose_trt, flavour_vers
 
 TRT_CHOICES = ("auto", "tensorrt-rtx", "tensorrt", "none")
 REAL_TEXT_LEN = 333  # CLIP 77 + T5 256 tokens
+MAX_REAL_TEXT_LEN = 77 + 512  # the most SD3's encoders give: CLIP 77 + T5 at diffusers' max_sequence_length 512
+MAX_BATCH = 256
+
+
+def max_text_len(model: str) -> int:
+    """The most text tokens ``model``'s encoders can give the transformer (the embedded ones give exactly 16)."""
+    return TINY_TEXT_LEN if model in TINY_MODELS else MAX_REAL_TEXT_LEN
 
 
 class ParityFailedError(OnexError):
@@ -97,6 +106,14 @@ class BuildConfig:
             raise UsageError(f"the per-graph weight budget must be positive, got {self.max_graph_bytes} bytes",
                              "use e.g. --max-graph-gib 2")
         self.policy  # validates precision and fp32_blocks
+        if self.batch.max > MAX_BATCH:
+            raise UsageError(f"--batch {self.batch} goes past {MAX_BATCH} images per call",
+                             f"use at most {MAX_BATCH}; a service splits larger requests")
+        limit = max_text_len(self.model)
+        if self.text_len is not None and self.text_len.max > limit:
+            raise UsageError(f"--text-len {self.text_len} goes past the {limit} tokens the text encoders of "
+                             f"{self.model} can give", f"use at most {limit}"
+                             + ("" if self.model in TINY_MODELS else " (CLIP 77 + T5 512)"))
 
     @property
     def policy(self) -> PrecisionPolicy:
@@ -337,11 +354,26 @@ def gate_stage(config: BuildConfig, loaded: LoadedModel, defs: list[GraphDef], p
 
 def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> dict:
     """Run a whole build and return its manifest. Raises :class:`ParityFailedError` (after keeping
-    the artifacts in ``<out>.failed``) when the gate fails and failures are not allowed."""
+    the artifacts in ``<out>.failed``) when the gate fails and failures are not allowed, and
+    :class:`~..locks.BusyError` when another process is writing the same folder."""
     out = Path(config.out)
     check_replaceable(out)
-    for line in recover(out):
-        log(line)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(out):
+        check_replaceable(out)  # again: the process we waited for may have put something else there
+        for line in recover(out):
+            log(line)
+        return _build(config, out, log)
+
+
+def _space_needed(loaded: LoadedModel, comps: Components, trt: str) -> int:
+    """Bytes a fresh build writes: every graph's weights in the ONNX files, again in the engines."""
+    weights = module_bytes(loaded.split, [*top_level_prefixes(loaded.split.transformer), "mlp"])
+    weights += sum(comps.weight_bytes(n) for n in comps.names)
+    return int(weights * (2 if trt != "none" else 1) * 1.05)
+
+
+def _build(config: BuildConfig, out: Path, log) -> dict:
     trt = choose_trt(config.trt, config.compute_capabilities, log)
     if trt != "none":  # a missing flavour or a bad option stops here, not after minutes of export
         load_trt(trt)
@@ -362,67 +394,80 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
     log(f"      {len(defs)} transformer graphs ({', '.join(d.name for d in defs)}), at most "
         f"{max(module_bytes(loaded.split, d.module_names()) for d in defs) / 2**30:.2f} GiB of weights each")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     previous = None
     if out.is_dir():
         try:
             previous = mf.read_manifest(out)
         except mf.ManifestError:
             previous = None  # an older schema: nothing is reused
+    needed, free = _space_needed(loaded, comps, trt), free_bytes(out.parent)
+    if previous is None and free is not None and free < needed:  # a rebuild links what it reuses: no check
+        raise DiskError(f"{out.parent} has {free / 2**30:.2f} GiB free; this build writes about "
+                        f"{needed / 2**30:.2f} GiB", "free some space there, or build elsewhere (--out)")
     tmp = temp_name(out)
-    tmp.mkdir()
     versions = _versions(trt)
     try:
-        with clock.stage("export"):
-            entries = export_stage(config, loaded, comps, graphs, previous, tmp, versions, log)
-        with clock.stage("engines"):
-            engine_stage(config, trt, entries, specs, shapes, cfg.patch_size, previous, tmp, versions, log)
-        with clock.stage("gate"):
-            log(f"[4/5] parity gate ({config.gate.mode}): ONNX Runtime vs PyTorch float32 on {config.gate.device}"
-                + (" (engines run only on a GPU: onex-export verify --backend tensorrt)" if trt != "none" else ""))
-            verification = gate_stage(config, loaded, defs, plans, shapes, comps, tmp, log)
-        graph_bytes = sum(entries[d.name]["weight_bytes"] for d in defs)
-        model_bytes = module_bytes(loaded.split, [*top_level_prefixes(loaded.split.transformer), "mlp"])
-        manifest = {
-            "schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION, "name": out.name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "status": mf.derive_status([verification]), "tool": versions,
-            "model": {"source": config.model, "mlp": str(config.mlp) if config.mlp else None,
-                      "num_layers": loaded.split.num_layers, "config": public_config(cfg)},
-            "skip": {"one_based": str(config.skip), "first": config.skip.first, "last": config.skip.last,
-                     "zero_based": list(config.skip.indices0), "count": config.skip.count},
-            "precision": config.precision, "precision_policy": config.policy.to_json(), "opset": config.opset,
-            "trt": trt,
-            "shapes": {"ranges": shapes.to_json(), "dims": shapes.dim_ranges(cfg.patch_size),
-                       "dynamic": sorted(shapes.dynamic_dims)},
-            "schedule": schedule_section(SamplingPlan.one_x(config.eta), loaded.split.num_layers, config.skip),
-            "graphs": entries, "plans": plans,
-            "weights": {"model_bytes": model_bytes, "graph_bytes": graph_bytes,
-                        "duplication_ratio": graph_bytes / model_bytes,
-                        "max_graph_bytes": config.max_graph_bytes},
-            "verifications": [verification],
-            "pipeline": {
-                "components": list(comps.names),
-                "tokenizers": save_tokenizers(comps.tokenizers, tmp) if comps.tokenizers else {},
-                "text_graph": "text" if "text" in comps.names else None,
-                "vae_graph": "vae" if "vae" in comps.names else None,
-                "vae_scale_factor": VAE_SCALE, "image_range": [0.0, 1.0], "component_precision": "fp32",
-            },
-        }
-        manifest["stages"] = clock.to_json()
-        log("[5/5] manifest")
-        mf.write_manifest(tmp, manifest)
-        if manifest["status"] != "failed" or config.allow_parity_failure:
-            install(tmp, out)
-            return manifest
-        failed = out.with_name(out.name + ".failed")
-        shutil.rmtree(failed, ignore_errors=True)
-        os.replace(tmp, failed)
-        what, hint = failure_summary(verification)
-        raise ParityFailedError(f"parity gate failed: {what}; the artifacts are kept in {failed} for inspection; "
-                                f"any previous build in {out} is untouched", hint, manifest)
+        with writing(out, needed):
+            return _write_build(config, loaded, comps, trt, defs, specs, plans, graphs, shapes, previous, tmp,
+                                versions, clock, log)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, trt: str, defs, specs, plans, graphs,
+                 shapes: ShapeConfig, previous: dict | None, tmp: Path, versions: dict, clock: StageClock, log) -> dict:
+    """Export, build engines, gate and write the manifest into ``tmp``, then install it (or keep it as
+    ``<out>.failed``)."""
+    out, cfg = Path(config.out), loaded.split.transformer.config
+    tmp.mkdir()
+    with clock.stage("export"):
+        entries = export_stage(config, loaded, comps, graphs, previous, tmp, versions, log)
+    with clock.stage("engines"):
+        engine_stage(config, trt, entries, specs, shapes, cfg.patch_size, previous, tmp, versions, log)
+    with clock.stage("gate"):
+        log(f"[4/5] parity gate ({config.gate.mode}): ONNX Runtime vs PyTorch float32 on {config.gate.device}"
+            + (" (engines run only on a GPU: onex-export verify --backend tensorrt)" if trt != "none" else ""))
+        verification = gate_stage(config, loaded, defs, plans, shapes, comps, tmp, log)
+    graph_bytes = sum(entries[d.name]["weight_bytes"] for d in defs)
+    model_bytes = module_bytes(loaded.split, [*top_level_prefixes(loaded.split.transformer), "mlp"])
+    manifest = {
+        "schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION, "name": out.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "status": mf.derive_status([verification]), "tool": versions,
+        "model": {"source": config.model, "mlp": str(config.mlp) if config.mlp else None,
+                  "num_layers": loaded.split.num_layers, "config": public_config(cfg)},
+        "skip": {"one_based": str(config.skip), "first": config.skip.first, "last": config.skip.last,
+                 "zero_based": list(config.skip.indices0), "count": config.skip.count},
+        "precision": config.precision, "precision_policy": config.policy.to_json(), "opset": config.opset,
+        "trt": trt,
+        "shapes": {"ranges": shapes.to_json(), "dims": shapes.dim_ranges(cfg.patch_size),
+                   "dynamic": sorted(shapes.dynamic_dims)},
+        "schedule": schedule_section(SamplingPlan.one_x(config.eta), loaded.split.num_layers, config.skip),
+        "graphs": entries, "plans": plans,
+        "weights": {"model_bytes": model_bytes, "graph_bytes": graph_bytes,
+                    "duplication_ratio": graph_bytes / model_bytes,
+                    "max_graph_bytes": config.max_graph_bytes},
+        "verifications": [verification],
+        "pipeline": {
+            "components": list(comps.names),
+            "tokenizers": save_tokenizers(comps.tokenizers, tmp) if comps.tokenizers else {},
+            "text_graph": "text" if "text" in comps.names else None,
+            "vae_graph": "vae" if "vae" in comps.names else None,
+            "vae_scale_factor": VAE_SCALE, "image_range": [0.0, 1.0], "component_precision": "fp32",
+        },
+    }
+    manifest["stages"] = clock.to_json()
+    log("[5/5] manifest")
+    mf.write_manifest(tmp, manifest)
+    if manifest["status"] != "failed" or config.allow_parity_failure:
+        install(tmp, out)
+        return manifest
+    failed = out.with_name(out.name + ".failed")
+    shutil.rmtree(failed, ignore_errors=True)
+    os.replace(tmp, failed)
+    what, hint = failure_summary(verification)
+    raise ParityFailedError(f"parity gate failed: {what}; the artifacts are kept in {failed} for inspection; "
+                            f"any previous build in {out} is untouched", hint, manifest)
 
 
 def reference_split(manifest: dict) -> tuple[SplitSD3Transformer, WeightSource]:

@@ -77,6 +77,14 @@ class Components:
                 h.update(mf.sha256_file(file).encode())
         return h.hexdigest()
 
+    def weight_bytes(self, name: str) -> int:
+        """About the bytes of component ``name``'s float32 graph (for the disk-space check): its files are
+        counted twice, as half-precision checkpoints double in float32."""
+        if self.model in TINY_MODELS:
+            return sum(t.numel() * 4 for t in self.load(name).state_dict().values())
+        return 2 * sum(p.stat().st_size for folder in _FOLDERS[name]
+                       for p in (Path(self.model) / folder).rglob("*.safetensors") if p.is_file())
+
     def inputs(self, name: str, batch: int, latent: int, seed: int = 0) -> dict[str, torch.Tensor]:
         """Seeded example inputs of component ``name``, by input name."""
         if name == "text":

@@ -35,7 +35,7 @@ def temp_name(dest: Path, kind: str = "tmp") -> Path:
     return dest.with_name(f".{dest.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _owner_alive(path: Path) -> bool:
+def owner_alive(path: Path) -> bool:
     """Whether the process that made a temp folder still runs. Our own pid cannot have made one yet when
     :func:`recover` runs, so it is a killed run's that had the same pid (containers reuse pids)."""
     match = _OWNER.search(path.name)
@@ -82,11 +82,11 @@ def recover(dest: Path) -> list[str]:
     parent, name = dest.parent, dest.name
     if not parent.is_dir():
         return done
-    olds = sorted((p for p in parent.glob(f".{name}.old-*") if not _owner_alive(p)), key=lambda p: p.stat().st_mtime)
+    olds = sorted((p for p in parent.glob(f".{name}.old-*") if not owner_alive(p)), key=lambda p: p.stat().st_mtime)
     if olds and not dest.exists():
         os.replace(olds.pop(), dest)  # the newest: the build that was in place when the install was killed
         done.append(f"restored the previous build of {dest} from an interrupted install")
-    for stale in olds + [p for p in parent.glob(f".{name}.tmp-*") if not _owner_alive(p)]:
+    for stale in olds + [p for p in parent.glob(f".{name}.tmp-*") if not owner_alive(p)]:
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
         done.append(f"removed {stale.name}, left by a killed build")
     return done

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import MappingProxyType, ModuleType
 from typing import Callable, Mapping
 
+from .. import interrupts
 from ..errors import ModelLoadError, OnexError, UsageError
 from ..fileio import atomic_path
 
@@ -232,6 +233,26 @@ def _make_logger(trt: ModuleType, log: Callable[[str], None] | None):
     return _Logger()
 
 
+def _make_progress_monitor(trt: ModuleType):
+    """A ``trt.IProgressMonitor`` that cancels the build once a signal has arrived (see :mod:`..interrupts`):
+    the builder calls it thousands of times per engine, so Ctrl-C stops a build within seconds."""
+
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def phase_finish(self, phase_name):
+            pass
+
+        def step_complete(self, phase_name, step):
+            return not interrupts.requested()  # False cancels the build
+
+    return _Monitor()
+
+
 def _spec(tensor) -> EngineTensor:
     name = tensor.dtype.name
     return EngineTensor(tensor.name, _DTYPES.get(name, name.lower()), tuple(tensor.shape))
@@ -287,7 +308,9 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, ShapeTri
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    with interrupts.deferred():
+        parsed = parser.parse_from_file(str(onnx_path))
+    if not parsed:
         errors = "\n".join(f"  {parser.get_error(i)}" for i in range(parser.num_errors))
         raise OnnxParseError(f"{_LABELS[options.flavour]} could not parse {onnx_path.name}:\n{errors}",
                              hint="check the file with onnx.checker.check_model and keep its external data "
@@ -313,7 +336,10 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, ShapeTri
             raise EngineOptionsError(f"timing cache {options.timing_cache} cannot be used on this GPU",
                                      hint="delete it or choose another timing cache file")
 
-    serialized = builder.build_serialized_network(network, config)
+    config.progress_monitor = monitor = _make_progress_monitor(trt)
+    with interrupts.deferred():  # the builder swallows exceptions raised in its callbacks: poll instead
+        serialized = builder.build_serialized_network(network, config)
+    del monitor  # kept alive while the builder may call it
     if serialized is None:
         messages = "\n".join(f"  {m}" for m in logger.messages) or "  (TensorRT logged no warnings or errors)"
         raise EngineBuildError(f"{_LABELS[options.flavour]} could not build an engine from {onnx_path.name}:\n"

@@ -11,6 +11,7 @@ from ..runtime.tensorrt_runner import require_gpu
 from . import manifest as mf
 from .build import manifest_components, manifest_defs, manifest_policy, manifest_shapes, reference_split
 from .gate import GateConfig, run_gate
+from ..locks import build_lock
 from .install import recover
 
 
@@ -28,6 +29,13 @@ def verify(folder: Path, log: Callable[[str], None] = lambda _: None, backend: s
     if gate.mode == "none":
         raise UsageError("verify --gate none would check nothing", "use --gate opt or --gate full")
     folder = Path(folder)
+    if not folder.parent.is_dir():
+        raise mf.ManifestError(f"no {mf.FILENAME} in {folder}", "point at a folder written by `onex-export build`")
+    with build_lock(folder):  # a build or verify in progress may be about to replace or record in it
+        return _verify(folder, log, backend, gate, record)
+
+
+def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool) -> tuple[dict, dict]:
     for line in recover(folder):
         log(line)
     manifest = mf.read_manifest(folder)

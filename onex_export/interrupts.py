@@ -1,0 +1,79 @@
+"""Ctrl-C and SIGTERM stop any stage within seconds, clean up after themselves and exit 130 / 143.
+
+Python turns SIGINT into ``KeyboardInterrupt`` wherever the main thread runs Python code, and kills the
+process on SIGTERM without running any ``finally``. Entry points call :func:`install` so that both
+signals raise :class:`Interrupted` (a ``KeyboardInterrupt``), which unwinds through the ``finally``
+blocks that remove temporary files, and the CLI exits ``128 + signal``.
+
+Native code that calls back into Python is the exception: TensorRT's builder catches whatever its
+logger or progress callback raises, logs it and carries on. Around such calls :func:`deferred` only
+records the signal; the callback polls :func:`requested` to cancel the native work, and the interrupt
+is raised when the block ends.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_pending: int | None = None
+_deferring = 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """The user or the system asked the process to stop (SIGINT or SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process stopped by a signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum
+
+
+def _on_signal(signum, frame) -> None:
+    global _pending
+    _pending = signum
+    if not _deferring:
+        _pending = None
+        raise Interrupted(signum)
+
+
+def install() -> None:
+    """Make SIGINT and SIGTERM raise :class:`Interrupted` in the main thread (a no-op in other threads)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            signal.signal(sig, _on_signal)
+
+
+def requested() -> bool:
+    """Whether a signal arrived inside a :func:`deferred` block: native work polling this should give up."""
+    return _pending is not None
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Run a native call that swallows exceptions raised in its callbacks: a signal inside the block is
+    only recorded (:func:`requested` turns true), and delivered again when the block ends, to whatever
+    handler was in place before it. Outside the main thread signals cannot arrive, and nothing changes."""
+    global _deferring, _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _on_signal) for sig in SIGNALS}
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if not _deferring and _pending is not None:
+            pending, _pending = _pending, None
+            signal.raise_signal(pending)  # the handler of before: ours raises Interrupted, Python's SIGINT one
+            #                               KeyboardInterrupt, the default SIGTERM action ends the process
