@@ -43,3 +43,22 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def run_main(main) -> int:
+    """A benchmark's entry point: Ctrl-C and SIGTERM stop it (and its children) with exit 130 / 143, a user
+    error prints its message and hint with exit 1 or 2; only bugs keep their traceback."""
+    import sys
+
+    from onex_export import interrupts
+    from onex_export.errors import OnexError
+
+    interrupts.install()
+    try:
+        return main()
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'SIGINT'}): stopped", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, interrupts.Interrupted) else 130
+    except OnexError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code

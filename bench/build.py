@@ -35,7 +35,7 @@ import torch
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.stages import StageClock
 
-from .arguments import positive_int, resolution
+from .arguments import positive_int, resolution, run_main
 from .random_weights import ARCHS, write_checkpoint
 from .report import write_results
 
@@ -83,14 +83,19 @@ def run_child(argv: list[str], limit: int, log_path: Path) -> dict:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         dog = Watchdog(proc, limit)
         events, last = [], ""
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            if line.startswith("{"):
-                events.append(json.loads(line))
-            elif line.strip():
-                last = line.strip()
-                progress(f"    {last[:150]}")
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if line.startswith("{"):
+                    events.append(json.loads(line))
+                elif line.strip():
+                    last = line.strip()
+                    progress(f"    {last[:150]}")
+        except BaseException:  # an interrupt stops the child too (it cleans up on SIGTERM)
+            proc.terminate()
+            proc.wait()
+            raise
         code = proc.wait()
         dog.join()
     return {"exit_code": code, "seconds": round(time.perf_counter() - start, 1), "peak_rss_bytes": dog.peak,
@@ -294,4 +299,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

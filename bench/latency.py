@@ -27,6 +27,7 @@ from diffusers import SD3Transformer2DModel
 
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError
+from onex_export.fileio import check_destination
 from onex_export.export.build import REAL_TEXT_LEN, BuildConfig, build
 from onex_export.export.components import component_graphs, load_components
 from onex_export.export.precision import PRECISIONS
@@ -40,7 +41,7 @@ from onex_export.runtime.sampler import Conditioning, TorchDenoiser, sample
 from onex_export.runtime.tensorrt_runner import require_gpu
 from onex_export.schedule import SamplingPlan
 
-from .arguments import device_spec, non_negative_int, positive_int, resolution
+from .arguments import device_spec, non_negative_int, positive_int, resolution, run_main
 from .random_weights import ARCHS, random_transformer
 from .peers import CacheDitPeer, SkipLayersPeer, cache_dit_installed
 from .report import markdown, plot, write_results
@@ -322,13 +323,11 @@ def main(argv=None) -> int:
         p.error("--trt applies to --backend tensorrt only")
     if args.backend == "tensorrt":
         args.trt = args.trt or default_trt()
-    try:
-        if cuda:  # --backend tensorrt has --device cuda by now
-            require_gpu("run the benchmark on a GPU machine, or with --device cpu and --backend torch or onnxruntime")
-        report = run(args)
-    except OnexError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    if args.out is not None:  # before the run, not after it
+        check_destination(args.out / "latency.json")
+    if cuda:  # --backend tensorrt has --device cuda by now
+        require_gpu("run the benchmark on a GPU machine, or with --device cpu and --backend torch or onnxruntime")
+    report = run(args)
     device = (report["machine"]["gpu"] or "cpu").replace(" ", "-").lower()
     graph = "-cudagraph" if args.cuda_graph else ""
     out = args.out or Path("bench/results") / f"{args.arch}-{report['backend']}{graph}-{args.dtype}-{device}"
@@ -341,4 +340,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -25,7 +25,7 @@ from onex_export.export.precision import PRECISIONS
 from onex_export.models import build_tiny
 from onex_export.models.zoo import TINY_TEXT_LEN
 
-from .arguments import device_spec, positive_int, resolution
+from .arguments import device_spec, positive_int, resolution, run_main
 from .random_weights import ARCHS, random_transformer
 from .report import write_results
 
@@ -153,4 +153,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from . import __version__, interrupts
 from .config import SkipRange
 from .errors import OnexError, UsageError
-from .fileio import as_disk_error, save_png, save_tensors_atomic
+from .fileio import as_disk_error, check_destination, save_png, save_tensors_atomic
 from .models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
 from .models.zoo import TINY_TEXT_LEN
 from .export.components import COMPONENTS
@@ -153,6 +153,8 @@ def sample_cmd(model, mlp, skip, mode, steps, guidance, eta, seed, batch, resolu
     with the schedule in their metadata.
     """
     torch_dtype = DTYPES[dtype]
+    out = out or Path("samples") / f"{Path(model).name}-{mode}-seed{seed}.safetensors"
+    check_destination(out)  # before the work, not after it
     transformer = load_transformer(model, torch_dtype)
     mlp_module = load_compensation(mlp, transformer) if mlp is not None else None
     split = SplitSD3Transformer(transformer, skip, mlp_module).to(device=device, dtype=torch_dtype)
@@ -204,16 +206,16 @@ def sample_cmd(model, mlp, skip, mode, steps, guidance, eta, seed, batch, resolu
                          torch_dtype, device, on_step=lambda i, s: bar.update())
     elapsed = time.perf_counter() - start
 
-    out = out or Path("samples") / f"{Path(model).name}-{mode}-seed{seed}.safetensors"
+    bad = int((~torch.isfinite(latents)).sum())
+    if bad:
+        raise OnexError(f"sampling produced {bad} non-finite latent values (NaN or inf): {out} was not written",
+                        "check the model's weights; in fp16 try --dtype bf16 or fp32")
     metadata = {"model": model, "plan": plan.name, "sigmas": ",".join(map(str, plan.sigmas)),
                 "skip": str(skip), "eta": str(plan.eta), "seed": str(seed), "nfe": f"{nfe:.4f}"}
     save_tensors_atomic({"latents": latents}, out, metadata)
     click.echo(f"latents   {tuple(latents.shape)} saved to {out}")
-    finite = bool(torch.isfinite(latents).all())
-    verdict = "PASSED" if finite else "FAILED"
-    click.echo(f"{verdict} sample: {plan.name} on {model}, {len(plan.sigmas)} steps in {elapsed:.2f} s, "
-               f"latents {'finite' if finite else 'NOT finite'} (std {latents.float().std():.3f})")
-    sys.exit(0 if finite else 1)
+    click.echo(f"PASSED sample: {plan.name} on {model}, {len(plan.sigmas)} steps in {elapsed:.2f} s, "
+               f"latents finite (std {latents.float().std():.3f})")
 
 
 def _echo_parity(verification: dict) -> None:
@@ -324,11 +326,16 @@ def build_cmd(model, mlp, skip, out, precision, fp32_blocks, trt, batch, resolut
               help="Check at the profile's optimum shape, or at every profile corner too.")
 @click.option("--gate-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the float32 reference runs (one module at a time).")
-def verify_cmd(folder, backend, gate_mode, gate_device):
+@click.option("--model", default=None,
+              help="Where the model the build was made from is now (default: the path its manifest records).")
+@click.option("--mlp", type=click.Path(path_type=Path), default=None,
+              help="Where the build's compensation MLP is now (default: the path its manifest records).")
+def verify_cmd(folder, backend, gate_mode, gate_device, model, mlp):
     """Check a build's files against its manifest (sha256), re-run the parity gate, and record the result in
     the manifest (its status follows)."""
     start = time.perf_counter()
-    manifest, verification = verify(folder, log=click.echo, backend=backend, gate=GateConfig(gate_mode, gate_device))
+    manifest, verification = verify(folder, log=click.echo, backend=backend, gate=GateConfig(gate_mode, gate_device),
+                                    model=model, mlp=mlp)
     _echo_parity(verification)
     passed = verification["status"] == "passed"
     ran = "engines executed" if backend == "tensorrt" else "ONNX graphs on ONNX Runtime; engines need --backend tensorrt"
@@ -354,11 +361,18 @@ def verify_cmd(folder, backend, gate_mode, gate_device):
 def generate_cmd(build_dir, prompts, seed, images_per_prompt, resolution, backend, device, cuda_graph, out):
     """Text -> image with the 1.x-NFE schedule, from a build folder alone."""
     start = time.perf_counter()
+    count = len(prompts) * images_per_prompt
+    paths = [out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+    for path in paths:  # before the work, not after it
+        check_destination(path)
     pipe = BuildPipeline(build_dir, backend, device, cuda_graph=cuda_graph)
     result = pipe.generate(list(prompts), seed, images_per_prompt, resolution)
     for line in result.truncated:
         click.secho(f"truncated: {line}", fg="yellow", err=True)
-    paths = [out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(result.images))]
+    bad = int((~torch.isfinite(result.images)).sum())
+    if bad:
+        raise OnexError(f"the {backend} run produced {bad} non-finite pixel values (NaN or inf): no image was written",
+                        f"check the build with `onex-export verify {build_dir}`; an fp16 build may need --fp32-blocks")
     for image, path in zip(result.images, paths):
         save_png(image, path)
     stages = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in result.seconds.items())

@@ -81,6 +81,33 @@ def writing(path: str | os.PathLike, needed: int | None = None) -> Iterator[None
         raise error from exc
 
 
+def check_destination(path: str | os.PathLike) -> Path:
+    """Check, before any work, that a file can be written at ``path``; return it with symlinks followed.
+
+    Refused: an existing destination that is not a regular file (a device node, a FIFO, a folder), and a
+    path below a file or in a folder this process may not write to (:class:`DiskError`).
+    """
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UsageError(f"{path} exists and is not a regular file: refusing to replace it",
+                             hint="give a path to a new file or to a regular file that may be overwritten")
+    folder = Path(os.path.abspath(path)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"cannot write {path}: {folder} is a file, not a folder", "choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DiskError(f"cannot write {path}: {folder} is not writable"
+                        + (" (read-only file system)" if _read_only(folder) else ""),
+                        "choose a location you may write to, or fix the folder's permissions")
+    return path
+
+
+def _read_only(folder: Path) -> bool:
+    return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error removed.
@@ -88,12 +115,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     A symlink is followed (its target is replaced, the link kept); a destination that exists and is not
     a regular file (a device node, a FIFO, a folder, a socket) is refused before anything is written.
     """
-    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
-    with contextlib.suppress(FileNotFoundError):
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise UsageError(f"{path} exists and is not a regular file: refusing to replace it",
-                             hint="give a path to a new file or to a regular file that may be overwritten")
+    path = check_destination(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with writing(path):

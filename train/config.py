@@ -21,9 +21,10 @@ TEXT_ENCODERS = ("auto", "tiny", "sd3", "diffusers")
 EMBEDDING_DTYPES = ("float32", "bfloat16", "float16")
 CURVES = ("uniform", "a", "b", "c", "d", "e")
 
-# Keys that may change between a checkpoint and its resumption: they do not change what is computed.
+# Keys that may change between a checkpoint and its resumption: they do not change what is computed
+# (run_dir included: a run folder that was moved or copied resumes where it is now).
 RESUMABLE_KEYS = frozenset({"max_steps", "log_every", "sample_every", "sample_count", "checkpoint_every",
-                            "keep_checkpoints", "device", "embedding_cache"})
+                            "keep_checkpoints", "device", "embedding_cache", "run_dir"})
 
 
 class ConfigError(UsageError):

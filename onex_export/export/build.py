@@ -358,12 +358,7 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
     :class:`~..locks.BusyError` when another process is writing the same folder."""
     out = Path(config.out)
     check_replaceable(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with build_lock(out):
-        check_replaceable(out)  # again: the process we waited for may have put something else there
-        for line in recover(out):
-            log(line)
-        return _build(config, out, log)
+    return _build(config, out, log)
 
 
 def _space_needed(loaded: LoadedModel, comps: Components, trt: str) -> int:
@@ -394,24 +389,29 @@ def _build(config: BuildConfig, out: Path, log) -> dict:
     log(f"      {len(defs)} transformer graphs ({', '.join(d.name for d in defs)}), at most "
         f"{max(module_bytes(loaded.split, d.module_names()) for d in defs) / 2**30:.2f} GiB of weights each")
 
-    previous = None
-    if out.is_dir():
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with build_lock(out):
+        check_replaceable(out)  # again: another process may have put something there while we loaded
+        for line in recover(out):
+            log(line)
+        previous = None
+        if out.is_dir():
+            try:
+                previous = mf.read_manifest(out)
+            except mf.ManifestError:
+                previous = None  # an older schema: nothing is reused
+        needed, free = _space_needed(loaded, comps, trt), free_bytes(out.parent)
+        if previous is None and free is not None and free < needed:  # a rebuild links what it reuses: no check
+            raise DiskError(f"{out.parent} has {free / 2**20:.1f} MiB free; this build writes about "
+                            f"{needed / 2**20:.1f} MiB", "free some space there, or build elsewhere (--out)")
+        tmp = temp_name(out)
         try:
-            previous = mf.read_manifest(out)
-        except mf.ManifestError:
-            previous = None  # an older schema: nothing is reused
-    needed, free = _space_needed(loaded, comps, trt), free_bytes(out.parent)
-    if previous is None and free is not None and free < needed:  # a rebuild links what it reuses: no check
-        raise DiskError(f"{out.parent} has {free / 2**30:.2f} GiB free; this build writes about "
-                        f"{needed / 2**30:.2f} GiB", "free some space there, or build elsewhere (--out)")
-    tmp = temp_name(out)
-    versions = _versions(trt)
-    try:
-        with writing(out, needed):
-            return _write_build(config, loaded, comps, trt, defs, specs, plans, graphs, shapes, previous, tmp,
-                                versions, clock, log)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            with writing(out, needed):
+                return _write_build(config, loaded, comps, trt, defs, specs, plans, graphs, shapes, previous, tmp,
+                                    _versions(trt), clock, log)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, trt: str, defs, specs, plans, graphs,
@@ -434,7 +434,8 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
         "schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION, "name": out.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "status": mf.derive_status([verification]), "tool": versions,
-        "model": {"source": config.model, "mlp": str(config.mlp) if config.mlp else None,
+        "model": {"source": config.model if config.model in TINY_MODELS else os.path.abspath(config.model),
+                  "mlp": os.path.abspath(config.mlp) if config.mlp else None,  # absolute: verify runs from anywhere
                   "num_layers": loaded.split.num_layers, "config": public_config(cfg)},
         "skip": {"one_based": str(config.skip), "first": config.skip.first, "last": config.skip.last,
                  "zero_based": list(config.skip.indices0), "count": config.skip.count},

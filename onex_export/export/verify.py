@@ -16,11 +16,14 @@ from .install import recover
 
 
 def verify(folder: Path, log: Callable[[str], None] = lambda _: None, backend: str = "onnxruntime",
-           gate: GateConfig = GateConfig(), record: bool = True) -> tuple[dict, dict]:
+           gate: GateConfig = GateConfig(), record: bool = True, model: str | None = None,
+           mlp: Path | None = None) -> tuple[dict, dict]:
     """Return ``(manifest, verification)``; raises :class:`~manifest.ManifestError` on a file mismatch.
 
     ``backend`` runs the build's ONNX graphs ("onnxruntime", CPU) or its engines ("tensorrt", GPU only).
     With ``record`` the verification is appended to the manifest (atomically) and its status re-derived.
+    ``model`` and ``mlp`` say where the reference the build was made from is now, when it has moved
+    since (the manifest records the paths the build was given).
     """
     if backend not in ("onnxruntime", "tensorrt"):
         raise UsageError(f"verify cannot run backend {backend!r}", "choose onnxruntime or tensorrt")
@@ -32,10 +35,11 @@ def verify(folder: Path, log: Callable[[str], None] = lambda _: None, backend: s
     if not folder.parent.is_dir():
         raise mf.ManifestError(f"no {mf.FILENAME} in {folder}", "point at a folder written by `onex-export build`")
     with build_lock(folder):  # a build or verify in progress may be about to replace or record in it
-        return _verify(folder, log, backend, gate, record)
+        return _verify(folder, log, backend, gate, record, model, mlp)
 
 
-def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool) -> tuple[dict, dict]:
+def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool, model: str | None,
+            mlp: Path | None) -> tuple[dict, dict]:
     for line in recover(folder):
         log(line)
     manifest = mf.read_manifest(folder)
@@ -48,8 +52,10 @@ def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool) -> 
     if engines and manifest["trt"] == "none":
         raise OnexError(f"{folder} has no engines (built with --trt none)",
                         "rebuild with --trt tensorrt or tensorrt-rtx, or verify with --backend onnxruntime")
-    log(f"loading the reference {manifest['model']['source']} (float32, one module at a time on {gate.device})")
-    split, source = reference_split(manifest)
+    reference = {**manifest, "model": {**manifest["model"], **({"source": str(model)} if model else {}),
+                                       **({"mlp": str(mlp)} if mlp else {})}}
+    log(f"loading the reference {reference['model']['source']} (float32, one module at a time on {gate.device})")
+    split, source = reference_split(reference)
     graphs = manifest["graphs"]
     if engines:
         from ..runtime.tensorrt_runner import TrtGraph
@@ -63,7 +69,7 @@ def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool) -> 
         split, source, manifest_defs(manifest), manifest["plans"], load, artifact="engine" if engines else "onnx",
         backend=manifest["trt"] if engines else backend, candidate_device="cuda" if engines else "cpu",
         policy=manifest_policy(manifest), shapes=manifest_shapes(manifest), gate=gate,
-        eta=manifest["schedule"]["eta"], components=manifest_components(manifest, split.transformer.config), log=log)
+        eta=manifest["schedule"]["eta"], components=manifest_components(reference, split.transformer.config), log=log)
     if record:
         manifest = mf.add_verification(folder, verification)
     return manifest, verification
