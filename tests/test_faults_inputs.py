@@ -36,6 +36,26 @@ def tiny_build(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory) -> dict[str, Path]:
+    """Transformer folders whose weights do not fit their config.json: a width changed in the config, one
+    tensor cut in the weights."""
+    import json
+
+    from onex_export.models import build_tiny
+
+    root, model = tmp_path_factory.mktemp("bad-models"), build_tiny("tiny-sd3")
+    model.save_pretrained(root / "config")
+    config = json.loads((root / "config" / "config.json").read_text())
+    (root / "config" / "config.json").write_text(json.dumps({**config, "joint_attention_dim": 40}))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["transformer_blocks.3.attn.to_q.weight"] = state["transformer_blocks.3.attn.to_q.weight"][:, :16].clone()
+    (root / "shape").mkdir()
+    save_file(state, str(root / "shape" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    (root / "shape" / "config.json").write_text(json.dumps(config))
+    return {"bad_config": root / "config", "bad_shape": root / "shape"}
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """An empty current folder with a user's own files in it, which every failing command must leave alone."""
@@ -58,6 +78,9 @@ BAD = [
     (["build", "--skip", "three"], 2, "three"),
     (["build", "--model", "tiny-sd4"], 1, "tiny-sd4"),
     (["build", "--model", "/nonexistent/model"], 1, "/nonexistent/model"),
+    (["build", "--model", "{bad_config}"], 1, "'context_embedder.weight' has (32, 48), the model expects (48, 40)"),
+    (["build", "--model", "{bad_shape}"], 1, "'transformer_blocks.3.attn.to_q.weight' has (32, 16)"),
+    (["sample", "--model", "{bad_shape}"], 1, "the model expects (32, 32)"),
     (["build", "--batch", "0"], 2, "0 < MIN"),
     (["build", "--batch", "4:2:1"], 2, "MIN <= OPT <= MAX"),
     (["build", "--batch", "1:1:100000"], 2, "256"),
@@ -103,8 +126,9 @@ BAD = [
 
 
 @pytest.mark.parametrize("args, code, fragment", BAD, ids=[" ".join(a) for a, _, _ in BAD])
-def test_bad_input_is_refused_clearly_and_nothing_changes(workdir, tiny_build, args, code, fragment):
-    args = [a.replace("{build}", str(tiny_build)) for a in args]
+def test_bad_input_is_refused_clearly_and_nothing_changes(workdir, tiny_build, bad_models, args, code, fragment):
+    paths = {"build": tiny_build, **bad_models}
+    args = [a.format(**paths) if a.startswith("{") else a for a in args]
     before, build_before = tree(workdir), tree(tiny_build)
     result = CliRunner().invoke(main, args)
     message = result.output + (result.stderr if result.stderr_bytes is not None else "")

@@ -70,6 +70,10 @@ class WeightSource:
         """dtype name -> number of tensors stored in it (a mixed checkpoint lists several)."""
         raise NotImplementedError
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The stored shape of ``key``, without reading its data."""
+        raise NotImplementedError
+
 
 class StateDictSource(WeightSource):
     """Tensors held in memory (the embedded tiny models)."""
@@ -86,6 +90,9 @@ class StateDictSource(WeightSource):
     def stored_dtypes(self) -> dict[str, int]:
         return _count(str(t.dtype).removeprefix("torch.") for t in self.state.values())
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.state[key].shape)
+
 
 class SafetensorsSource(WeightSource):
     """A diffusers folder's safetensors files, read one tensor at a time. Each read opens and closes its file:
@@ -95,6 +102,7 @@ class SafetensorsSource(WeightSource):
         self.files = files
         self._where: dict[str, Path] = {}
         self._dtypes: dict[str, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         for file in files:
             with self._open(file) as handle:
                 for key in handle.keys():
@@ -102,8 +110,10 @@ class SafetensorsSource(WeightSource):
                         raise ModelLoadError(f"tensor {key!r} is stored twice: in {self._where[key].name} and {file.name}",
                                              "keep one copy of the checkpoint in the folder")
                     self._where[key] = file
-                    stored = str(handle.get_slice(key).get_dtype()).upper()
+                    header = handle.get_slice(key)
+                    stored = str(header.get_dtype()).upper()
                     self._dtypes[key] = _SAFETENSORS_DTYPES.get(stored, stored.lower())
+                    self._shapes[key] = tuple(header.get_shape())
 
     @classmethod
     def from_folder(cls, folder: Path) -> "SafetensorsSource":
@@ -128,6 +138,9 @@ class SafetensorsSource(WeightSource):
 
     def stored_dtypes(self) -> dict[str, int]:
         return _count(self._dtypes.values())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
 
 
 def _count(names: Iterable[str]) -> dict[str, int]:
@@ -251,6 +264,13 @@ def check_keys(model: nn.Module, source: WeightSource) -> None:
             f"{' (e.g. ' + ', '.join(unexpected[:3]) + ')' if unexpected else ''}",
             "the weights do not belong to this config.json (qk_norm, dual_attention_layers, num_layers?): re-save "
             "the checkpoint with diffusers' save_pretrained")
+    wrong = [(k, source.shape(k), tuple(t.shape)) for k, t in model.state_dict().items() if source.shape(k) != tuple(t.shape)]
+    if wrong:  # found from the files' headers now, not after minutes of exporting the graphs before it
+        key, stored, wanted = wrong[0]
+        raise WeightMismatchError(
+            f"{len(wrong)} checkpoint tensor(s) have another shape than the model of its config.json: e.g. {key!r} "
+            f"has {stored}, the model expects {wanted}",
+            "the weights do not belong to this config.json (widths, joint_attention_dim?): re-save the checkpoint")
 
 
 def load_transformer(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
