@@ -78,7 +78,7 @@ BAD = [
     (["build", "--skip", "three"], 2, "three"),
     (["build", "--model", "tiny-sd4"], 1, "tiny-sd4"),
     (["build", "--model", "/nonexistent/model"], 1, "/nonexistent/model"),
-    (["build", "--model", "{bad_config}"], 1, "'context_embedder.weight' has (32, 48), the model expects (48, 40)"),
+    (["build", "--model", "{bad_config}"], 1, "'context_embedder.weight' has (32, 48), the model expects (32, 40)"),
     (["build", "--model", "{bad_shape}"], 1, "'transformer_blocks.3.attn.to_q.weight' has (32, 16)"),
     (["sample", "--model", "{bad_shape}"], 1, "the model expects (32, 32)"),
     (["build", "--batch", "0"], 2, "0 < MIN"),

@@ -58,7 +58,7 @@ def test_run_folder_log_samples_and_checkpoint(three_steps):
     assert (run_dir / "samples" / "step-000003.png").stat().st_size > 0
     ckpt = checkpoint.latest(run_dir)
     assert ckpt == result.checkpoint == run_dir / "checkpoints" / "step-000003"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.yaml", "fake", "student", "trainer.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checksums.json", "config.yaml", "fake", "student", "trainer.pt"]
     assert Stage1Config.load(ckpt / "config.yaml") == cfg
     # the student is a diffusers folder that onex-export loads as a model
     student = load_transformer(str(ckpt / "student"))
