@@ -147,6 +147,22 @@ def test_a_full_disk_mid_write_is_a_user_error_that_names_the_path(tmp_path):
 
 
 @needs_mounts
+def test_a_disk_that_fills_during_a_rebuild_keeps_the_previous_build(tmp_path):
+    """A rebuild skips the space check (it links what it reuses); the disk then fills while it exports."""
+    disk, cli = tmp_path / "disk", " ".join(CLI)
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o size=64m tmpfs {disk} && cd {ROOT} && "
+              f"{cli} build --trt none {' '.join(FAST)} --out {disk}/b > /dev/null && sha256sum {disk}/b/* > {disk}/.sums"
+              f" && head -c $(( $(df --output=avail -B1 {disk} | tail -1) - 300000 )) /dev/zero > {disk}/filler && "
+              f"{cli} build --trt none {' '.join(FAST)} --skip 4-10 --out {disk}/b; echo exit=$?; "
+              f"sha256sum --quiet -c {disk}/.sums && echo intact; ls -A {disk}")
+    proc = run(["unshare", "-m", "sh", "-c", script])
+    assert "exit=1" in proc.stdout and "intact" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"cannot write {disk}/b: no space is left on its file system" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout.split("intact")[1].split() == [".sums", "b", "filler"]
+
+
+@needs_mounts
 def test_a_build_that_cannot_fit_is_refused_before_it_starts(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
