@@ -46,19 +46,12 @@ def _int(text: str) -> int:
 
 
 def run_main(main) -> int:
-    """A benchmark's entry point: Ctrl-C and SIGTERM stop it (and its children) with exit 130 / 143, a user
-    error prints its message and hint with exit 1 or 2; only bugs keep their traceback."""
-    import sys
-
+    """A benchmark's entry point, run as the CLI's commands are: Ctrl-C and SIGTERM stop it (and its children)
+    with exit 130 / 143; a user error or a full disk prints its message and hint and exits 1 or 2; only bugs
+    keep their traceback."""
     from onex_export import interrupts
-    from onex_export.errors import OnexError
+    from onex_export.cli import errors_reported
 
     interrupts.install()
-    try:
+    with errors_reported():
         return main()
-    except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'SIGINT'}): stopped", file=sys.stderr)
-        return exc.exit_code if isinstance(exc, interrupts.Interrupted) else 130
-    except OnexError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code

@@ -37,7 +37,8 @@ DTYPES = PRECISIONS  # --dtype names, the same as the build's precisions
 def exit_on_interrupt(exc: KeyboardInterrupt) -> None:
     """Report a Ctrl-C or SIGTERM (the temporary files are already gone) and exit 130 or 143."""
     name = str(exc) if isinstance(exc, interrupts.Interrupted) else "SIGINT"
-    click.secho(f"interrupted ({name}): stopped; nothing was installed or replaced", fg="yellow", err=True)
+    click.secho(f"interrupted ({name}): stopped; what was being written was removed, earlier results are as they were",
+                fg="yellow", err=True)
     click.echo("FAILED", err=True)
     sys.exit(exc.exit_code if isinstance(exc, interrupts.Interrupted) else 130)
 

@@ -55,15 +55,17 @@ def as_disk_error(exc: BaseException, path: str | os.PathLike, needed: int | Non
             code = errno.ENOSPC
     if code not in _REASONS:
         return None
-    where = getattr(exc, "filename", None) or path
-    message = f"cannot write {where}: {_REASONS[code]}"
+    filename = getattr(exc, "filename", None)
+    # the user's path rather than our hidden temporary or lock file beside it
+    where = path if not filename or os.path.basename(filename).startswith(".") else filename
+    message = f"cannot {'write' if code in _FULL or code == errno.EROFS else 'access'} {where}: {_REASONS[code]}"
     if code in _FULL:
         free = free_bytes(where)
         message += f" ({_size(free) if free is not None else 'unknown'} free"
         message += f", about {_size(needed)} needed)" if needed else ")"
-        hint = "free some space there, or write somewhere else (--out)"
+        hint = "free some space there, or write somewhere else"
     else:
-        hint = "choose a location you may write to (--out), or fix the folder's permissions"
+        hint = "choose a location you may write to, or fix the permissions"
     return DiskError(message, hint)
 
 

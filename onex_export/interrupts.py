@@ -44,11 +44,18 @@ def _on_signal(signum, frame) -> None:
         raise Interrupted(signum)
 
 
+def _ours(sig: int) -> bool:
+    """Whether to handle ``sig``: not when it is ignored (``nohup``, a shell's background job)."""
+    return signal.getsignal(sig) is not signal.SIG_IGN
+
+
 def install() -> None:
-    """Make SIGINT and SIGTERM raise :class:`Interrupted` in the main thread (a no-op in other threads)."""
+    """Make SIGINT and SIGTERM raise :class:`Interrupted` in the main thread (a no-op in other threads); a
+    signal the process ignores stays ignored."""
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
-            signal.signal(sig, _on_signal)
+            if _ours(sig):
+                signal.signal(sig, _on_signal)
 
 
 def requested() -> bool:
@@ -65,14 +72,14 @@ def deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _on_signal) for sig in SIGNALS}
+    previous = {sig: signal.signal(sig, _on_signal) for sig in SIGNALS if _ours(sig)}
     _deferring += 1
     try:
         yield
     finally:
-        _deferring -= 1
-        for sig, handler in previous.items():
+        for sig, handler in previous.items():  # before leaving deferred mode: a signal now only records itself
             signal.signal(sig, handler)
+        _deferring -= 1
         if not _deferring and _pending is not None:
             pending, _pending = _pending, None
             signal.raise_signal(pending)  # the handler of before: ours raises Interrupted, Python's SIGINT one

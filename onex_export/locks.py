@@ -28,7 +28,10 @@ def exclusive(lock_file: str | os.PathLike, what: str, hint: str) -> Iterator[No
     to do instead of waiting."""
     lock_file = Path(lock_file)
     while True:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except PermissionError:  # another user's, left by a killed run: flock works on a read-only descriptor
+            fd = os.open(lock_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -40,8 +43,9 @@ def exclusive(lock_file: str | os.PathLike, what: str, hint: str) -> Iterator[No
                 break  # the file we locked is still the one at the path
         os.close(fd)  # its owner unlinked it while we waited for the lock: lock the new one
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        with contextlib.suppress(OSError):  # the pid is for the message a second writer gets
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -142,7 +142,9 @@ def test_other_benchmarks_validate_sizes_at_parse_time(module, argv, message, ca
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_tensorrt_benchmark_without_a_gpu_fails_before_building(tmp_path, capsys):
-    assert run_main(lambda: main(["--backend", "tensorrt", "--device", "cuda", "--out", str(tmp_path)])) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: main(["--backend", "tensorrt", "--device", "cuda", "--out", str(tmp_path)]))
+    assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert "needs an NVIDIA GPU" in err and "hint: run the benchmark on a GPU machine" in err
     assert list(tmp_path.iterdir()) == []  # nothing written

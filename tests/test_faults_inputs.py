@@ -199,5 +199,7 @@ def test_bench_latency_refuses_nonsense_at_parse_time(workdir, capsys, argv, fra
 
 
 def test_bench_latency_checks_its_out_folder_before_the_run(workdir, capsys):
-    assert run_main(lambda: bench_latency.main(["--out", "report.txt/results", "--repeats", "1"])) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: bench_latency.main(["--out", "report.txt/results", "--repeats", "1"]))
+    assert exit_info.value.code == 2
     assert "is a file, not a folder" in capsys.readouterr().err

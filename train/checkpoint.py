@@ -33,7 +33,7 @@ from onex_export.export.manifest import sha256_file
 from onex_export.fileio import atomic_path, save_tensors_atomic, writing
 
 from .config import Stage1Config
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo, on_main
 
 WEIGHTS = SAFETENSORS_WEIGHTS_NAME  # diffusers' own file name, so from_pretrained finds it
 CHECKSUMS = "checksums.json"
@@ -97,38 +97,50 @@ def save(cfg: Stage1Config, step: int, models: dict[str, nn.Module], optimizers:
     """
     weights = {name: _full_model_state(m, info) for name, m in models.items()}
     optim = {name: _full_optimizer_state(models[name], opt, info) for name, opt in optimizers.items()}
-    path = None
-    if info.is_main:
+    def write() -> Path:
         rng_state = {"train": rng.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng_state["cuda"] = torch.cuda.get_rng_state_all()
         state = TrainerState(step, optim, {k: s.state_dict() for k, s in schedulers.items()}, rng_state, info.world)
-        root = checkpoints_dir(cfg.run_dir)
-        path = root / f"step-{step:06d}"
+        path = checkpoints_dir(cfg.run_dir) / f"step-{step:06d}"
         _check_finite(weights, step)
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".step-*.tmp-*"):  # a save killed before its rename
-            if not owner_alive(stale):
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f".{path.name}.tmp-{os.getpid()}"
-        try:
-            with writing(tmp):
-                for name, sd in weights.items():
-                    write_diffusers(tmp / name, sd, config_json)
-                torch.save(state.__dict__, tmp / "trainer.pt")
-                (tmp / "config.yaml").write_text(cfg.to_yaml())
-                sums = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
-                (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n")
-                if path.exists():  # a re-run of the same step: replace it
-                    shutil.rmtree(path)
-                os.replace(tmp, path)
-                with atomic_path(root / "latest") as pointer:
-                    pointer.write_text(path.name + "\n")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        _prune(root, cfg.keep_checkpoints)
-    barrier(info)
-    return path
+        _write(cfg, path, weights, state, config_json)
+        return path
+
+    return on_main(write, info, f"rank 0 could not save the checkpoint of step {step}")
+
+
+def _write(cfg: Stage1Config, path: Path, weights: dict, state: TrainerState, config_json: str) -> None:
+    """Write checkpoint ``path`` through a temporary folder, then point ``latest`` at it."""
+    root = path.parent
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with writing(path):
+            for name, sd in weights.items():
+                write_diffusers(tmp / name, sd, config_json)
+            torch.save(state.__dict__, tmp / "trainer.pt")
+            (tmp / "config.yaml").write_text(cfg.to_yaml())
+            sums = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n")
+            if path.exists():  # a re-run of the same step: replace it
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            with atomic_path(root / "latest") as pointer:
+                pointer.write_text(path.name + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _prune(root, cfg.keep_checkpoints)
+
+
+def clean_stale(run_dir: str | Path) -> list[str]:
+    """Remove the temporary folders of saves that were killed before their rename (their process is gone)."""
+    done = []
+    for stale in checkpoints_dir(run_dir).glob(".step-*.tmp-*"):
+        if not owner_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+            done.append(stale.name)
+    return done
 
 
 class DivergedError(OnexError):
@@ -148,9 +160,9 @@ def verify_checksums(path: Path) -> None:
     try:
         sums = json.loads((path / CHECKSUMS).read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} has no readable {CHECKSUMS} ({exc}): it is incomplete or was not written by "
-                              "this trainer", "resume from another checkpoint (write its name into "
-                              f"{path.parent / 'latest'}), or start over with --no-resume") from exc
+        raise CheckpointError(f"{path} has no readable {CHECKSUMS} ({exc}): it is damaged, or was written by an "
+                              "older version of this trainer, which wrote none", "resume from another checkpoint "
+                              f"(write its name into {path.parent / 'latest'}), or start over with --no-resume") from exc
     bad = [name for name, digest in sums.items()
            if not (path / name).is_file() or sha256_file(path / name) != digest]
     if bad:

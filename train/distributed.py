@@ -10,12 +10,15 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from onex_export.errors import UsageError
+from onex_export.errors import OnexError, UsageError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,25 @@ def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return {k: float(v) / info.world for k, v in zip(keys, t.tolist())}
+
+
+def on_main(fn: Callable[[], T], info: DistInfo, failure: str) -> T | None:
+    """``fn()`` on rank 0 only (a collective: every rank calls it). An exception there is raised on every
+    rank, the others with ``failure`` as message, so no rank is left waiting in a collective."""
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as exc:
+            error = exc
+    ok = error is None
+    if info.is_distributed:
+        t = torch.tensor([int(ok)], dtype=torch.int64, device=info.device)
+        dist.broadcast(t, src=0)
+        ok = bool(t.item())
+    if not ok:
+        raise error if error is not None else OnexError(failure, "see rank 0's message")
+    return result
 
 
 def barrier(info: DistInfo) -> None:

@@ -14,6 +14,7 @@ reused from the previous build.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -358,7 +359,20 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> d
     :class:`~..locks.BusyError` when another process is writing the same folder."""
     out = Path(config.out)
     check_replaceable(out)
-    return _build(config, out, log)
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
+    try:
+        with writing(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+        with writing(out), build_lock(out):  # before the (long) load: a second writer or an unwritable --out stops at once
+            check_replaceable(out)  # again: another process may have put something there meanwhile
+            for line in recover(out):
+                log(line)
+            return _build(config, out, log)
+    except BaseException:
+        for folder in made:  # folders made only to hold this build, still empty: a failed build leaves none
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _space_needed(loaded: LoadedModel, comps: Components, trt: str) -> int:
@@ -389,29 +403,23 @@ def _build(config: BuildConfig, out: Path, log) -> dict:
     log(f"      {len(defs)} transformer graphs ({', '.join(d.name for d in defs)}), at most "
         f"{max(module_bytes(loaded.split, d.module_names()) for d in defs) / 2**30:.2f} GiB of weights each")
 
-    with writing(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    with build_lock(out):
-        check_replaceable(out)  # again: another process may have put something there while we loaded
-        for line in recover(out):
-            log(line)
-        previous = None
-        if out.is_dir():
-            try:
-                previous = mf.read_manifest(out)
-            except mf.ManifestError:
-                previous = None  # an older schema: nothing is reused
-        needed, free = _space_needed(loaded, comps, trt), free_bytes(out.parent)
-        if previous is None and free is not None and free < needed:  # a rebuild links what it reuses: no check
-            raise DiskError(f"{out.parent} has {free / 2**20:.1f} MiB free; this build writes about "
-                            f"{needed / 2**20:.1f} MiB", "free some space there, or build elsewhere (--out)")
-        tmp = temp_name(out)
+    previous = None
+    if out.is_dir():
         try:
-            with writing(out, needed):
-                return _write_build(config, loaded, comps, trt, defs, specs, plans, graphs, shapes, previous, tmp,
-                                    _versions(trt), clock, log)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            previous = mf.read_manifest(out)
+        except mf.ManifestError:
+            previous = None  # an older schema: nothing is reused
+    needed, free = _space_needed(loaded, comps, trt), free_bytes(out.parent)
+    if previous is None and free is not None and free < needed:  # a rebuild links what it reuses: no check
+        raise DiskError(f"{out.parent} has {free / 2**20:.1f} MiB free; this build writes about "
+                        f"{needed / 2**20:.1f} MiB", "free some space there, or build elsewhere (--out)")
+    tmp = temp_name(out)
+    try:
+        with writing(out, needed):
+            return _write_build(config, loaded, comps, trt, defs, specs, plans, graphs, shapes, previous, tmp,
+                                _versions(trt), clock, log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, trt: str, defs, specs, plans, graphs,

@@ -104,7 +104,7 @@ def install(tmp: Path, dest: Path) -> None:
     os.replace(dest, old)
     try:
         os.replace(tmp, dest)
-    except OSError:
-        os.replace(old, dest)  # put the previous build back before reporting the failure
+    except BaseException:  # an interrupt too: put the previous build back before reporting
+        os.replace(old, dest)
         raise
     shutil.rmtree(old, ignore_errors=True)

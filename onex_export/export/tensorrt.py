@@ -290,27 +290,16 @@ def _add_profile(builder, network, config, profile: ShapeProfile) -> None:
         config.add_optimization_profile(opt_profile)
 
 
-def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, ShapeTriple] | ShapeProfile,
-                 options: EngineBuildOptions, log: Callable[[str], None] | None = None) -> EngineReport:
-    """Build a serialized engine from ``onnx_path`` and write it atomically to ``engine_path``.
-
-    ``profile`` gives (min, opt, max) shapes for every input with a dynamic dimension. TensorRT's warnings
-    and errors go to ``log``. On any failure an existing file at ``engine_path`` is left untouched.
-    """
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    profile = profile if isinstance(profile, ShapeProfile) else ShapeProfile(profile)
-    trt = load_trt(options.flavour)
-    capabilities = _capability_enums(trt, options.compute_capabilities)
-    if not onnx_path.is_file():
-        raise ModelLoadError(f"ONNX file {onnx_path} does not exist", hint="export the ONNX model first")
-    start = time.perf_counter()
+def _build_serialized(trt: ModuleType, onnx_path: Path, engine_path: Path, profile: ShapeProfile,
+                      options: EngineBuildOptions, capabilities: list, log
+                      ) -> tuple[tuple[EngineTensor, ...], tuple[EngineTensor, ...]] | None:
+    """Parse, build and write the engine; return the network's (inputs, outputs), or None when a signal
+    cancelled the build. Called with signals deferred: TensorRT swallows what its callbacks raise."""
     logger = _make_logger(trt, log)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    with interrupts.deferred():
-        parsed = parser.parse_from_file(str(onnx_path))
-    if not parsed:
+    if not parser.parse_from_file(str(onnx_path)):
         errors = "\n".join(f"  {parser.get_error(i)}" for i in range(parser.num_errors))
         raise OnnxParseError(f"{_LABELS[options.flavour]} could not parse {onnx_path.name}:\n{errors}",
                              hint="check the file with onnx.checker.check_model and keep its external data "
@@ -337,9 +326,10 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, ShapeTri
                                      hint="delete it or choose another timing cache file")
 
     config.progress_monitor = monitor = _make_progress_monitor(trt)
-    with interrupts.deferred():  # the builder swallows exceptions raised in its callbacks: poll instead
-        serialized = builder.build_serialized_network(network, config)
+    serialized = None if interrupts.requested() else builder.build_serialized_network(network, config)
     del monitor  # kept alive while the builder may call it
+    if serialized is None and interrupts.requested():
+        return None  # leaving the deferred block raises the interrupt
     if serialized is None:
         messages = "\n".join(f"  {m}" for m in logger.messages) or "  (TensorRT logged no warnings or errors)"
         raise EngineBuildError(f"{_LABELS[options.flavour]} could not build an engine from {onnx_path.name}:\n"
@@ -350,13 +340,35 @@ def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, ShapeTri
     if options.timing_cache is not None:
         with atomic_path(options.timing_cache) as tmp, open(tmp, "wb") as f:
             f.write(config.get_timing_cache().serialize())
+    return (tuple(_spec(network.get_input(i)) for i in range(network.num_inputs)),
+            tuple(_spec(network.get_output(i)) for i in range(network.num_outputs)))
+
+
+def build_engine(onnx_path: Path, engine_path: Path, profile: dict[str, ShapeTriple] | ShapeProfile,
+                 options: EngineBuildOptions, log: Callable[[str], None] | None = None) -> EngineReport:
+    """Build a serialized engine from ``onnx_path`` and write it atomically to ``engine_path``.
+
+    ``profile`` gives (min, opt, max) shapes for every input with a dynamic dimension. TensorRT's warnings
+    and errors go to ``log``. On any failure an existing file at ``engine_path`` is left untouched.
+    """
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    profile = profile if isinstance(profile, ShapeProfile) else ShapeProfile(profile)
+    trt = load_trt(options.flavour)
+    capabilities = _capability_enums(trt, options.compute_capabilities)
+    if not onnx_path.is_file():
+        raise ModelLoadError(f"ONNX file {onnx_path} does not exist", hint="export the ONNX model first")
+    start = time.perf_counter()
+    with interrupts.deferred():  # a signal cancels the build through the progress monitor, raised at the end
+        tensors = _build_serialized(trt, onnx_path, engine_path, profile, options, capabilities, log)
+    if tensors is None:  # cancelled, and the interrupt's handler did not raise
+        raise EngineBuildError(f"the build of {onnx_path.name} was cancelled by a signal", "run it again")
     return EngineReport(
         path=engine_path,
         size_bytes=engine_path.stat().st_size,
         build_seconds=time.perf_counter() - start,
         flavour=options.flavour,
         version=trt.__version__,
-        inputs=tuple(_spec(network.get_input(i)) for i in range(network.num_inputs)),
-        outputs=tuple(_spec(network.get_output(i)) for i in range(network.num_outputs)),
+        inputs=tensors[0],
+        outputs=tensors[1],
         compute_capabilities=options.compute_capabilities,
     )
