@@ -132,6 +132,25 @@ class SamplingPlan:
         """The teacher's Euler sampling with classifier-free guidance (28 x 2 NFE by default)."""
         return cls(f"teacher-{num_steps}", teacher_sigmas(num_steps), (False,) * num_steps, 1.0, guidance_scale)
 
+    @classmethod
+    def from_manifest(cls, schedule: dict) -> "SamplingPlan":
+        """The plan a build's manifest records in its ``schedule`` section: what a runtime runs.
+
+        Each step names its transformer plan, ``"full"`` or ``"skipping"``; ``sigma_next`` must agree with the
+        next step's sigma (0 after the last). Raises ``ValueError`` on anything else.
+        """
+        plans = {"full": False, "skipping": True}
+        steps = schedule["steps"]
+        unknown = sorted({str(s["plan"]) for s in steps} - set(plans))
+        if unknown:
+            raise ValueError(f"unknown step plan(s) {unknown}: a step is 'full' or 'skipping'")
+        sigmas = tuple(float(s["sigma"]) for s in steps)
+        for i, step in enumerate(steps):
+            expected = sigmas[i + 1] if i + 1 < len(sigmas) else 0.0
+            if float(step["sigma_next"]) != expected:
+                raise ValueError(f"step {i + 1} goes to sigma {step['sigma_next']}, but the next step starts at {expected}")
+        return cls(str(schedule["name"]), sigmas, tuple(plans[s["plan"]] for s in steps), float(schedule["eta"]))
+
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0

@@ -143,3 +143,46 @@ def test_a_graph_onnx_runtime_refuses_unoptimised_is_loaded_optimised(build_dir,
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
     with pytest.raises(OnexError, match="ONNX Runtime cannot load"):
         rg.OrtGraph(tmp_path / "bad.onnx", low_memory=True)
+
+
+def _edit_schedule(build_dir, to, edit):
+    shutil.copytree(build_dir, to)
+    manifest = mf.read_manifest(to)
+    edit(manifest["schedule"])
+    mf.write_manifest(to, manifest)
+    return to
+
+
+def test_the_runtime_runs_the_schedule_its_manifest_records(build_dir, tmp_path):
+    """Edited to the plain 2-step student (no skipping) and to other sigmas, the manifest changes what runs:
+    the same images as the unedited build told to run that plan in code, and other images than its own."""
+    from onex_export.schedule import SamplingPlan
+
+    def two_step(schedule):
+        for step in schedule["steps"]:
+            step["plan"] = "full"
+        schedule["name"] = "2-step"
+
+    def sigmas(schedule):
+        schedule["steps"][1]["sigma"] = schedule["steps"][0]["sigma_next"] = 0.5
+
+    original = BuildPipeline(build_dir)
+    base = original.generate(["a red cube"], seed=3).images
+    for edit, plan in ((two_step, SamplingPlan.student(2)), (sigmas, SamplingPlan("1.x-nfe", (1.0, 0.5), (False, True)))):
+        edited = BuildPipeline(_edit_schedule(build_dir, tmp_path / edit.__name__, edit))
+        assert (edited.plan.sigmas, edited.plan.skips) == (plan.sigmas, plan.skips)
+        images = edited.generate(["a red cube"], seed=3).images
+        original.plan = plan
+        assert torch.equal(images, original.generate(["a red cube"], seed=3).images)
+        assert (images - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["steps"][1].update(plan="half"), r"unknown step plan\(s\) \['half'\]"),
+    (lambda s: s["steps"][0].update(sigma_next=0.6), "step 1 goes to sigma 0.6, but the next step starts at 0.75"),
+    (lambda s: s["steps"][0].update(plan="skipping"), "the first step must be a full step"),
+    (lambda s: s.pop("steps"), "cannot be run: 'steps'"),
+])
+def test_a_schedule_the_runtime_cannot_run_is_refused(build_dir, tmp_path, edit, message):
+    with pytest.raises(mf.ManifestError, match=message):
+        BuildPipeline(_edit_schedule(build_dir, tmp_path / "edited", edit))

@@ -17,7 +17,6 @@ from ..config import SkipRange
 from ..errors import OnexError, UsageError
 from ..export import manifest as mf
 from ..export.components import component_graphs
-from ..export.shapes import VAE_SCALE
 from ..models.text import SD3Tokenizers
 from ..schedule import SamplingPlan
 from .cuda_graph import CudaGraphDenoiser, require_cuda
@@ -44,6 +43,20 @@ def _load_tokenizers(folder: Path, manifest: dict) -> SD3Tokenizers:
         tok.model_max_length = entry["max_length"]
         toks[name] = tok
     return SD3Tokenizers(toks["clip_l"], toks["clip_g"], toks["t5"])
+
+
+def _plan(folder: Path, manifest: dict) -> SamplingPlan:
+    """The schedule the manifest records (sigmas, each step's plan, eta), checked against the build's plans."""
+    try:
+        plan = SamplingPlan.from_manifest(manifest["schedule"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise mf.ManifestError(f"the schedule in {folder / mf.FILENAME} cannot be run: {exc!s}",
+                               "rebuild with `onex-export build`") from exc
+    missing = {"skipping" if s else "full" for s in plan.skips} - set(manifest["plans"])
+    if missing:
+        raise mf.ManifestError(f"the schedule in {folder / mf.FILENAME} uses plan(s) {sorted(missing)}, which the "
+                               f"build does not have ({', '.join(manifest['plans'])})", "rebuild with `onex-export build`")
+    return plan
 
 
 def _check_cuda_graph(backend: str, device: str) -> None:
@@ -86,7 +99,7 @@ class BuildPipeline:
         self.denoiser = PlanDenoiser(self.graphs, m["plans"])
         if cuda_graph:  # captured per batch size and resolution on first use
             self.denoiser = CudaGraphDenoiser(self.denoiser)
-        self.plan = SamplingPlan.one_x(m["schedule"]["eta"])
+        self.plan = _plan(self.folder, m)
 
     def _graphs(self) -> dict:
         if self.backend != "torch":
@@ -144,7 +157,7 @@ class BuildPipeline:
         text = stage("text", lambda: self.graphs["text"](ids_l=tok.ids_l, ids_g=tok.ids_g, ids_t5=tok.ids_t5))
         cond = Conditioning(text["encoder_hidden_states"].float(), text["pooled_projections"].float())
         channels = self.manifest["model"]["config"]["in_channels"]
-        latent = resolution // VAE_SCALE
+        latent = resolution // self.manifest["pipeline"]["vae_scale_factor"]
         device = "cuda" if self.backend == "tensorrt" else self.device
         latents = stage("transformer", lambda: sample(self.denoiser, self.plan, cond, (channels, latent, latent), seed,
                                                       device=device))
