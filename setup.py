@@ -16,6 +16,7 @@ setup(
     description="Export 1.x-Distill SD3/SD3.5 models (two-step, cache-skipping) to ONNX and TensorRT",
     python_requires=">=3.10",
     packages=find_packages(include=["onex_export", "onex_export.*"]),
+    package_data={"onex_export": ["schemas/*.json"]},
     install_requires=[
         "torch>=2.13,<3",
         "diffusers>=0.42,<1",
@@ -35,7 +36,9 @@ setup(
         "tensorrt": ["tensorrt-cu13-bindings>=11.4,<11.5", "tensorrt-cu13-libs>=11.4,<11.5"],
         "bench": ["matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2"],  # cache-dit: a training-free peer
         "train": ["PyYAML>=6,<7"],
-        "test": ["pytest>=9.2,<10", "matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2", "PyYAML>=6,<7", *RTX],
+        # jsonschema: the tests validate real manifests against onex_export/schemas/manifest.schema.json
+        "test": ["pytest>=9.2,<10", "matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2", "PyYAML>=6,<7", "jsonschema>=4.26,<5",
+                 *RTX],
     },
     entry_points={"console_scripts": ["onex-export=onex_export.cli:main"]},
 )

@@ -16,6 +16,7 @@ from .onnx_export import sha256_file
 SCHEMA = "onex-export/build-manifest"
 SCHEMA_VERSION = 2
 FILENAME = "manifest.json"
+JSON_SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "manifest.schema.json"  # for services to validate with
 
 
 class ManifestError(OnexError):
