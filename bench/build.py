@@ -109,7 +109,7 @@ def naive_worker(folder: Path, precision: str, resolution: int, text_len: int, t
     from diffusers import SD3Transformer2DModel
 
     from onex_export.export.onnx_export import export_graph
-    from onex_export.export.graphs import GraphSpec, TensorSpec
+    from onex_export.contract import GraphSpec, TensorSpec
     from onex_export.export.tensorrt import EngineBuildOptions, build_engine
 
     dtype, clock = PRECISIONS[precision], StageClock()

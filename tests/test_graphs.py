@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from onex_export.config import SkipRange
-from onex_export.export.graphs import (
-    SubgraphModule, build_plans, module_bytes, run_plan, stream_dtype, transformer_graphs,
-)
+from onex_export.contract import run_plan
+from onex_export.export.graphs import SubgraphModule, build_plans, module_bytes, stream_dtype, transformer_graphs
 from onex_export.export.onnx_export import export_graph, trace_inputs
 from onex_export.export.precision import Fp32Blocks, PrecisionPolicy, apply_precision
 from onex_export.models import SplitSD3Transformer, build_tiny

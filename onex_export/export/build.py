@@ -32,7 +32,7 @@ import torch
 from .. import __version__
 from ..config import BlockRange, SkipRange
 from ..errors import OnexError, UsageError
-from ..fileio import DiskError, free_bytes, writing
+from ..fileio import DiskError, free_bytes, sha256_file, writing
 from ..locks import build_lock
 from ..models import DEFAULT_MODEL, CompensationMLP, SplitSD3Transformer, load_compensation
 from ..models.weights import (
@@ -46,7 +46,7 @@ from .components import COMPONENTS, Components, available, load_components, save
 from .gate import GateConfig, failure_summary, run_gate
 from .graphs import DEFAULT_GRAPH_BYTES, GraphDef, SubgraphModule, build_plans, module_bytes, transformer_graphs
 from .install import check_replaceable, install, recover, temp_name
-from .onnx_export import EXPORTER, MIN_OPSET, PROTOBUF_LIMIT, TRACE_DIMS, export_graph, sha256_file, trace_inputs
+from .onnx_export import EXPORTER, MIN_OPSET, PROTOBUF_LIMIT, TRACE_DIMS, export_graph, trace_inputs
 from .precision import Fp32Blocks, PrecisionPolicy, apply_precision
 from .shapes import VAE_SCALE, DimRange, ShapeConfig
 from .stages import StageClock

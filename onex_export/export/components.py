@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..models.text import SD3Tokenizers, build_tiny_text, load_text_encoder, load_tokenizers
+from ..models.text import build_tiny_text, load_text_encoder, load_tokenizers
+from ..runtime.tokenizers import SD3Tokenizers
 from ..models.vae import LatentDecoder, build_tiny_vae, load_vae
 from ..models.zoo import TINY_MODELS
 from . import manifest as mf
-from .graphs import IH, IW, B, H, W, GraphSpec, TensorSpec
+from ..contract import IH, IW, B, H, W, GraphSpec, TensorSpec
 
 COMPONENTS = ("text", "vae")
 _FOLDERS = {"text": ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"),

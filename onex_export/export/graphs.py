@@ -20,33 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..contract import TORCH_DTYPES, B, GraphSpec, H, N, T, TensorSpec, W
 from ..models.split import SplitSD3Transformer
 from .precision import PrecisionPolicy
 
-# Symbolic dimension names shared by all graphs (and by the manifest's shape ranges).
-B, T, N, H, W = "batch", "text_len", "img_tokens", "latent_height", "latent_width"
-IH, IW = "image_height", "image_width"  # 8x the latent size (the VAE decoder's output)
 ROLES = ("head", "segment", "reuse", "tail")
 EMBED_MODULES = ("pos_embed", "time_text_embed", "context_embedder")
 OUTPUT_MODULES = ("norm_out", "proj_out")
 DEFAULT_GRAPH_BYTES = 2 * 1024**3  # an engine build needs about 3x its graph's weights in memory
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A graph input or output: name and symbolic shape (ints are static, strings symbolic)."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: str  # "float32" | "float16" | "bfloat16" | "int64"
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    name: str
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
 
 
 @dataclass(frozen=True)
@@ -251,19 +232,6 @@ def build_plans(defs: list[GraphDef]) -> dict:
         "skipping": {"inputs": transformer_inputs + ["delta_img", "delta_ctx"], "steps": head + [reuse] + tail_skip,
                      "outputs": {"velocity": f"{last_tail}.velocity"}},
     }
-
-
-def run_plan(plan: dict, graphs, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Execute a plan over callables ``graphs[name](**inputs) -> {output: tensor}``.
-
-    This is the whole contract a service implements from the manifest; the ONNX Runtime and
-    TensorRT runners and the parity gate all go through it.
-    """
-    values = {f"inputs.{k}": v for k, v in feeds.items()}
-    for step in plan["steps"]:
-        outs = graphs[step["graph"]](**{name: values[src] for name, src in step["bind"].items()})
-        values.update({f"{step['graph']}.{k}": v for k, v in outs.items()})
-    return {name: values[src] for name, src in plan["outputs"].items()}
 
 
 def transformer_graphs(split: SplitSD3Transformer, policy: PrecisionPolicy,

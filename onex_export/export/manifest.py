@@ -1,4 +1,5 @@
-"""``manifest.json``: what a service needs to run the 1.x-NFE schedule from a build folder alone.
+"""``manifest.json``, the writing side: what a service needs to run the 1.x-NFE schedule from a build folder
+alone. Reading and checking it is :mod:`onex_export.contract`'s, which the runtime uses.
 
 The schema is documented in ``engines/README.md`` and versioned by ``schema_version``; a reader
 rejects a major version it does not know. Files are listed with sha256 so that a tampered or
@@ -9,18 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import OnexError
-from ..fileio import atomic_path
-from .onnx_export import sha256_file
-
-SCHEMA = "onex-export/build-manifest"
-SCHEMA_VERSION = 2
-FILENAME = "manifest.json"
-JSON_SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "manifest.schema.json"  # for services to validate with
-
-
-class ManifestError(OnexError):
-    """A build folder's manifest is missing, unreadable, or does not match its files."""
+from ..contract import (  # noqa: F401 (the reading side lives in the contract; build and verify use it from here)
+    FILENAME, JSON_SCHEMA, SCHEMA, SCHEMA_VERSION, ManifestError, artifact_entries, check_files, read_manifest,
+)
+from ..fileio import atomic_path, sha256_file
 
 
 def file_entry(folder: Path, path: Path) -> dict:
@@ -42,23 +35,6 @@ def is_build_folder(folder: Path) -> bool:
         return False
 
 
-def read_manifest(folder: Path) -> dict:
-    """Load and check the schema of ``folder/manifest.json``."""
-    path = Path(folder) / FILENAME
-    if not path.is_file():
-        raise ManifestError(f"no {FILENAME} in {folder}", "point at a folder written by `onex-export build`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"cannot read {path}: {exc}", "rebuild with `onex-export build`") from exc
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise ManifestError(f"{path} is not an onex-export build manifest")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ManifestError(f"{path} has schema version {manifest.get('schema_version')}, this tool reads "
-                            f"{SCHEMA_VERSION}", "rebuild with this version of onex-export")
-    return manifest
-
-
 def derive_status(verifications: list[dict]) -> str:
     """A build's ``status`` from its verifications, taking the latest of each (artifact, backend, device):
     ``failed`` if any failed, else ``passed`` if any passed, else ``unverified`` (none could run here,
@@ -78,27 +54,3 @@ def add_verification(folder: Path, verification: dict) -> dict:
     manifest["status"] = derive_status(manifest["verifications"])
     write_manifest(folder, manifest)
     return manifest
-
-
-def artifact_entries(manifest: dict) -> list[dict]:
-    """Every file entry the manifest lists (ONNX graphs, their external data, engines, tokenizers)."""
-    out = []
-    for graph in manifest["graphs"].values():
-        for kind in ("onnx", "onnx_data", "engine"):
-            if graph.get(kind):
-                out.append(graph[kind])
-    for tokenizer in manifest.get("pipeline", {}).get("tokenizers", {}).values():
-        out.extend(tokenizer["files"])
-    return out
-
-
-def check_files(folder: Path, manifest: dict) -> list[str]:
-    """Problems with the listed files (missing, size or sha256 mismatch); empty when all match."""
-    problems = []
-    for entry in artifact_entries(manifest):
-        path = Path(folder) / entry["file"]
-        if not path.is_file():
-            problems.append(f"{entry['file']}: missing")
-        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            problems.append(f"{entry['file']}: sha256 does not match the manifest (corrupted or tampered)")
-    return problems

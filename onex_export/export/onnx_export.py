@@ -9,7 +9,6 @@ third), so the engine's optimization profile fixes the real shapes and one ONNX 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import OnexError
-from .graphs import IH, IW, TORCH_DTYPES, B, GraphSpec, H, N, T, W
+from ..contract import IH, IW, TORCH_DTYPES, B, GraphSpec, H, N, T, W
 
 PROTOBUF_LIMIT = 2 * 1024**3  # a single ONNX protobuf cannot exceed 2 GiB
 MIN_OPSET = 17
@@ -47,14 +46,6 @@ def trace_inputs(spec: GraphSpec, patch_size: int, seed: int = 0, dims: dict | N
         else:
             out.append(torch.randn(shape, generator=g).to(TORCH_DTYPES[t.dtype]))
     return tuple(out)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

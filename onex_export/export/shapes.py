@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from .graphs import IH, IW, B, H, N, T, W, GraphSpec
+from ..contract import IH, IW, B, H, N, T, W, GraphSpec
 
 VAE_SCALE = 8
 

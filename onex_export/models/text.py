@@ -9,7 +9,6 @@ code (no downloads); real models load from an SD3/SD3.5 pipeline folder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..runtime.tokenizers import SD3Tokenizers
 
 TINY_CLIP_LEN = 8  # tiny stand-ins for SD3's 77 CLIP tokens ...
 TINY_T5_LEN = 8  # ... and 256 T5 tokens: 8 + 8 = 16 text tokens for the tiny transformers
@@ -37,39 +37,6 @@ class SD3TextEncoder(nn.Module):
         clip = torch.cat([out_l.hidden_states[-2], out_g.hidden_states[-2]], dim=-1)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat([out_l.text_embeds, out_g.text_embeds], dim=-1)
-
-
-@dataclass(frozen=True)
-class Tokenized:
-    ids_l: torch.Tensor
-    ids_g: torch.Tensor
-    ids_t5: torch.Tensor
-    truncated: tuple[str, ...]  # one line per prompt that lost tokens, saying which encoder cut what
-
-
-@dataclass(frozen=True)
-class SD3Tokenizers:
-    """The three tokenizers (Hugging Face fast tokenizers), each padding to its maximum length."""
-
-    clip_l: object
-    clip_g: object
-    t5: object
-
-    def items(self):
-        return (("clip_l", self.clip_l), ("clip_g", self.clip_g), ("t5", self.t5))
-
-    def __call__(self, prompts: list[str]) -> Tokenized:
-        ids, truncated = {}, []
-        for name, tok in self.items():
-            full = tok(prompts, padding=False, truncation=False, verbose=False)["input_ids"]
-            ids[name] = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                            return_tensors="pt")["input_ids"]
-            for i, (prompt, seq) in enumerate(zip(prompts, full)):
-                if len(seq) > tok.model_max_length:
-                    kept = tok.decode(ids[name][i], skip_special_tokens=True)
-                    truncated.append(f"{name} keeps {tok.model_max_length} of {len(seq)} tokens of {prompt!r}: "
-                                     f"dropped {prompt[len(kept):]!r}")
-        return Tokenized(ids["clip_l"], ids["clip_g"], ids["t5"], tuple(truncated))
 
 
 def _byte_tokenizer(max_length: int, clip_style: bool):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import OnexError
-from ..export.graphs import TORCH_DTYPES, GraphSpec, run_plan
+from ..contract import TORCH_DTYPES, GraphSpec, run_plan
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 

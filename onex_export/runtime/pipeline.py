@@ -15,13 +15,12 @@ import torch
 
 from ..config import SkipRange
 from ..errors import OnexError, UsageError
-from ..export import manifest as mf
-from ..export.components import component_graphs
-from ..models.text import SD3Tokenizers
+from .. import contract
 from ..schedule import SamplingPlan
 from .cuda_graph import CudaGraphDenoiser, require_cuda
 from .graphs import PlanDenoiser, TorchGraph, load_build_graphs
 from .sampler import Conditioning, sample
+from .tokenizers import load_build_tokenizers
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
@@ -34,27 +33,16 @@ class Generation:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
 
 
-def _load_tokenizers(folder: Path, manifest: dict) -> SD3Tokenizers:
-    from transformers import PreTrainedTokenizerFast
-
-    toks = {}
-    for name, entry in manifest["pipeline"]["tokenizers"].items():
-        tok = PreTrainedTokenizerFast.from_pretrained(str(folder / entry["dir"]))
-        tok.model_max_length = entry["max_length"]
-        toks[name] = tok
-    return SD3Tokenizers(toks["clip_l"], toks["clip_g"], toks["t5"])
-
-
 def _plan(folder: Path, manifest: dict) -> SamplingPlan:
     """The schedule the manifest records (sigmas, each step's plan, eta), checked against the build's plans."""
     try:
         plan = SamplingPlan.from_manifest(manifest["schedule"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise mf.ManifestError(f"the schedule in {folder / mf.FILENAME} cannot be run: {exc!s}",
+        raise contract.ManifestError(f"the schedule in {folder / contract.FILENAME} cannot be run: {exc!s}",
                                "rebuild with `onex-export build`") from exc
     missing = {"skipping" if s else "full" for s in plan.skips} - set(manifest["plans"])
     if missing:
-        raise mf.ManifestError(f"the schedule in {folder / mf.FILENAME} uses plan(s) {sorted(missing)}, which the "
+        raise contract.ManifestError(f"the schedule in {folder / contract.FILENAME} uses plan(s) {sorted(missing)}, which the "
                                f"build does not have ({', '.join(manifest['plans'])})", "rebuild with `onex-export build`")
     return plan
 
@@ -79,12 +67,12 @@ class BuildPipeline:
         if cuda_graph:
             _check_cuda_graph(backend, device)
         self.folder = Path(folder)
-        self.manifest = m = mf.read_manifest(self.folder)
-        if check_files and (problems := mf.check_files(self.folder, m)):
-            raise mf.ManifestError(f"{self.folder} does not match its manifest:\n    " + "\n    ".join(problems),
+        self.manifest = m = contract.read_manifest(self.folder)
+        if check_files and (problems := contract.check_files(self.folder, m)):
+            raise contract.ManifestError(f"{self.folder} does not match its manifest:\n    " + "\n    ".join(problems),
                                    "rebuild with `onex-export build`")
         if m["status"] == "failed":
-            raise mf.ManifestError(f"{self.folder} failed its parity gate: its outputs do not match PyTorch",
+            raise contract.ManifestError(f"{self.folder} failed its parity gate: its outputs do not match PyTorch",
                                    "rebuild it, or inspect it with `onex-export verify`")
         # "unverified" (no backend could check it where it was built, e.g. bf16 on a CPU) is usable: callers
         # see it in self.verified and `onex-export verify --backend tensorrt` on a GPU settles it.
@@ -94,7 +82,7 @@ class BuildPipeline:
             raise OnexError(f"{self.folder} has no {' and no '.join(sorted(missing))} graph, so it cannot go from text "
                             "to image", "rebuild with the text encoders and VAE (--components text,vae)")
         self.backend, self.device = backend, device
-        self.tokenizers = _load_tokenizers(self.folder, m)
+        self.tokenizers = load_build_tokenizers(self.folder, m)
         self.graphs = self._graphs()
         self.denoiser = PlanDenoiser(self.graphs, m["plans"])
         if cuda_graph:  # captured per batch size and resolution on first use
@@ -105,6 +93,7 @@ class BuildPipeline:
         if self.backend != "torch":
             return load_build_graphs(self.folder, self.manifest, self.backend)
         from ..export.build import manifest_components, manifest_defs
+        from ..export.components import component_graphs
         from ..export.graphs import SubgraphModule, graph_spec
         from ..export.precision import PrecisionPolicy
         from ..models import SplitSD3Transformer, load_compensation, load_transformer

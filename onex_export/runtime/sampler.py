@@ -6,12 +6,14 @@ TensorRT runners implement the same two calls) through a :class:`~onex_export.sc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import torch
 
-from ..models.split import SplitSD3Transformer
 from ..schedule import SamplingPlan, student_step, timestep_from_sigma
+
+if TYPE_CHECKING:  # the model (and diffusers) only for the torch backend, which passes one in
+    from ..models.split import SplitSD3Transformer
 
 
 class Denoiser(Protocol):
