@@ -4,4 +4,13 @@ from .errors import OnexError
 from .schedule import SamplingPlan
 
 __version__ = "0.1.0"
-__all__ = ["SkipRange", "OnexError", "SamplingPlan", "__version__"]
+__all__ = ["SkipRange", "OnexError", "SamplingPlan", "BuildPipeline", "Generation", "__version__"]
+
+
+def __getattr__(name: str):
+    """The runtime's public classes, imported on first use (``import onex_export`` stays light)."""
+    if name in ("BuildPipeline", "Generation"):
+        from .runtime import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'onex_export' has no attribute {name!r}")

@@ -186,3 +186,19 @@ def test_the_runtime_runs_the_schedule_its_manifest_records(build_dir, tmp_path)
 def test_a_schedule_the_runtime_cannot_run_is_refused(build_dir, tmp_path, edit, message):
     with pytest.raises(mf.ManifestError, match=message):
         BuildPipeline(_edit_schedule(build_dir, tmp_path / "edited", edit))
+
+
+def test_one_pipeline_serves_several_threads_with_the_results_of_sequential_calls(build_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onex_export
+
+    pipe = onex_export.BuildPipeline(build_dir)  # the package's public name
+    assert pipe.warm_up() > 0
+    requests = [(["a red cube"], seed) for seed in range(6)] + [(["a blue ball", "x"], 7), (["a red cube"] * 3, 8)]
+    expected = [pipe.generate(prompts, seed).images for prompts, seed in requests]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(2):
+            got = list(pool.map(lambda r: pipe.generate(*r).images, requests))
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert not torch.equal(expected[0], expected[1])  # distinct seeds, distinct images: the comparison has teeth

@@ -7,6 +7,7 @@ sampler: tokenize -> ``text`` graph -> 1.x-NFE schedule (full plan, then skippin
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,12 @@ def _check_cuda_graph(backend: str, device: str) -> None:
 
 
 class BuildPipeline:
-    """Loads ``folder``'s manifest (checking every file's sha256) and generates images."""
+    """Loads ``folder``'s manifest (checking every file's sha256) and generates images.
+
+    One object serves a whole process: :meth:`generate` may be called from several threads (the calls run
+    one at a time: a captured CUDA graph and the engines' buffers are shared), and :meth:`warm_up` runs a
+    first request before a service reports ready.
+    """
 
     def __init__(self, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", check_files: bool = True,
                  cuda_graph: bool = False):
@@ -88,6 +94,15 @@ class BuildPipeline:
         if cuda_graph:  # captured per batch size and resolution on first use
             self.denoiser = CudaGraphDenoiser(self.denoiser)
         self.plan = _plan(self.folder, m)
+        self._lock = threading.Lock()
+
+    def warm_up(self, batch: int | None = None, resolution: int | None = None) -> float:
+        """Run one request at ``batch`` x ``resolution`` (default: the build's optimum shape) so that sessions,
+        engines' first-run tuning and CUDA-graph capture happen now, not in a user's request; returns seconds."""
+        ranges = self.manifest["shapes"]["ranges"]
+        start = time.perf_counter()
+        self.generate(["warm-up"] * (batch or ranges["batch"][1]), seed=0, resolution=resolution)
+        return time.perf_counter() - start
 
     def _graphs(self) -> dict:
         if self.backend != "torch":
@@ -121,10 +136,16 @@ class BuildPipeline:
             raise UsageError(f"resolution {resolution} is outside this build's range "
                              f"{r['resolution'][0]}-{r['resolution'][2]}", "rebuild with --resolution MIN:OPT:MAX")
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], seed: int = 0, images_per_prompt: int = 1,
                  resolution: int | None = None) -> Generation:
-        """Images for ``prompts`` (each repeated ``images_per_prompt`` times), one batch, one seed."""
+        """Images for ``prompts`` (each repeated ``images_per_prompt`` times), one batch, one seed.
+
+        Returns images (N, 3, H, W) in [0, 1] and latents (N, C, H/8, W/8) on the CPU, N = prompts x images
+        per prompt. Safe to call from several threads."""
+        with self._lock, torch.no_grad():
+            return self._generate(prompts, seed, images_per_prompt, resolution)
+
+    def _generate(self, prompts: list[str], seed: int, images_per_prompt: int, resolution: int | None) -> Generation:
         if not prompts:
             raise UsageError("no prompt given", 'pass --prompt "..." (repeatable)')
         prompts = [p for p in prompts for _ in range(images_per_prompt)]
