@@ -4,12 +4,12 @@ from .errors import OnexError
 from .schedule import SamplingPlan
 
 __version__ = "0.1.0"
-__all__ = ["SkipRange", "OnexError", "SamplingPlan", "BuildPipeline", "Generation", "__version__"]
+__all__ = ["SkipRange", "OnexError", "SamplingPlan", "BuildPipeline", "Generation", "Request", "__version__"]
 
 
 def __getattr__(name: str):
     """The runtime's public classes, imported on first use (``import onex_export`` stays light)."""
-    if name in ("BuildPipeline", "Generation"):
+    if name in ("BuildPipeline", "Generation", "Request"):
         from .runtime import pipeline
 
         return getattr(pipeline, name)

@@ -202,3 +202,21 @@ def test_one_pipeline_serves_several_threads_with_the_results_of_sequential_call
             got = list(pool.map(lambda r: pipe.generate(*r).images, requests))
             assert all(torch.equal(a, b) for a, b in zip(got, expected))
     assert not torch.equal(expected[0], expected[1])  # distinct seeds, distinct images: the comparison has teeth
+
+
+def test_batched_requests_give_each_request_its_own_images(build_dir):
+    """Requests batched together (up to the build's batch of 3, so two batches here) with their own seeds get
+    the images they get alone: the noise of each is drawn from its own seed."""
+    from onex_export import Request
+
+    pipe = BuildPipeline(build_dir)
+    requests = [Request(("a red cube",), seed=1), Request(("a blue ball", "x"), seed=2),
+                Request(("a red cube",), seed=3, images_per_prompt=2)]
+    batched = pipe.generate_batch(requests)
+    assert [g.images.shape[0] for g in batched] == [1, 2, 2]
+    for request, got in zip(requests, batched):
+        alone = pipe.generate(list(request.prompts), request.seed, request.images_per_prompt)
+        assert (got.images - alone.images).abs().max() <= 1e-6 and (got.latents - alone.latents).abs().max() <= 1e-5
+    assert (batched[0].images - batched[2].images[:1]).abs().max() > 1e-3  # same prompt, other seed
+    with pytest.raises(UsageError, match="4 images per call is outside this build's batch range 1-3"):
+        pipe.generate_batch([Request(("a",), images_per_prompt=4)])

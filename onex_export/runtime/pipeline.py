@@ -26,6 +26,24 @@ from .tokenizers import load_build_tokenizers
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
+@dataclass(frozen=True)
+class Request:
+    """One caller's request: ``prompts``, each made ``images_per_prompt`` times from ``seed``, at ``resolution``
+    pixels (None: the build's optimum)."""
+
+    prompts: tuple[str, ...]
+    seed: int = 0
+    images_per_prompt: int = 1
+    resolution: int | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.images_per_prompt
+
+    def expanded(self) -> list[str]:
+        return [p for p in self.prompts for _ in range(self.images_per_prompt)]
+
+
 @dataclass
 class Generation:
     images: torch.Tensor  # (N, 3, H, W) float in [0, 1]
@@ -142,15 +160,47 @@ class BuildPipeline:
 
         Returns images (N, 3, H, W) in [0, 1] and latents (N, C, H/8, W/8) on the CPU, N = prompts x images
         per prompt. Safe to call from several threads."""
-        with self._lock, torch.no_grad():
-            return self._generate(prompts, seed, images_per_prompt, resolution)
+        return self.generate_batch([Request(tuple(prompts), seed, images_per_prompt, resolution)])[0]
 
-    def _generate(self, prompts: list[str], seed: int, images_per_prompt: int, resolution: int | None) -> Generation:
-        if not prompts:
-            raise UsageError("no prompt given", 'pass --prompt "..." (repeatable)')
-        prompts = [p for p in prompts for _ in range(images_per_prompt)]
-        resolution = resolution or self.manifest["shapes"]["ranges"]["resolution"][1]
-        self._check(len(prompts), resolution)
+    def generate_batch(self, requests: list[Request]) -> list[Generation]:
+        """Several requests, one result each in order. Requests of the same resolution run together in batches
+        of up to the build's largest batch, each with its own seed: a request's images are the ones it gets
+        alone. Each result's ``seconds`` are those of the batch it ran in. Safe to call from several threads."""
+        ranges = self.manifest["shapes"]["ranges"]
+        sized = []
+        for r in requests:
+            if not r.prompts:
+                raise UsageError("no prompt given", 'pass --prompt "..." (repeatable)')
+            if r.images_per_prompt < 1:
+                raise UsageError(f"images_per_prompt must be at least 1, not {r.images_per_prompt}")
+            resolution = r.resolution or ranges["resolution"][1]
+            self._check(r.rows, resolution)
+            sized.append((resolution, r))
+        results: list[Generation | None] = [None] * len(requests)
+        with self._lock, torch.no_grad():
+            for resolution in dict.fromkeys(res for res, _ in sized):
+                pack: list[int] = []
+                for i, (res, r) in enumerate(sized):
+                    if res != resolution:
+                        continue
+                    if pack and sum(requests[j].rows for j in pack) + r.rows > ranges["batch"][2]:
+                        self._run_pack(requests, pack, resolution, results)
+                        pack = []
+                    pack.append(i)
+                self._run_pack(requests, pack, resolution, results)
+        return results
+
+    def _run_pack(self, requests: list[Request], pack: list[int], resolution: int, results: list) -> None:
+        prompts = [p for i in pack for p in requests[i].expanded()]
+        out = self._run(prompts, [(requests[i].seed, requests[i].rows) for i in pack], resolution)
+        start = 0
+        for i in pack:
+            r, stop = requests[i], start + requests[i].rows
+            truncated = tuple(line for line in out.truncated if any(repr(p) in line for p in r.prompts))
+            results[i] = Generation(out.images[start:stop], out.latents[start:stop], truncated, dict(out.seconds))
+            start = stop
+
+    def _run(self, prompts: list[str], seeds: list[tuple[int, int]], resolution: int) -> Generation:
         seconds, cuda = {}, self.device.startswith("cuda") or self.backend == "tensorrt"
 
         def stage(name, fn):
@@ -169,7 +219,7 @@ class BuildPipeline:
         channels = self.manifest["model"]["config"]["in_channels"]
         latent = resolution // self.manifest["pipeline"]["vae_scale_factor"]
         device = "cuda" if self.backend == "tensorrt" else self.device
-        latents = stage("transformer", lambda: sample(self.denoiser, self.plan, cond, (channels, latent, latent), seed,
+        latents = stage("transformer", lambda: sample(self.denoiser, self.plan, cond, (channels, latent, latent), seeds,
                                                       device=device))
         images = stage("vae", lambda: self.graphs["vae"](latents=latents)["image"].float())
         return Generation(images.cpu(), latents.cpu(), tok.truncated, seconds)

@@ -68,12 +68,23 @@ def initial_noise(shape: tuple[int, ...], generator: torch.Generator, dtype=torc
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+class _Noise:
+    """Noise for a batch made of groups of rows, each group drawn from its own seeded generator: a request
+    batched with others gets exactly the noise it gets alone."""
+
+    def __init__(self, groups: list[tuple[int, int]]):
+        self.groups = [(torch.Generator().manual_seed(seed), rows) for seed, rows in groups]
+
+    def draw(self, tail: tuple[int, ...], dtype, device) -> torch.Tensor:
+        return torch.cat([initial_noise((rows, *tail), g, dtype, device) for g, rows in self.groups])
+
+
 def sample(
     denoiser: Denoiser,
     plan: SamplingPlan,
     cond: Conditioning,
     latent_shape: tuple[int, int, int],
-    seed: int,
+    seed: int | list[tuple[int, int]],
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     on_step: Callable[[int, float], None] | None = None,
@@ -82,12 +93,17 @@ def sample(
 
     Full steps keep their deltas; a skipping step feeds the most recent ones to the skipping pass.
     Under CFG the conditional and unconditional halves run as one batch of 2B. Seeded: the same
-    seed, plan and inputs give the same latents. ``on_step(i, sigma)`` is called after each step.
+    seed, plan and inputs give the same latents. ``seed`` is one seed for the whole batch, or
+    ``[(seed, rows), ...]`` groups of consecutive rows (summing to B) each with its own seed, as batched
+    requests have. ``on_step(i, sigma)`` is called after each step.
     """
     if plan.uses_cfg and cond.uncond_text is None:
         raise ValueError(f"plan {plan.name!r} uses guidance {plan.guidance_scale} but no unconditional embedding was given")
-    generator = torch.Generator().manual_seed(seed)
-    x = initial_noise((cond.batch, *latent_shape), generator, dtype, device)
+    groups = [(seed, cond.batch)] if isinstance(seed, int) else list(seed)
+    if sum(rows for _, rows in groups) != cond.batch:
+        raise ValueError(f"seed groups cover {sum(rows for _, rows in groups)} rows of a batch of {cond.batch}")
+    noise_source = _Noise(groups)
+    x = noise_source.draw(tuple(latent_shape), dtype, device)
     text, pooled = cond.text, cond.pooled
     if plan.uses_cfg:
         text = torch.cat([cond.uncond_text, cond.text])
@@ -108,7 +124,7 @@ def sample(
         sigma_next = plan.sigma_after(i)
         noise = None
         if plan.eta < 1.0 and sigma_next > 0.0:
-            noise = initial_noise(tuple(x.shape), generator, dtype, device)
+            noise = noise_source.draw(tuple(x.shape[1:]), dtype, device)
         x = student_step(x, v, sigma, sigma_next, plan.eta, noise)
         if on_step is not None:
             on_step(i, sigma)
