@@ -20,7 +20,7 @@ from .fileio import as_disk_error, check_destination, save_png, save_tensors_ato
 from .models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
 from .models.zoo import TINY_TEXT_LEN
 from .export.components import COMPONENTS
-from .export.build import REAL_TEXT_LEN, TRT_CHOICES, BuildConfig, ParityFailedError, build, max_text_len
+from .export.build import REAL_TEXT_LEN, TRT_CHOICES, BuildConfig, ParityFailedError, build, check_text_len
 from .export.gate import GATE_MODES, GateConfig
 from .export.graphs import DEFAULT_GRAPH_BYTES
 from .export.precision import PRECISIONS, Fp32Blocks
@@ -176,9 +176,7 @@ def sample_cmd(model, mlp, skip, mode, steps, guidance, eta, seed, batch, resolu
             f"use e.g. {size // (VAE_SCALE * cfg.patch_size) * VAE_SCALE * cfg.patch_size}",
         )
     tokens = text_len or (TINY_TEXT_LEN if model in TINY_MODELS else REAL_TEXT_LEN)
-    if tokens > max_text_len(model):
-        raise UsageError(f"--text-len {tokens} goes past the {max_text_len(model)} tokens the text encoders of "
-                         f"{model} can give", f"use at most {max_text_len(model)}")
+    check_text_len(model, tokens, str(tokens))
     gen = torch.Generator().manual_seed(seed + 1)  # embeddings from another stream than the noise
     cond = Conditioning(
         text=torch.randn(batch, tokens, cfg.joint_attention_dim, generator=gen),

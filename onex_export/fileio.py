@@ -51,8 +51,7 @@ def as_disk_error(exc: BaseException, path: str | os.PathLike, needed: int | Non
     code = exc.errno if isinstance(exc, OSError) else None
     if code is None:
         text = str(exc).lower()
-        free = free_bytes(path)
-        if any(t in text for t in _FULL_TEXT) and (free is None or free < LOW_SPACE or "space" in text):
+        if any(t in text for t in _FULL_TEXT) and ("space" in text or (free_bytes(path) or 0) < LOW_SPACE):
             code = errno.ENOSPC
     if code not in _REASONS:
         return None

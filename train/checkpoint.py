@@ -29,8 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from onex_export.errors import OnexError
 from onex_export.export.install import owner_alive
-from onex_export.export.manifest import sha256_file
-from onex_export.fileio import atomic_path, save_tensors_atomic, writing
+from onex_export.fileio import atomic_path, save_tensors_atomic, sha256_file, writing
 
 from .config import Stage1Config
 from .distributed import DistInfo, on_main

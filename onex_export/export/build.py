@@ -47,7 +47,7 @@ from .gate import GateConfig, failure_summary, run_gate
 from .graphs import DEFAULT_GRAPH_BYTES, GraphDef, SubgraphModule, build_plans, module_bytes, transformer_graphs
 from .install import check_replaceable, install, recover, temp_name
 from .onnx_export import EXPORTER, MIN_OPSET, PROTOBUF_LIMIT, TRACE_DIMS, export_graph, trace_inputs
-from .precision import Fp32Blocks, PrecisionPolicy, apply_precision
+from .precision import PrecisionPolicy, apply_precision
 from .shapes import VAE_SCALE, DimRange, ShapeConfig
 from .stages import StageClock
 from .tensorrt import EngineBuildOptions, build_engine, choose_trt, flavour_version, load_trt
@@ -58,9 +58,13 @@ MAX_REAL_TEXT_LEN = 77 + 512  # the most SD3's encoders give: CLIP 77 + T5 at di
 MAX_BATCH = 256
 
 
-def max_text_len(model: str) -> int:
-    """The most text tokens ``model``'s encoders can give the transformer (the embedded ones give exactly 16)."""
-    return TINY_TEXT_LEN if model in TINY_MODELS else MAX_REAL_TEXT_LEN
+def check_text_len(model: str, tokens: int, given: str) -> None:
+    """Refuse ``--text-len`` (``given``, reaching ``tokens``) past the most tokens ``model``'s text encoders can
+    give the transformer: CLIP 77 + T5 512 for real models, exactly 16 for the embedded ones."""
+    limit = TINY_TEXT_LEN if model in TINY_MODELS else MAX_REAL_TEXT_LEN
+    if tokens > limit:
+        raise UsageError(f"--text-len {given} goes past the {limit} tokens the text encoders of {model} can give",
+                         f"use at most {limit}" + ("" if model in TINY_MODELS else " (CLIP 77 + T5 512)"))
 
 
 class ParityFailedError(OnexError):
@@ -110,11 +114,8 @@ class BuildConfig:
         if self.batch.max > MAX_BATCH:
             raise UsageError(f"--batch {self.batch} goes past {MAX_BATCH} images per call",
                              f"use at most {MAX_BATCH}; a service splits larger requests")
-        limit = max_text_len(self.model)
-        if self.text_len is not None and self.text_len.max > limit:
-            raise UsageError(f"--text-len {self.text_len} goes past the {limit} tokens the text encoders of "
-                             f"{self.model} can give", f"use at most {limit}"
-                             + ("" if self.model in TINY_MODELS else " (CLIP 77 + T5 512)"))
+        if self.text_len is not None:
+            check_text_len(self.model, self.text_len.max, str(self.text_len))
 
     @property
     def policy(self) -> PrecisionPolicy:
@@ -477,31 +478,3 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
     what, hint = failure_summary(verification)
     raise ParityFailedError(f"parity gate failed: {what}; the artifacts are kept in {failed} for inspection; "
                             f"any previous build in {out} is untouched", hint, manifest)
-
-
-def reference_split(manifest: dict) -> tuple[SplitSD3Transformer, WeightSource]:
-    """The float32 reference a build was made from, on ``meta`` (for the streamed gate), and its checkpoint."""
-    model = manifest["model"]
-    config, source = transformer_source(model["source"])
-    skip = SkipRange(manifest["skip"]["first"], manifest["skip"]["last"])
-    return split_on_meta(config, Path(model["mlp"]) if model["mlp"] else None, skip), source
-
-
-def manifest_defs(manifest: dict) -> list[GraphDef]:
-    """The transformer graph definitions a manifest records, in plan order."""
-    return [GraphDef.from_json(n, g["def"]) for n, g in manifest["graphs"].items() if g.get("def")]
-
-
-def manifest_components(manifest: dict, transformer_config):
-    return load_components(manifest["model"]["source"], transformer_config, tuple(manifest["pipeline"]["components"]))
-
-
-def manifest_policy(manifest: dict) -> PrecisionPolicy:
-    blocks = manifest["precision_policy"]["fp32_blocks"]
-    return PrecisionPolicy(manifest["precision"], Fp32Blocks.parse(blocks) if blocks else None)
-
-
-def manifest_shapes(manifest: dict) -> ShapeConfig:
-    ranges = manifest["shapes"]["ranges"]
-    return ShapeConfig(*(DimRange(*ranges[k]) for k in ("batch", "resolution", "text_len")))
-

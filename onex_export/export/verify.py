@@ -9,7 +9,7 @@ from ..errors import OnexError, UsageError
 from ..runtime.graphs import OrtGraph
 from ..runtime.tensorrt_runner import require_gpu
 from . import manifest as mf
-from .build import manifest_components, manifest_defs, manifest_policy, manifest_shapes, reference_split
+from .from_manifest import manifest_components, manifest_defs, manifest_policy, manifest_shapes, reference_split
 from .gate import GateConfig, run_gate
 from ..locks import build_lock
 from .install import recover

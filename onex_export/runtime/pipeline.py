@@ -125,7 +125,7 @@ class BuildPipeline:
     def _graphs(self) -> dict:
         if self.backend != "torch":
             return load_build_graphs(self.folder, self.manifest, self.backend)
-        from ..export.build import manifest_components, manifest_defs
+        from ..export.from_manifest import manifest_components, manifest_defs
         from ..export.components import component_graphs
         from ..export.graphs import SubgraphModule, graph_spec
         from ..export.precision import PrecisionPolicy
@@ -180,13 +180,15 @@ class BuildPipeline:
         with self._lock, torch.no_grad():
             for resolution in dict.fromkeys(res for res, _ in sized):
                 pack: list[int] = []
+                rows = 0
                 for i, (res, r) in enumerate(sized):
                     if res != resolution:
                         continue
-                    if pack and sum(requests[j].rows for j in pack) + r.rows > ranges["batch"][2]:
+                    if pack and rows + r.rows > ranges["batch"][2]:
                         self._run_pack(requests, pack, resolution, results)
-                        pack = []
+                        pack, rows = [], 0
                     pack.append(i)
+                    rows += r.rows
                 self._run_pack(requests, pack, resolution, results)
         return results
 

@@ -1,0 +1,43 @@
+"""What a build's manifest says it was made from, rebuilt for checking it again: the float32 reference on
+``meta``, its graph definitions, components, precision policy and shape ranges (``verify`` and the torch
+backend of the runtime)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import SkipRange
+from ..models.weights import WeightSource, transformer_source
+from ..models.split import SplitSD3Transformer
+from .build import split_on_meta
+from .components import load_components
+from .graphs import GraphDef
+from .precision import Fp32Blocks, PrecisionPolicy
+from .shapes import DimRange, ShapeConfig
+
+
+def reference_split(manifest: dict) -> tuple[SplitSD3Transformer, WeightSource]:
+    """The float32 reference a build was made from, on ``meta`` (for the streamed gate), and its checkpoint."""
+    model = manifest["model"]
+    config, source = transformer_source(model["source"])
+    skip = SkipRange(manifest["skip"]["first"], manifest["skip"]["last"])
+    return split_on_meta(config, Path(model["mlp"]) if model["mlp"] else None, skip), source
+
+
+def manifest_defs(manifest: dict) -> list[GraphDef]:
+    """The transformer graph definitions a manifest records, in plan order."""
+    return [GraphDef.from_json(n, g["def"]) for n, g in manifest["graphs"].items() if g.get("def")]
+
+
+def manifest_components(manifest: dict, transformer_config):
+    return load_components(manifest["model"]["source"], transformer_config, tuple(manifest["pipeline"]["components"]))
+
+
+def manifest_policy(manifest: dict) -> PrecisionPolicy:
+    blocks = manifest["precision_policy"]["fp32_blocks"]
+    return PrecisionPolicy(manifest["precision"], Fp32Blocks.parse(blocks) if blocks else None)
+
+
+def manifest_shapes(manifest: dict) -> ShapeConfig:
+    ranges = manifest["shapes"]["ranges"]
+    return ShapeConfig(*(DimRange(*ranges[k]) for k in ("batch", "resolution", "text_len")))
+
