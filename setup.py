@@ -8,6 +8,7 @@ with. torch 2.13.0 is a CPU build on our CI machines and a CUDA build from PyPI.
 from setuptools import find_packages, setup
 
 # an engine runs only on the TensorRT version that built it: the flavours stay within one minor version
+SERVE = ["nvidia-pytriton>=0.7,<0.8", "tritonclient[http,grpc]>=2.73,<3"]
 RTX = ["tensorrt-rtx-cu13-bindings>=1.7.1,<1.8", "tensorrt-rtx-cu13-libs>=1.7.1,<1.8"]
 
 setup(
@@ -23,7 +24,7 @@ setup(
         "safetensors>=0.8,<1",
         "click>=8.5,<9",
         "tqdm>=4.70,<5",
-        "numpy>=2.4,<3",
+        "numpy>=1.26,<3",  # 1.26 while PyTriton (the serve extra) needs numpy<2
         "onnx>=1.23,<2",
         "onnxruntime>=1.31,<2",
         "transformers>=5.23,<6",  # the CLIP and T5 text encoders
@@ -36,9 +37,11 @@ setup(
         "tensorrt": ["tensorrt-cu13-bindings>=11.4,<11.5", "tensorrt-cu13-libs>=11.4,<11.5"],
         "bench": ["matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2"],  # cache-dit: a training-free peer
         "train": ["PyYAML>=6,<7"],
+        # `onex-export serve`: PyTriton carries a real Triton Inference Server; tritonclient talks to it
+        "serve": SERVE,
         # jsonschema: the tests validate real manifests against onex_export/schemas/manifest.schema.json
         "test": ["pytest>=9.2,<10", "matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2", "PyYAML>=6,<7", "jsonschema>=4.26,<5",
-                 *RTX],
+                 *RTX, *SERVE],
     },
     entry_points={"console_scripts": ["onex-export=onex_export.cli:main"]},
 )

@@ -152,12 +152,17 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLik
     return Path(path)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images (..., 3, H, W) in [0, 1] as 8-bit channels-last (..., H, W, 3), rounded to the nearest level."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1)
+
+
 def save_png(image: torch.Tensor, path: str | Path) -> Path:
     """Write one (3, H, W) image in [0, 1] as a PNG, atomically."""
     from PIL import Image
 
     path = Path(path)
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    array = to_uint8(image).numpy()
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
     return path

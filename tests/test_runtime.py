@@ -60,7 +60,7 @@ def test_generate_writes_pngs_of_the_requested_size(build_dir, tmp_path):
             assert im.format == "PNG" and im.size == (128, 128) and im.mode == "RGB"
             assert len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 100  # a real image, not a constant
     res = run_cli("generate", "--build", build_dir, "--prompt", "a cat", "--resolution", "64", "--out", out)
-    assert res.exit_code == 2 and "outside this build's range" in res.output
+    assert res.exit_code == 2 and "is not one this build runs: a multiple of 16 in 128-128" in res.output
 
 
 def test_long_prompt_truncation_is_reported(build_dir, tmp_path):

@@ -90,7 +90,7 @@ def load_build_graphs(folder: Path, manifest: dict, backend: str) -> dict:
 class PlanDenoiser:
     """The sampler's :class:`~onex_export.runtime.sampler.Denoiser` over any backend's graphs.
 
-    Outputs come back as float32, whatever the graphs' precision.
+    Velocities come back as float32, whatever the graphs' precision; deltas as the graphs made them.
     """
 
     def __init__(self, graphs: dict, plans: dict):
@@ -99,7 +99,9 @@ class PlanDenoiser:
     def full(self, x, text, pooled, timestep):
         out = run_plan(self.plans["full"], self.graphs, dict(
             hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=timestep))
-        return tuple(out[k].float() for k in ("velocity", "delta_img", "delta_ctx"))
+        # the deltas stay where and as the graphs made them (on the GPU, in the build's precision) until the
+        # skipping step feeds them back: no copy or cast in between
+        return out["velocity"].float(), out["delta_img"], out["delta_ctx"]
 
     def skipping(self, x, text, pooled, timestep, delta_img, delta_ctx):
         out = run_plan(self.plans["skipping"], self.graphs, dict(

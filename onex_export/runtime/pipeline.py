@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import SkipRange
 from ..errors import OnexError, UsageError
+from ..fileio import to_uint8
 from .. import contract
 from ..schedule import SamplingPlan
 from .cuda_graph import CudaGraphDenoiser, require_cuda
@@ -50,6 +52,10 @@ class Generation:
     latents: torch.Tensor  # (N, C, H/8, W/8)
     truncated: tuple[str, ...]
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
+
+    def pixels(self) -> np.ndarray:
+        """The images as 8-bit RGB, (N, H, W, 3) uint8, as the PNGs hold them."""
+        return to_uint8(self.images).numpy()
 
 
 def _plan(folder: Path, manifest: dict) -> SamplingPlan:
@@ -145,14 +151,24 @@ class BuildPipeline:
             graphs[name] = TorchGraph(module.to(self.device), spec)
         return graphs
 
-    def _check(self, batch: int, resolution: int) -> None:
+    def check_request(self, request: Request) -> int:
+        """Raise :class:`UsageError` naming what this build cannot run in ``request``; returns its resolution."""
         r = self.manifest["shapes"]["ranges"]
-        if not r["batch"][0] <= batch <= r["batch"][2]:
-            raise UsageError(f"{batch} images per call is outside this build's batch range {r['batch'][0]}-{r['batch'][2]}",
+        if not request.prompts:
+            raise UsageError("no prompt given", 'pass --prompt "..." (repeatable)')
+        if request.images_per_prompt < 1:
+            raise UsageError(f"images_per_prompt must be at least 1, not {request.images_per_prompt}")
+        if not r["batch"][0] <= request.rows <= r["batch"][2]:
+            raise UsageError(f"{request.rows} images per call is outside this build's batch range "
+                             f"{r['batch'][0]}-{r['batch'][2]}",
                              "split the prompts into smaller calls, or rebuild with a larger --batch")
-        if not r["resolution"][0] <= resolution <= r["resolution"][2]:
-            raise UsageError(f"resolution {resolution} is outside this build's range "
-                             f"{r['resolution'][0]}-{r['resolution'][2]}", "rebuild with --resolution MIN:OPT:MAX")
+        resolution = request.resolution or r["resolution"][1]
+        step = self.manifest["pipeline"]["vae_scale_factor"] * self.manifest["model"]["config"]["patch_size"]
+        if not r["resolution"][0] <= resolution <= r["resolution"][2] or resolution % step:
+            raise UsageError(f"resolution {resolution} is not one this build runs: a multiple of {step} in "
+                             f"{r['resolution'][0]}-{r['resolution'][2]}",
+                             "ask for one of those, or rebuild with --resolution MIN:OPT:MAX")
+        return resolution
 
     def generate(self, prompts: list[str], seed: int = 0, images_per_prompt: int = 1,
                  resolution: int | None = None) -> Generation:
@@ -167,15 +183,7 @@ class BuildPipeline:
         of up to the build's largest batch, each with its own seed: a request's images are the ones it gets
         alone. Each result's ``seconds`` are those of the batch it ran in. Safe to call from several threads."""
         ranges = self.manifest["shapes"]["ranges"]
-        sized = []
-        for r in requests:
-            if not r.prompts:
-                raise UsageError("no prompt given", 'pass --prompt "..." (repeatable)')
-            if r.images_per_prompt < 1:
-                raise UsageError(f"images_per_prompt must be at least 1, not {r.images_per_prompt}")
-            resolution = r.resolution or ranges["resolution"][1]
-            self._check(r.rows, resolution)
-            sized.append((resolution, r))
+        sized = [(self.check_request(r), r) for r in requests]
         results: list[Generation | None] = [None] * len(requests)
         with self._lock, torch.no_grad():
             for resolution in dict.fromkeys(res for res, _ in sized):
