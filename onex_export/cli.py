@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -400,14 +401,19 @@ def generate_cmd(build_dir, prompts, seed, images_per_prompt, resolution, backen
               help="Requests waiting beyond this many are refused at once instead of queued.")
 @click.option("--drain-seconds", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="On SIGTERM, how long the requests in flight may still take.")
+@click.option("--access-token-env", default="ONEX_SERVE_ACCESS_TOKEN", show_default=True,
+              help="Environment variable holding the token for Triton's management endpoints (statistics, model "
+                   "repository, logging, trace; HTTP header `triton-access-token`, gRPC metadata "
+                   "`triton-grpc-protocol-triton-access-token`). Unset: a random token, so they stay closed.")
 def serve_cmd(build_dir, backend, device, cuda_graph, http_port, grpc_port, metrics_port, max_queue_delay_us,
-              max_queue_size, drain_seconds):
+              max_queue_size, drain_seconds, access_token_env):
     """Serve a build with a Triton Inference Server (model `onex`: prompt -> image) until SIGTERM or Ctrl-C,
     which let the requests in flight finish and exit 0."""
     from .serving import ServeConfig, serve
 
+    token = os.environ.get(access_token_env) or None  # from the environment: a command line is visible to `ps`
     config = ServeConfig(build_dir, backend, device, cuda_graph, http_port, grpc_port, metrics_port,
-                         max_queue_delay_us, max_queue_size, drain_seconds)
+                         max_queue_delay_us, max_queue_size, drain_seconds, token)
     images = serve(config, log=click.echo)
     click.echo(f"PASSED serve: {images} image(s) served from {build_dir}")
 

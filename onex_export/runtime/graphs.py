@@ -30,11 +30,13 @@ class TorchGraph:
         return {t.name: o for t, o in zip(self.spec.outputs, outs)}
 
 
-def _session(path: Path, providers: tuple[str, ...], low_memory: bool):
+def _session(path: Path, providers: tuple[str, ...], low_memory: bool, spin: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: shape-merge notices on dynamic graphs are noise
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if low_memory:
         # One-off runs (the gate): give every buffer back after the run instead of keeping an arena, and skip
         # graph rewrites, which keep float32 copies of fp16 weights (SD3-Medium's 1.9 GiB tail graph: 4.6 GiB
@@ -47,18 +49,21 @@ def _session(path: Path, providers: tuple[str, ...], low_memory: bool):
 
 class OrtGraph:
     """An ONNX graph in an ONNX Runtime session (CPU unless other providers are given). ``low_memory`` trades
-    ONNX Runtime's memory arena and graph optimisations (fast repeated runs) for memory."""
+    ONNX Runtime's memory arena and graph optimisations (fast repeated runs) for memory. ``spin=False`` stops its
+    worker threads from spinning between runs: slower for one caller alone, faster where other threads need the
+    cores (a server's)."""
 
-    def __init__(self, path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",), low_memory: bool = False):
+    def __init__(self, path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",), low_memory: bool = False,
+                 spin: bool = True):
         try:
             try:
-                self.session = _session(path, providers, low_memory)
+                self.session = _session(path, providers, low_memory, spin)
             except Exception:  # onnxruntime raises its own exception types
                 if not low_memory:
                     raise
                 # ONNX Runtime 1.30 refuses some fp16 graphs left unoptimised (a type error in the casts it inserts
                 # for the CPU; 1.31 loads them): load those optimised, with more memory and the same results.
-                self.session = _session(path, providers, False)
+                self.session = _session(path, providers, False, spin)
         except Exception as exc:
             raise OnexError(f"ONNX Runtime cannot load {path}: {exc}", "rebuild with `onex-export build`") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -74,10 +79,11 @@ class OrtGraph:
         return {name: torch.from_numpy(np.asarray(o)) for name, o in zip(self.output_names, outs)}
 
 
-def load_build_graphs(folder: Path, manifest: dict, backend: str) -> dict:
-    """A build folder's graphs as runners: its ONNX files in ONNX Runtime, or its engines ("tensorrt", GPU only)."""
+def load_build_graphs(folder: Path, manifest: dict, backend: str, spin: bool = True) -> dict:
+    """A build folder's graphs as runners: its ONNX files in ONNX Runtime (``spin``: see :class:`OrtGraph`), or its
+    engines ("tensorrt", GPU only)."""
     if backend == "onnxruntime":
-        return {n: OrtGraph(folder / g["onnx"]["file"]) for n, g in manifest["graphs"].items()}
+        return {n: OrtGraph(folder / g["onnx"]["file"], spin=spin) for n, g in manifest["graphs"].items()}
     from .tensorrt_runner import TrtGraph, require_gpu
 
     require_gpu()

@@ -87,11 +87,12 @@ class BuildPipeline:
 
     One object serves a whole process: :meth:`generate` may be called from several threads (the calls run
     one at a time: a captured CUDA graph and the engines' buffers are shared), and :meth:`warm_up` runs a
-    first request before a service reports ready.
+    first request before a service reports ready. ``spin=False`` keeps ONNX Runtime's threads from spinning
+    between runs, for a process whose other threads need the CPU (a server's).
     """
 
     def __init__(self, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", check_files: bool = True,
-                 cuda_graph: bool = False):
+                 cuda_graph: bool = False, spin: bool = True):
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
         if cuda_graph:
@@ -111,7 +112,7 @@ class BuildPipeline:
         if missing:
             raise OnexError(f"{self.folder} has no {' and no '.join(sorted(missing))} graph, so it cannot go from text "
                             "to image", "rebuild with the text encoders and VAE (--components text,vae)")
-        self.backend, self.device = backend, device
+        self.backend, self.device, self.spin = backend, device, spin
         self.tokenizers = load_build_tokenizers(self.folder, m)
         self.graphs = self._graphs()
         self.denoiser = PlanDenoiser(self.graphs, m["plans"])
@@ -130,7 +131,7 @@ class BuildPipeline:
 
     def _graphs(self) -> dict:
         if self.backend != "torch":
-            return load_build_graphs(self.folder, self.manifest, self.backend)
+            return load_build_graphs(self.folder, self.manifest, self.backend, self.spin)
         from ..export.from_manifest import manifest_components, manifest_defs
         from ..export.components import component_graphs
         from ..export.graphs import SubgraphModule, graph_spec

@@ -1,0 +1,269 @@
+"""Serving throughput and latency: `onex-export serve` (Triton, dynamic batching) against the in-process pipeline.
+
+    python -m bench.serve                                  # builds tiny-sd3 into a temporary folder, CPU
+    python -m bench.serve --build engines/my-build --backend tensorrt --clients 1 4 16 64
+
+At each client count, the same requests (one prompt, one image, each its own seed) go first to one in-process
+:class:`BuildPipeline` from that many threads (its calls run one at a time), then to a real `onex-export serve`
+process through tritonclient over gRPC on loopback. Reports images/s and p50/p99 latency per request, the mean
+batch Triton formed (from its statistics), and whether every served image equals the in-process one. Writes
+JSON, a Markdown table and a PNG under bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from onex_export.errors import OnexError
+from onex_export.fileio import atomic_path, check_destination
+from onex_export.runtime.pipeline import BACKENDS, BuildPipeline
+from onex_export.serving import STAGES
+
+from .arguments import non_negative_int, positive_int, run_main
+from .report import write_results
+
+PROMPTS = ["a red cube on a table", "a lighthouse at dusk", "a bowl of ramen, top view", "an astronaut riding a horse"]
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _summary(latencies: list[float], wall: float) -> dict:
+    ms = np.array(latencies) * 1000
+    return {"requests": len(ms), "images_per_s": len(ms) / wall, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "wall_s": wall}
+
+
+def _run(clients: int, requests: list[tuple[str, int]], call) -> tuple[dict, list]:
+    """``requests`` spread over ``clients`` threads; ``call(thread, prompt, seed) -> pixels``."""
+    def worker(k):
+        out = []
+        for prompt, seed in requests[k::clients]:
+            start = time.perf_counter()
+            pixels = call(k, prompt, seed)
+            out.append((time.perf_counter() - start, prompt, seed, pixels))
+        return out
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = [r for rs in pool.map(worker, range(clients)) for r in rs]
+    return _summary([d[0] for d in done], time.perf_counter() - start), done
+
+
+class _Server:
+    """`onex-export serve` in a process of its own, as a user starts it."""
+
+    def __init__(self, args, log: Path):
+        http, self.grpc, metrics = _free_ports(3)
+        self.log = log
+        command = [sys.executable, "-m", "onex_export.cli", "serve", "--build", str(args.build), "--backend",
+                   args.backend, "--device", args.device, "--http-port", str(http), "--grpc-port", str(self.grpc),
+                   "--metrics-port", str(metrics), "--max-queue-delay-us", str(args.max_queue_delay_us)]
+        self.token = secrets.token_urlsafe(24)  # opens Triton's statistics endpoint to this benchmark only
+        env = {**os.environ, "ONEX_SERVE_ACCESS_TOKEN": self.token}
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                            env=env)
+        deadline = time.monotonic() + 300
+        while "ready     model 'onex'" not in log.read_text(errors="replace"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise OnexError(f"`onex-export serve` did not become ready; its output:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=120)
+
+
+def _infer(client, prompt: str, seed: int) -> tuple[np.ndarray, float]:
+    """One request's image (H, W, 3) and the milliseconds the pipeline spent on the batch it ran in."""
+    from tritonclient.grpc import InferInput
+
+    inputs = [InferInput("prompt", [1, 1], "BYTES"), InferInput("seed", [1, 1], "INT64")]
+    inputs[0].set_data_from_numpy(np.array([[prompt.encode()]], dtype=object))
+    inputs[1].set_data_from_numpy(np.array([[seed]], dtype=np.int64))
+    response = client.infer("onex", inputs)
+    return response.as_numpy("image")[0, 0], sum(float(response.as_numpy(f"{s}_ms")[0, 0]) for s in STAGES)
+
+
+def _batches(client, token: str) -> tuple[int, int]:
+    """Triton's counts for model onex: (requests' rows inferred, executions of the model)."""
+    stats = client.get_inference_statistics("onex", headers={"triton-grpc-protocol-triton-access-token": token},
+                                            as_json=True)["model_stats"][0]
+    return int(stats["inference_count"]), int(stats["execution_count"])
+
+
+def _in_process(args) -> list[dict]:
+    """Every client count against one in-process pipeline, released on return (the server loads its own)."""
+    pipeline = BuildPipeline(args.build, args.backend, args.device)
+    pipeline.warm_up(batch=1)
+
+    def local(k, prompt, seed):
+        return pipeline.generate([prompt], seed).pixels()[0]
+
+    levels = []
+    for clients in args.clients:
+        count = max(args.requests, clients)
+        requests = [(PROMPTS[i % len(PROMPTS)], 1000 * clients + i) for i in range(count + args.warmup)]
+        if args.warmup:
+            _run(clients, requests[:args.warmup], local)
+        summary, done = _run(clients, requests[args.warmup:], local)
+        levels.append({"clients": clients, "in_process": summary, "_reference": {(p, s): x for _, p, s, x in done},
+                       "_requests": requests})
+        print(f"in-process  {clients:3d} clients: {summary['images_per_s']:.2f} images/s, p50 "
+              f"{summary['p50_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms", flush=True)
+    return levels
+
+
+def run(args) -> dict:
+    from tritonclient.grpc import InferenceServerClient  # thread-safe (the HTTP client is tied to its thread)
+
+    levels = _in_process(args)
+    with tempfile.TemporaryDirectory(prefix="onex-bench-serve-") as tmp:
+        server = _Server(args, Path(tmp) / "serve.log")
+        try:
+            for level in levels:
+                clients, requests = level["clients"], level.pop("_requests")
+                connections = [InferenceServerClient(f"127.0.0.1:{server.grpc}")
+                               for _ in range(clients)]
+                if args.warmup:
+                    _run(clients, requests[:args.warmup], lambda k, p, s: _infer(connections[k], p, s))
+                rows0, runs0 = _batches(connections[0], server.token)
+                summary, done = _run(clients, requests[args.warmup:], lambda k, p, s: _infer(connections[k], p, s))
+                rows, runs = _batches(connections[0], server.token)
+                reference = level.pop("_reference")
+                summary["mean_batch"] = (rows - rows0) / max(1, runs - runs0)
+                summary["identical_images"] = all(np.array_equal(x[0], reference[(p, s)]) for _, p, s, x in done)
+                # the time the pipeline spent on the batch each request ran in; the rest of p50 is Triton, the
+                # proxy between Triton and the Python model, gRPC and waiting in the queue
+                summary["pipeline_p50_ms"] = float(np.percentile([x[1] for *_, x in done], 50))
+                summary["throughput_ratio"] = summary["images_per_s"] / level["in_process"]["images_per_s"]
+                level["served"] = summary
+                for c in connections:
+                    c.close()
+                print(f"served      {clients:3d} clients: {summary['images_per_s']:.2f} images/s, p50 "
+                      f"{summary['p50_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms, mean batch "
+                      f"{summary['mean_batch']:.2f} (pipeline p50 {summary['pipeline_p50_ms']:.0f} ms), images identical: "
+                      f"{summary['identical_images']}", flush=True)
+        finally:
+            code = server.stop()
+    if code != 0:
+        raise OnexError(f"`onex-export serve` exited {code} on SIGTERM (0 expected)")
+    manifest = BuildPipeline(args.build, check_files=False).manifest
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
+        "backend": args.backend, "device": args.device,
+        "config": {"build": str(args.build), "model": manifest["model"]["source"], "precision": manifest["precision"],
+                   "resolution": manifest["shapes"]["ranges"]["resolution"][1],
+                   "max_batch": manifest["shapes"]["ranges"]["batch"][2], "requests": args.requests,
+                   "warmup": args.warmup, "max_queue_delay_us": args.max_queue_delay_us},
+        "levels": levels,
+    }
+
+
+def markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [f"# Serving: {c['model']} ({c['precision']}, {c['resolution']} px, batch up to {c['max_batch']}), "
+             f"{report['backend']} on {report['device']} ({report['machine']['processor']})", "",
+             f"{c['requests']} requests per client count (one prompt, one image each), after {c['warmup']} warm-up; "
+             f"Triton's queue delay {c['max_queue_delay_us']} us. p99 of {c['requests']} samples is close to the "
+             "maximum.", "",
+             "| clients | in-process images/s | p50 ms | p99 ms | served images/s | p50 ms | p99 ms | mean batch | "
+             "served / in-process | images identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for level in report["levels"]:
+        a, s = level["in_process"], level["served"]
+        lines.append(f"| {level['clients']} | {a['images_per_s']:.2f} | {a['p50_ms']:.0f} | {a['p99_ms']:.0f} | "
+                     f"{s['images_per_s']:.2f} | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | {s['mean_batch']:.2f} | "
+                     f"{s['throughput_ratio']:.2f}x | {'yes' if s['identical_images'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Throughput, and p50 / p99 latency, against concurrent clients, in-process and served."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = [level["clients"] for level in report["levels"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode, colour in (("in_process", "tab:blue"), ("served", "tab:orange")):
+        label = "in-process pipeline" if mode == "in_process" else "onex-export serve (Triton)"
+        left.plot(clients, [lv[mode]["images_per_s"] for lv in report["levels"]], "o-", color=colour, label=label)
+        right.plot(clients, [lv[mode]["p50_ms"] for lv in report["levels"]], "o-", color=colour, label=f"{label} p50")
+        right.plot(clients, [lv[mode]["p99_ms"] for lv in report["levels"]], "s--", color=colour, label=f"{label} p99")
+    for level in report["levels"]:
+        left.annotate(f"batch {level['served']['mean_batch']:.1f}", (level["clients"], level["served"]["images_per_s"]),
+                      textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    for ax, title, unit in ((left, "throughput", "images / s"), (right, "latency per request", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    c = report["config"]
+    fig.suptitle(f"{c['model']} {c['resolution']} px, {report['backend']} on {report['device']}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--build", type=Path, default=None,
+                   help="a build folder with text encoders and VAE (default: build tiny-sd3 into a temporary folder)")
+    p.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime")
+    p.add_argument("--device", default="cpu", help="torch device for the torch backend")
+    p.add_argument("--clients", type=positive_int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=positive_int, default=64, help="requests per client count")
+    p.add_argument("--warmup", type=non_negative_int, default=4, help="requests per client count before timing")
+    p.add_argument("--max-queue-delay-us", type=non_negative_int, default=2000)
+    p.add_argument("--out", type=Path, default=None, help="folder for JSON/Markdown/PNG (default bench/results/<name>)")
+    args = p.parse_args(argv)
+    if args.out is not None:
+        check_destination(args.out / "serve.json")
+    with tempfile.TemporaryDirectory(prefix="onex-bench-build-") as tmp:
+        if args.build is None:
+            from onex_export.config import SkipRange
+            from onex_export.export.build import BuildConfig, build
+            from onex_export.export.shapes import DimRange
+
+            args.build = Path(tmp) / "tiny-sd3"
+            print("building  tiny-sd3, skip 3-10, ONNX only, batch up to 4", flush=True)
+            build(BuildConfig(skip=SkipRange(3, 10), out=args.build, trt="none", batch=DimRange(1, 1, 4)))
+        report = run(args)
+    name = f"serve-{Path(report['config']['model']).name}-{args.backend}-{args.device.replace(':', '')}"
+    out = args.out or Path(__file__).parent / "results" / name
+    write_results(out, "serve", report, markdown(report))
+    plot(report, out / "serve.png")
+    print(markdown(report))
+    print(f"wrote {out}/serve.json, serve.md, serve.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
