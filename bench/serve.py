@@ -37,7 +37,8 @@ from .report import write_results
 PROMPTS = ["a red cube on a table", "a lighthouse at dusk", "a bowl of ramen, top view", "an astronaut riding a horse"]
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """``n`` loopback ports free at the moment of asking."""
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -73,7 +74,7 @@ class _Server:
     """`onex-export serve` in a process of its own, as a user starts it."""
 
     def __init__(self, args, log: Path):
-        http, self.grpc, metrics = _free_ports(3)
+        http, self.grpc, metrics = free_ports(3)
         self.log = log
         command = [sys.executable, "-m", "onex_export.cli", "serve", "--build", str(args.build), "--backend",
                    args.backend, "--device", args.device, "--http-port", str(http), "--grpc-port", str(self.grpc),

@@ -241,9 +241,15 @@ def serve(config: ServeConfig, log: Callable[[str], None] = print, stop: threadi
     log(f"warm-up   {pipeline.warm_up():.1f} s (the server reports ready only after it)")
     stop = stop or threading.Event()
     previous = {}
+
+    def graceful(*_):  # the first SIGTERM or Ctrl-C drains; a second one stops at once (exit 143 / 130)
+        stop.set()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+            previous[sig] = signal.signal(sig, graceful)
     model = OnexModel(pipeline)
     _python_libdir_first()
     logging.getLogger("pytriton").setLevel(logging.WARNING)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from bench.serve import free_ports
 from onex_export.config import SkipRange
 from onex_export.errors import UsageError
 from onex_export.export.build import BuildConfig, build
@@ -42,16 +43,6 @@ def build_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipeline(build_dir):
     return BuildPipeline(build_dir)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class Server:
@@ -195,28 +186,36 @@ def test_model_config_batches_dynamically_up_to_the_builds_largest_batch(server)
                                                      "vae_ms"}
 
 
+@contextlib.contextmanager
+def flooded(server, count: int, rows: int):
+    """``count`` requests of ``rows`` prompts sent at once from as many threads; yields their futures (image,
+    time done) 0.3 s after the last was sent (loopback: each arrives in well under a millisecond)."""
+    clients = [server.client() for _ in range(count)]
+    all_sending = threading.Barrier(count + 1)
+
+    def request(k):
+        all_sending.wait(timeout=30)
+        seeds = [k * rows + j for j in range(rows)]
+        return infer(clients[k], PROMPTS[:rows], seeds).as_numpy("image"), time.monotonic()
+
+    with ThreadPoolExecutor(count) as pool:
+        futures = [pool.submit(request, k) for k in range(count)]
+        all_sending.wait(timeout=30)
+        time.sleep(0.3)
+        yield futures
+
+
 def test_sigterm_lets_queued_requests_finish_then_exits_0(build_dir, tmp_path):
     """16 requests of 2 prompts are sent at once; SIGTERM comes while most still wait in Triton's queue (a batch
     takes about 0.1 s here). All 16 must succeed, some after the signal, and the server must exit 0."""
     server = Server(build_dir, tmp_path)
     try:
         server.wait_ready()
-        clients = [server.client() for _ in range(16)]
-        all_sending = threading.Barrier(17)
-
-        def request(k):
-            all_sending.wait(timeout=30)
-            image = infer(clients[k], ["a red cube", "b"], [k, k + 1]).as_numpy("image")
-            return image, time.monotonic()  # the clients keep their connections open, as a balancer would
-
-        with ThreadPoolExecutor(16) as pool:
-            futures = [pool.submit(request, k) for k in range(16)]
-            all_sending.wait(timeout=30)
-            time.sleep(0.3)  # the requests reach the server (loopback: well under a millisecond each)
+        with flooded(server, 16, 2) as futures:
             signalled = time.monotonic()
             code = server.stop(signal.SIGTERM)
             stopped = time.monotonic()
-            done = [f.result(timeout=60) for f in futures]
+            done = [f.result(timeout=60) for f in futures]  # the clients keep their connections open
         assert code == 0, server.output()[-3000:]
         assert all(image.shape == (2, 1, 128, 128, 3) for image, _ in done)
         assert sum(t > signalled for _, t in done) >= 1  # the drain was needed: work was left at the signal
@@ -224,6 +223,25 @@ def test_sigterm_lets_queued_requests_finish_then_exits_0(build_dir, tmp_path):
         assert "stopping  finishing the requests in flight" in out and "PASSED serve: 32 image(s)" in out
         print(f"\nSIGTERM to exit 0: {stopped - signalled:.1f} s, {sum(t > signalled for _, t in done)} of 16 "
               "requests finished after the signal")
+    finally:
+        server.kill()
+
+
+def test_a_second_sigterm_during_the_drain_stops_at_once_with_143(build_dir, tmp_path):
+    """32 requests of 4 rows keep the drain busy for seconds (a call takes about 0.15 s here); a second SIGTERM
+    0.5 s into it must stop the server without waiting, and say so."""
+    server = Server(build_dir, tmp_path)
+    try:
+        server.wait_ready()
+        with flooded(server, 32, 4):  # the requests cut off by the second signal fail: that is the point
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            start = time.monotonic()
+            code = server.stop(signal.SIGTERM, timeout=60)
+            seconds = time.monotonic() - start
+        assert code == 143, server.output()[-3000:]
+        assert "interrupted (SIGTERM)" in server.output() and "PASSED serve" not in server.output()
+        print(f"\nsecond SIGTERM to exit: {seconds:.1f} s")
     finally:
         server.kill()
 
