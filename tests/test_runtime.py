@@ -130,10 +130,10 @@ def test_a_graph_onnx_runtime_refuses_unoptimised_is_loaded_optimised(build_dir,
     real = rg._session
     lean = rg.OrtGraph(build_dir / "reuse.onnx", low_memory=True)
 
-    def refusing(path, providers, low_memory):
+    def refusing(path, providers, low_memory, spin=True):
         if low_memory:
             raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Type Error (as 1.30 says)")
-        return real(path, providers, low_memory)
+        return real(path, providers, low_memory, spin)
 
     monkeypatch.setattr(rg, "_session", refusing)
     loaded = rg.OrtGraph(build_dir / "reuse.onnx", low_memory=True)
@@ -143,6 +143,16 @@ def test_a_graph_onnx_runtime_refuses_unoptimised_is_loaded_optimised(build_dir,
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
     with pytest.raises(OnexError, match="ONNX Runtime cannot load"):
         rg.OrtGraph(tmp_path / "bad.onnx", low_memory=True)
+
+
+def test_a_server_pipeline_keeps_onnx_runtime_threads_from_spinning(build_dir):
+    """Spinning threads win a lone caller a few ms and starve a server's other threads (README: serving)."""
+    key = "session.intra_op.allow_spinning"
+    default, server = BuildPipeline(build_dir), BuildPipeline(build_dir, spin=False)
+    assert {g.session.get_session_options().get_session_config_entry(key) for g in server.graphs.values()} == {"0"}
+    with pytest.raises(RuntimeError, match="allow_spinning"):  # not set: ONNX Runtime's default (spin) applies
+        default.graphs["vae"].session.get_session_options().get_session_config_entry(key)
+    np.testing.assert_array_equal(server.generate(["a"], 3).pixels(), default.generate(["a"], 3).pixels())
 
 
 def _edit_schedule(build_dir, to, edit):
