@@ -5,7 +5,7 @@ import json
 import textwrap
 from pathlib import Path
 
-from onex_export.fileio import atomic_path
+from onex_export.fileio import atomic_path, save_figure
 
 
 def write_results(out: Path, stem: str, report: dict, table: str) -> None:
@@ -69,8 +69,4 @@ def plot(report: dict, path: Path) -> Path:
     ax.set_title(f"{cfg['arch']} {cfg['resolution']}px, {report['backend']} {report['dtype']}: "
                  "speed-up over teacher (NFE-predicted)")
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

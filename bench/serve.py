@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from onex_export.errors import OnexError
-from onex_export.fileio import atomic_path, check_destination
+from onex_export.fileio import check_destination, save_figure
 from onex_export.runtime.pipeline import BACKENDS, BuildPipeline
 from onex_export.serving import STAGES
 
@@ -226,11 +226,7 @@ def plot(report: dict, path: Path) -> Path:
         ax.legend(fontsize=8)
     c = report["config"]
     fig.suptitle(f"{c['model']} {c['resolution']} px, {report['backend']} on {report['device']}")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -101,6 +102,28 @@ def _components(text: str) -> tuple[str, ...]:
 
 
 _parse_skip = _parsed_by(SkipRange.parse)
+
+
+@dataclass(frozen=True)
+class AutoSkip:
+    """``--skip auto:NFE``: the range a probe recommends for that effective NFE."""
+
+    nfe: float
+
+    def __str__(self) -> str:
+        return f"auto:{self.nfe:g}"
+
+
+def _parse_build_skip(ctx, param, value):
+    if not value.startswith("auto:"):
+        return _parse_skip(ctx, param, value)
+    try:
+        nfe = float(value.removeprefix("auto:"))
+    except ValueError:
+        raise click.BadParameter(f"{value.removeprefix('auto:')!r} is not a number: use e.g. auto:1.667") from None
+    if not 1.0 < nfe < 2.0:
+        raise click.BadParameter(f"a 1.x schedule's effective NFE lies between 1 and 2, not {nfe:g}")
+    return AutoSkip(nfe)
 _parse_range = _parsed_by(DimRange.parse)
 
 
@@ -238,8 +261,11 @@ def _gib(n: int) -> str:
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Embedded model name or a local diffusers SD3/SD3.5 folder (fp16/bf16/fp32, one file or shards).")
 @click.option("--mlp", type=click.Path(path_type=Path), default=None, help="Compensation MLP weights.")
-@click.option("--skip", default="3-10", show_default=True, callback=_parse_skip,
-              help="Blocks skipped in step two: 1-based, inclusive (3-10 = blocks[2..9]).")
+@click.option("--skip", default="3-10", show_default=True, callback=_parse_build_skip,
+              help="Blocks skipped in step two: 1-based, inclusive (3-10 = blocks[2..9]); or auto:NFE (e.g. "
+                   "auto:1.667) for the range a probe (--probe) recommends for that effective NFE.")
+@click.option("--probe", "probe_path", type=click.Path(path_type=Path), default=None,
+              help="probe.json written by `onex-export probe` for this model (with --skip auto:NFE).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Build folder. Default: engines/<model>-skip<range>-<precision>")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
@@ -276,12 +302,23 @@ def _gib(n: int) -> str:
               show_default=True, help="Cut a graph where its weights would pass this many GiB (an engine build "
                                       "needs about 3x its graph's weights in memory).")
 @click.option("--allow-parity-failure", is_flag=True, help="Install the build even if the parity gate fails.")
-def build_cmd(model, mlp, skip, out, precision, fp32_blocks, trt, batch, resolution, text_len, dynamic_shapes, opset,
-              opt_level, compute_capabilities, timing_cache, tf32, components, gate_mode, gate_device, max_graph_gib,
-              allow_parity_failure):
+def build_cmd(model, mlp, skip, probe_path, out, precision, fp32_blocks, trt, batch, resolution, text_len,
+              dynamic_shapes, opset, opt_level, compute_capabilities, timing_cache, tf32, components, gate_mode,
+              gate_device, max_graph_gib, allow_parity_failure):
     """Split, export ONNX, compile TensorRT engines, gate on parity, and write manifest.json."""
+    skip_source = None
+    if isinstance(skip, AutoSkip):
+        if probe_path is None:
+            raise UsageError(f"--skip {skip} needs --probe: the range comes from a probe of the model",
+                             f"run `onex-export probe --model {model}` and pass --probe probes/.../probe.json")
+        from .probe.report import choose_skip
+
+        auto, (skip, skip_source) = skip, choose_skip(probe_path, skip.nfe, model)
+        click.echo(f"skip {auto} -> {skip} (velocity error {skip_source['velocity_error']:.4f} in {probe_path})")
+    elif probe_path is not None:
+        raise UsageError("--probe goes with --skip auto:NFE", "drop --probe, or pass e.g. --skip auto:1.667")
     out = out or Path("engines") / f"{Path(model).name}-skip{skip}-{precision}"
-    config = BuildConfig(skip=skip, out=out, model=model, mlp=mlp, precision=precision, fp32_blocks=fp32_blocks,
+    config = BuildConfig(skip=skip, skip_source=skip_source, out=out, model=model, mlp=mlp, precision=precision, fp32_blocks=fp32_blocks,
                          trt=trt, batch=batch, resolution=resolution, text_len=text_len, dynamic_shapes=dynamic_shapes,
                          opset=opset, optimization_level=opt_level, compute_capabilities=tuple(compute_capabilities),
                          timing_cache=timing_cache, tf32=tf32, components=components,
@@ -382,6 +419,62 @@ def generate_cmd(build_dir, prompts, seed, images_per_prompt, resolution, backen
     h, w = result.images.shape[-2:]
     click.echo(f"PASSED generate: {len(paths)} image(s) of {w}x{h} with {backend} -> {', '.join(map(str, paths))} "
                f"in {time.perf_counter() - start:.1f} s")
+
+
+@main.command(name="probe")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Embedded model name or a local SD3/SD3.5 pipeline folder (its text encoders encode the prompts).")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="Calibration prompts, one per line. Default: 8 built-in prompts.")
+@click.option("--max-prompts", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
+@click.option("--seed", "seeds", type=int, multiple=True, help="Noise seed (repeatable). Default: 0.")
+@click.option("--nfe", "nfes", type=float, multiple=True,
+              help="Target effective NFE (repeatable) to recommend a range for. Default: 1.75 and 1.667.")
+@click.option("--lengths", default=None, help="Only ranges of these lengths (e.g. 6,8). Default: every range.")
+@click.option("--resolution", type=click.IntRange(16, 4096), default=None, help="Pixels. Default: the model's native.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--random-text", is_flag=True,
+              help="Seeded random text embeddings instead of the text encoders (a folder with a transformer only).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for probe.json, heatmap.png, blocks.png. Default: probes/<model>")
+def probe_cmd(model, prompts_file, max_prompts, seeds, nfes, lengths, resolution, dtype, device, random_text, out):
+    """Measure which block range step two can skip: every block's reuse error and every range's caching error
+    (step two's velocity and the final latents against the uncached run), and recommend a range per NFE."""
+    from .probe import DEFAULT_NFES, DEFAULT_PROMPTS, ProbeConfig, read_prompts, run
+    from .probe.report import write
+
+    try:
+        parsed_lengths = tuple(int(n) for n in lengths.split(",")) if lengths else None
+    except ValueError:
+        raise UsageError(f"--lengths {lengths!r} is not a list of numbers", "use e.g. --lengths 6,8") from None
+    prompts = read_prompts(prompts_file, max_prompts) if prompts_file else DEFAULT_PROMPTS[:max_prompts]
+    config = ProbeConfig(model, prompts, tuple(seeds) or (0,), resolution, tuple(nfes) or DEFAULT_NFES,
+                         parsed_lengths, dtype, device, random_text)
+    out = out or Path("probes") / Path(model).name
+    check_destination(out / "probe.json")
+    bar = None
+
+    def progress(total):
+        nonlocal bar
+        bar = tqdm(total=total, desc="probe", unit="step", disable=None, leave=False)
+        return bar.update
+
+    try:
+        result, recorded = run(config, progress, log=click.echo)
+    finally:
+        if bar is not None:
+            bar.close()
+    paths = write(out, result, recorded)
+    worst = max(result.blocks, key=lambda b: b["e"])
+    best = min(result.blocks[:-1], key=lambda b: b["e"])
+    click.echo(f"blocks    reuse error e_n from {best['e']:.4f} (block {best['block']}) to {worst['e']:.4f} "
+               f"(block {worst['block']})")
+    for rec in result.recommendations:
+        click.echo(f"NFE {rec['nfe']:.3f} (target {rec['target_nfe']:g}, {rec['skipped']} blocks): --skip {rec['skip']}"
+                   f"  velocity error {rec['velocity_error']:.4f}, final latents {rec['latent_error']:.4f}")
+    click.echo(f"PASSED probe: {result.samples} sample(s), {len(result.ranges)} ranges in {recorded['seconds']:.1f} s "
+               f"-> {', '.join(map(str, paths))}")
 
 
 @main.command(name="serve")

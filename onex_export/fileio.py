@@ -157,6 +157,17 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1)
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure laid out and written as a PNG, atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 def save_png(image: torch.Tensor, path: str | Path) -> Path:
     """Write one (3, H, W) image in [0, 1] as a PNG, atomically."""
     from PIL import Image

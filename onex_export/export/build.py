@@ -81,6 +81,7 @@ class BuildConfig:
 
     skip: SkipRange
     out: Path
+    skip_source: dict | None = None  # where an automatic range came from (a probe), recorded in the manifest
     model: str = DEFAULT_MODEL
     mlp: Path | None = None
     precision: str = "fp32"
@@ -447,7 +448,8 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
                   "mlp": os.path.abspath(config.mlp) if config.mlp else None,  # absolute: verify runs from anywhere
                   "num_layers": loaded.split.num_layers, "config": public_config(cfg)},
         "skip": {"one_based": str(config.skip), "first": config.skip.first, "last": config.skip.last,
-                 "zero_based": list(config.skip.indices0), "count": config.skip.count},
+                 "zero_based": list(config.skip.indices0), "count": config.skip.count,
+                 **({"source": config.skip_source} if config.skip_source else {})},
         "precision": config.precision, "precision_policy": config.policy.to_json(), "opset": config.opset,
         "trt": trt,
         "shapes": {"ranges": shapes.to_json(), "dims": shapes.dim_ranges(cfg.patch_size),
