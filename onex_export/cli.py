@@ -434,11 +434,15 @@ def generate_cmd(build_dir, prompts, seed, images_per_prompt, resolution, backen
 @click.option("--resolution", type=click.IntRange(16, 4096), default=None, help="Pixels. Default: the model's native.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--mlp", type=click.Path(path_type=Path), default=None,
+              help="A trained compensation MLP: its range (--mlp-skip) is measured with it too.")
+@click.option("--mlp-skip", default=None, callback=_parse_skip, help="The range the MLP was trained for, e.g. 3-10.")
 @click.option("--random-text", is_flag=True,
               help="Seeded random text embeddings instead of the text encoders (a folder with a transformer only).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for probe.json, heatmap.png, blocks.png. Default: probes/<model>")
-def probe_cmd(model, prompts_file, max_prompts, seeds, nfes, lengths, resolution, dtype, device, random_text, out):
+def probe_cmd(model, prompts_file, max_prompts, seeds, nfes, lengths, resolution, dtype, device, mlp, mlp_skip,
+              random_text, out):
     """Measure which block range step two can skip: every block's reuse error and every range's caching error
     (step two's velocity and the final latents against the uncached run), and recommend a range per NFE."""
     from .probe import DEFAULT_NFES, DEFAULT_PROMPTS, ProbeConfig, read_prompts, run
@@ -450,7 +454,7 @@ def probe_cmd(model, prompts_file, max_prompts, seeds, nfes, lengths, resolution
         raise UsageError(f"--lengths {lengths!r} is not a list of numbers", "use e.g. --lengths 6,8") from None
     prompts = read_prompts(prompts_file, max_prompts) if prompts_file else DEFAULT_PROMPTS[:max_prompts]
     config = ProbeConfig(model, prompts, tuple(seeds) or (0,), resolution, tuple(nfes) or DEFAULT_NFES,
-                         parsed_lengths, dtype, device, random_text)
+                         parsed_lengths, dtype, device, random_text, mlp, mlp_skip)
     out = out or Path("probes") / Path(model).name
     check_destination(out / "probe.json")
     bar = None
@@ -473,6 +477,11 @@ def probe_cmd(model, prompts_file, max_prompts, seeds, nfes, lengths, resolution
     for rec in result.recommendations:
         click.echo(f"NFE {rec['nfe']:.3f} (target {rec['target_nfe']:g}, {rec['skipped']} blocks): --skip {rec['skip']}"
                    f"  velocity error {rec['velocity_error']:.4f}, final latents {rec['latent_error']:.4f}")
+    for row in result.ranges:
+        if "mlp_velocity_error" in row:
+            click.echo(f"MLP       --skip {row['skip']}: velocity error {row['velocity_error']:.4f} with plain reuse, "
+                       f"{row['mlp_velocity_error']:.4f} with the MLP; final latents {row['latent_error']:.4f} -> "
+                       f"{row['mlp_latent_error']:.4f}")
     click.echo(f"PASSED probe: {result.samples} sample(s), {len(result.ranges)} ranges in {recorded['seconds']:.1f} s "
                f"-> {', '.join(map(str, paths))}")
 

@@ -12,6 +12,7 @@ from onex_export.cli import main
 from onex_export.config import SkipRange
 from onex_export.errors import UsageError
 from onex_export.models import build_tiny
+from onex_export.models.compensation import CompensationMLP, load_compensation, save_compensation
 from onex_export.models.split import SplitSD3Transformer
 from onex_export.probe import ProbeConfig, ProbeResult, candidate_ranges, probe, read_prompts, skipped_for, trace
 from onex_export.probe.report import choose_skip, read_probe
@@ -215,3 +216,42 @@ def test_a_transformer_only_folder_needs_random_text(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert doc["config"]["random_text"] is True and len(doc["ranges"]) == 34 and doc["samples"] == 1
+
+
+def test_a_trained_mlp_is_measured_on_its_range_as_the_runtime_runs_it(tiny, tmp_path):
+    """An MLP with non-zero output layers (not the identity): the probe's mlp_ errors for its range must equal the
+    runtime's skipping pass through that MLP, and differ from plain reuse."""
+    mlp = CompensationMLP.for_transformer(tiny, seed=3)
+    with torch.no_grad():
+        for stream in (mlp.img, mlp.ctx):
+            stream.fc2.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(4))
+    save_compensation(mlp, tmp_path / "mlp.safetensors")
+    text, pooled = conditioning(tiny)
+    split = SplitSD3Transformer(tiny, None, load_compensation(tmp_path / "mlp.safetensors", tiny))
+    [row] = probe(split, [(text, pooled)], (0,), LATENT, [SkipRange(3, 10)], mlp_skip=SkipRange(3, 10)).ranges
+    v2, _, d1, _ = runtime_steps(tiny, SkipRange(3, 10), text, pooled)
+    runtime = SplitSD3Transformer(tiny, SkipRange(3, 10), mlp)
+    s1, s2 = SamplingPlan.one_x().sigmas
+    x1 = torch.randn((1, *LATENT), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x2 = student_step(x1, runtime.full(x1, text, pooled, torch.full((1,), timestep_from_sigma(s1)))[0], s1, s2)
+        v_mlp = runtime.skipping(x2, text, pooled, torch.full((1,), timestep_from_sigma(s2)), *d1)
+    assert row["mlp_velocity_error"] == pytest.approx(float((v_mlp - v2).norm() / v2.norm()), rel=1e-4)
+    assert abs(row["mlp_velocity_error"] - row["velocity_error"]) > 1e-3
+
+
+def test_probe_cli_reports_the_mlp_range(tmp_path):
+    tiny = build_tiny("tiny-sd3")
+    save_compensation(CompensationMLP.for_transformer(tiny), tmp_path / "mlp.safetensors")
+    base = ["probe", "--max-prompts", "1", "--lengths", "6,8", "--out", str(tmp_path / "out")]
+    res = CliRunner().invoke(main, [*base, "--mlp", str(tmp_path / "mlp.safetensors"), "--mlp-skip", "3-10"])
+    assert res.exit_code == 0, res.output
+    row = next(r for r in read_probe(tmp_path / "out" / "probe.json")[0].ranges if r["skip"] == "3-10")
+    # an untrained MLP is the identity: the same as plain reuse
+    assert row["mlp_velocity_error"] == pytest.approx(row["velocity_error"], rel=1e-6)
+    assert "MLP       --skip 3-10" in res.output
+    res = CliRunner().invoke(main, [*base[:-2], "--out", str(tmp_path / "o2"), "--mlp", str(tmp_path / "mlp.safetensors")])
+    assert res.exit_code == 2 and "--mlp and --mlp-skip go together" in res.output
+    res = CliRunner().invoke(main, [*base[:-2], "--out", str(tmp_path / "o3"), "--mlp", str(tmp_path / "mlp.safetensors"),
+                                    "--mlp-skip", "3-7"])
+    assert res.exit_code == 2 and "a length --lengths leaves out" in res.output

@@ -90,22 +90,30 @@ def block_errors(t1: Trace, t2: Trace) -> list[dict]:
 
 
 def range_errors(split: SplitSD3Transformer, t1: Trace, t2: Trace, x2: torch.Tensor, sigma2: float,
-                 ranges: list[SkipRange], on_range: Callable[[], None] | None = None) -> list[dict]:
-    """Direct-caching errors of each range (see the module docstring); ``x2`` the second step's latents."""
+                 ranges: list[SkipRange], on_range: Callable[[], None] | None = None,
+                 mlp_skip: SkipRange | None = None) -> list[dict]:
+    """Direct-caching errors of each range (see the module docstring); ``x2`` the second step's latents. The
+    range ``mlp_skip`` is also measured through ``split``'s MLP (``mlp_*`` errors), the way the runtime reuses it."""
     height, width = x2.shape[-2:]
     latents = student_step(x2, t2.velocity, sigma2, 0.0)
+
+    def errors(img, ctx, b, prefix=""):
+        img, _ = split.run_blocks(img, ctx, t2.temb, b, split.num_layers)
+        v = split.project_out(img, t2.temb, height, width)
+        return {f"{prefix}velocity_error": _rel2(v, t2.velocity),
+                f"{prefix}latent_error": _rel2(student_step(x2, v, sigma2, 0.0), latents)}
+
     out = []
     for r in ranges:
         a, b = r.first, r.last
-        cached_img = t2.img[a - 1] + (t1.img[b] - t1.img[a - 1])
-        cached_ctx = t2.ctx[a - 1] + (t1.ctx[b] - t1.ctx[a - 1])
+        d_img, d_ctx = t1.img[b] - t1.img[a - 1], t1.ctx[b] - t1.ctx[a - 1]
+        cached_img, cached_ctx = t2.img[a - 1] + d_img, t2.ctx[a - 1] + d_ctx
         boundary = ((_l1(cached_img - t2.img[b]) + _l1(cached_ctx - t2.ctx[b]))
                     / max(_l1(t2.img[b] - t2.img[a - 1]) + _l1(t2.ctx[b] - t2.ctx[a - 1]), 1e-30))
-        img, _ = split.run_blocks(cached_img, cached_ctx, t2.temb, b, split.num_layers)
-        v = split.project_out(img, t2.temb, height, width)
-        out.append({"skip": str(r), "first": a, "last": b, "boundary_error": boundary,
-                    "velocity_error": _rel2(v, t2.velocity),
-                    "latent_error": _rel2(student_step(x2, v, sigma2, 0.0), latents)})
+        row = {"skip": str(r), "first": a, "last": b, "boundary_error": boundary, **errors(cached_img, cached_ctx, b)}
+        if r == mlp_skip:
+            row.update(errors(*split.reuse(t2.img[a - 1], t2.ctx[a - 1], d_img, d_ctx), b, "mlp_"))
+        out.append(row)
         if on_range is not None:
             on_range()
     return out
@@ -175,8 +183,10 @@ def _mean_rows(rows: list[list[dict]], keys: tuple[str, ...]) -> list[dict]:
 @torch.no_grad()
 def probe(split: SplitSD3Transformer, conditioning: list[tuple[torch.Tensor, torch.Tensor]], seeds: tuple[int, ...],
           latent_shape: tuple[int, int, int], ranges: list[SkipRange], dtype: torch.dtype = torch.float32,
-          device: str = "cpu", progress: Callable[[int], None] | None = None) -> ProbeResult:
-    """Probe ``split`` (its own skip range unused) on each (text (1, T, D), pooled (1, P)) x seed.
+          device: str = "cpu", progress: Callable[[int], None] | None = None,
+          mlp_skip: SkipRange | None = None) -> ProbeResult:
+    """Probe ``split`` (its own skip range unused) on each (text (1, T, D), pooled (1, P)) x seed; the range
+    ``mlp_skip`` (one of ``ranges``) is measured with ``split``'s MLP too.
 
     Runs the 2-step schedule's two uncached steps with every stream kept, then each range's tail. Samples go
     one at a time (a real model's kept streams: about 1.3 GB per sample for SD3-Medium at 1024 px).
@@ -196,10 +206,11 @@ def probe(split: SplitSD3Transformer, conditioning: list[tuple[torch.Tensor, tor
                 progress(1)
             per_blocks.append(block_errors(t1, t2))
             per_ranges.append(range_errors(split, t1, t2, x2, sigma2, ranges,
-                                           (lambda: progress(1)) if progress is not None else None))
+                                           (lambda: progress(1)) if progress is not None else None, mlp_skip))
             del t1, t2
     blocks = _mean_rows(per_blocks, ("e", "e_img", "e_ctx"))
-    rows = _mean_rows(per_ranges, ("boundary_error", "velocity_error", "latent_error"))
+    rows = [_mean_rows([[r] for r in same], tuple(k for k in same[0] if k.endswith("_error")))[0]
+            for same in zip(*per_ranges)]
     for r in rows:
         if not all(math.isfinite(r[k]) for k in ("boundary_error", "velocity_error", "latent_error")):
             raise OnexError(f"range {r['skip']} gave a non-finite error: the model's outputs overflow in {dtype}",

@@ -18,7 +18,8 @@ from ..export.build import REAL_TEXT_LEN
 from ..export.components import available, load_components
 from ..export.precision import PRECISIONS
 from ..export.shapes import VAE_SCALE, DimRange, ShapeConfig
-from ..models import DEFAULT_MODEL, SplitSD3Transformer, load_transformer
+from ..config import SkipRange
+from ..models import DEFAULT_MODEL, SplitSD3Transformer, load_compensation, load_transformer
 from ..models.weights import transformer_source
 from .measure import DEFAULT_NFES, ProbeResult, candidate_ranges, probe, skipped_for
 
@@ -48,6 +49,8 @@ class ProbeConfig:
     dtype: str = "fp32"
     device: str = "cpu"
     random_text: bool = False  # seeded random text embeddings, for a folder that holds only a transformer
+    mlp: Path | None = None  # a trained compensation MLP, measured on the range it was trained for:
+    mlp_skip: SkipRange | None = None
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -60,6 +63,9 @@ class ProbeConfig:
                                  "e.g. --nfe 1.75 --nfe 1.667")
         if self.lengths is not None and (not self.lengths or min(self.lengths) < 1):
             raise UsageError(f"range lengths must be at least 1, got {self.lengths}")
+        if (self.mlp is None) != (self.mlp_skip is None):
+            raise UsageError("--mlp and --mlp-skip go together: an MLP is trained for one range",
+                             "pass both, e.g. --mlp f.safetensors --mlp-skip 3-10")
         if self.dtype not in PRECISIONS:
             raise UsageError(f"unknown dtype {self.dtype!r}", f"choose one of {', '.join(PRECISIONS)}")
 
@@ -116,6 +122,11 @@ def run(config: ProbeConfig, progress: Callable[[int], Callable[[int], None]] | 
     resolution = config.resolution or cfg.sample_size * VAE_SCALE
     ShapeConfig(DimRange(1, 1, 1), DimRange(resolution, resolution, resolution), DimRange(1, 1, 1)).validate_for(
         cfg.patch_size, cfg.pos_embed_max_size)
+    if config.mlp_skip is not None:
+        config.mlp_skip.validate_for(num_layers)
+        if config.lengths is not None and config.mlp_skip.count not in config.lengths:
+            raise UsageError(f"--mlp-skip {config.mlp_skip} has {config.mlp_skip.count} blocks, a length --lengths "
+                             "leaves out", f"add {config.mlp_skip.count} to --lengths")
     if config.lengths is not None and max(config.lengths) > num_layers - 1:
         raise UsageError(f"a range of {max(config.lengths)} blocks does not fit a model of {num_layers} blocks "
                          f"(ranges lie inside 1-{num_layers - 1})")
@@ -128,18 +139,21 @@ def run(config: ProbeConfig, progress: Callable[[int], Callable[[int], None]] | 
                                              f"prompt(s) encoded in {time.perf_counter() - start:.1f} s"))
     dtype = PRECISIONS[config.dtype]
     transformer = load_transformer(config.model, dtype, config.device)
-    split = SplitSD3Transformer(transformer, None).eval()
+    mlp = load_compensation(config.mlp, transformer, dtype) if config.mlp else None
+    split = SplitSD3Transformer(transformer, None, mlp).to(config.device).eval()
     ranges = candidate_ranges(num_layers, config.lengths)
     log(f"model     {config.model}: {num_layers} blocks, {len(ranges)} ranges, {resolution} px, {config.dtype} "
         f"on {config.device}")
     latent = resolution // VAE_SCALE
     update = progress(units_of_work(config, num_layers)) if progress is not None else None
     result = probe(split, conditioning, config.seeds, (cfg.in_channels, latent, latent), ranges, dtype, config.device,
-                   update)
+                   update, config.mlp_skip)
     result.recommend(config.nfes)
     recorded = {"model": config.model, "prompts": list(config.prompts), "seeds": list(config.seeds),
                 "resolution": resolution, "dtype": config.dtype, "device": config.device,
                 "lengths": list(config.lengths) if config.lengths else None, "nfes": list(config.nfes),
                 "random_text": config.random_text,
+                "mlp": str(Path(config.mlp).resolve()) if config.mlp else None,
+                "mlp_skip": str(config.mlp_skip) if config.mlp_skip else None,
                 "seconds": round(time.perf_counter() - start, 2)}
     return result, recorded
