@@ -12,6 +12,7 @@ JSON, a Markdown table and a PNG under bench/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import secrets
@@ -87,13 +88,27 @@ class _Server:
         deadline = time.monotonic() + 300
         while "ready     model 'onex'" not in log.read_text(errors="replace"):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise OnexError(f"`onex-export serve` did not become ready; its output:\n{log.read_text()[-2000:]}")
+                self.kill()
+                raise OnexError(f"`onex-export serve` did not become ready; its output:\n{self.tail()}")
             time.sleep(0.2)
 
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:]
+
     def stop(self) -> int:
+        """SIGTERM, as a service manager stops it; its exit code (killed after 120 s: -9)."""
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=120)
+        try:
+            return self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.process.returncode
+
+    def kill(self) -> None:
+        """The server's whole session: tritonserver and its stubs too."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
 
 
 def _infer(client, prompt: str, seed: int) -> tuple[np.ndarray, float]:
@@ -167,9 +182,9 @@ def run(args) -> dict:
                       f"{summary['mean_batch']:.2f} (pipeline p50 {summary['pipeline_p50_ms']:.0f} ms), images identical: "
                       f"{summary['identical_images']}", flush=True)
         finally:
-            code = server.stop()
+            code, tail = server.stop(), server.tail()  # the log goes with the temporary folder
     if code != 0:
-        raise OnexError(f"`onex-export serve` exited {code} on SIGTERM (0 expected)")
+        raise OnexError(f"`onex-export serve` exited {code} on SIGTERM (0 expected); its output:\n{tail}")
     manifest = BuildPipeline(args.build, check_files=False).manifest
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
@@ -186,7 +201,8 @@ def markdown(report: dict) -> str:
     c = report["config"]
     lines = [f"# Serving: {c['model']} ({c['precision']}, {c['resolution']} px, batch up to {c['max_batch']}), "
              f"{report['backend']} on {report['device']} ({report['machine']['processor']})", "",
-             f"{c['requests']} requests per client count (one prompt, one image each), after {c['warmup']} warm-up; "
+             f"{c['requests']} requests per client count (or one per client, if more; one prompt and one image "
+             f"each), after {c['warmup']} warm-up; "
              f"Triton's queue delay {c['max_queue_delay_us']} us. p99 of {c['requests']} samples is close to the "
              "maximum.", "",
              "| clients | in-process images/s | p50 ms | p99 ms | served images/s | p50 ms | p99 ms | mean batch | "

@@ -72,7 +72,8 @@ class ServeConfig:
     max_queue_size: int = 256  # requests waiting beyond this are refused at once, not queued without bound
     drain_seconds: float = 60.0  # on SIGTERM, how long in-flight requests may take before the server stops
     # the token Triton's management endpoints (statistics, model repository, logging, trace, shared memory) ask
-    # for in a `triton-access-token` header; None: a random one, so that only inference and health are open
+    # for in a `triton-access-token` header; None: a random one, so that they stay closed (inference, health,
+    # metadata and model configuration are open to all, as PyTriton leaves them)
     access_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +120,7 @@ class OnexModel:
         self._busy = threading.Condition()
         self._in_flight = 0
         self.images = 0  # served so far
+        self.closing = False  # set by close(): calls are refused
 
     def parse(self, request) -> list[Request]:
         """One request's rows as pipeline requests (one per prompt, each with its seed); raises BadRequest."""
@@ -130,7 +132,7 @@ class OnexModel:
             try:
                 prompts.append(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
             except UnicodeDecodeError as exc:
-                raise BadRequest(f"prompt {i} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+                raise BadRequest(f"prompt {i} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         seeds = _column(request, "seed", np.int64, rows)
         if seeds is None:  # a fresh seed per row; the response carries it so the image can be made again
             seeds = np.array([secrets.randbits(63) for _ in range(rows)], dtype=np.int64)
@@ -141,10 +143,12 @@ class OnexModel:
         try:
             self.pipeline.check_request(out[0])
         except UsageError as exc:
-            raise BadRequest(exc.message) from exc
+            raise BadRequest(exc.message) from None  # no chained traceback for the client either
         return out
 
     def __call__(self, requests: list) -> list[dict[str, np.ndarray]]:
+        if self.closing:
+            raise BadRequest("the server is stopping: send the request again (to another replica)")
         with self._counted():
             parsed, problems = [], []
             for i, request in enumerate(requests):
@@ -179,16 +183,24 @@ class OnexModel:
                 self._in_flight -= 1
                 self._busy.notify_all()
 
+    def close(self, timeout: float) -> bool:
+        """Refuse further calls and wait up to ``timeout`` seconds for the running one; True when none runs."""
+        self.closing = True
+        with self._busy:
+            return self._busy.wait_for(lambda: not self._in_flight, timeout=timeout)
+
     def drain(self, quiet: float, timeout: float) -> bool:
         """Wait until no call has run for ``quiet`` seconds (requests still in Triton's queue arrive within its
-        delay) or ``timeout`` passes; True when drained."""
+        delay) or ``timeout`` passes; True when drained. Triton keeps admitting requests meanwhile, so under steady
+        load this runs to ``timeout``: a balancer should stop sending once its replica is told to stop."""
         deadline = time.monotonic() + timeout
         with self._busy:
             while True:
                 while self._in_flight:
                     if not self._busy.wait(timeout=max(0.0, deadline - time.monotonic())):
                         return False
-                if not self._busy.wait(timeout=quiet) and not self._in_flight:
+                left = deadline - time.monotonic()
+                if not self._busy.wait(timeout=max(0.0, min(quiet, left))) and not self._in_flight:
                     return True
                 if time.monotonic() >= deadline:
                     return not self._in_flight
@@ -196,6 +208,7 @@ class OnexModel:
 
 def _check_port_free(port: int, what: str) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Triton binds: TIME_WAIT leftovers are free
         try:
             s.bind(("0.0.0.0", port))
         except OSError as exc:
@@ -247,9 +260,6 @@ def serve(config: ServeConfig, log: Callable[[str], None] = print, stop: threadi
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, graceful)
     model = OnexModel(pipeline)
     _python_libdir_first()
     logging.getLogger("pytriton").setLevel(logging.WARNING)
@@ -260,6 +270,10 @@ def serve(config: ServeConfig, log: Callable[[str], None] = print, stop: threadi
                                  # connections (up to 30 s by default)
                                  exit_timeout_secs=EXIT_TIMEOUT)
     try:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup, a shell's background job: left ignored
+                    previous[sig] = signal.signal(sig, graceful)
         security = TritonSecurityConfig(access_token=config.access_token)
         with Triton(config=triton_config, security_config=security) as triton:
             _bind(triton, model, config, pipeline.manifest["shapes"]["ranges"]["batch"][2])
@@ -267,13 +281,17 @@ def serve(config: ServeConfig, log: Callable[[str], None] = print, stop: threadi
             log(f"ready     model {MODEL_NAME!r}: HTTP :{config.http_port}, gRPC :{config.grpc_port}, "
                 f"metrics :{config.metrics_port} ({time.perf_counter() - start:.1f} s after start); "
                 "SIGTERM or Ctrl-C stops it")
-            while not stop.wait(timeout=1.0):
-                if not triton.is_alive():
-                    raise OnexError("the Triton Inference Server stopped on its own", "see its log lines above")
-            log("stopping  finishing the requests in flight")
-            quiet = 2 * config.max_queue_delay_us / 1e6 + 0.2
-            if not model.drain(quiet, config.drain_seconds):
-                log(f"stopping  requests still running after {config.drain_seconds:.0f} s are cut off")
+            try:
+                while not stop.wait(timeout=1.0):
+                    if not triton.is_alive():
+                        raise OnexError("the Triton Inference Server stopped on its own", "see its log lines above")
+                log("stopping  finishing the requests in flight")
+                quiet = 2 * config.max_queue_delay_us / 1e6 + 0.2
+                if not model.drain(quiet, config.drain_seconds):
+                    log(f"stopping  requests still running after {config.drain_seconds:.0f} s are cut off")
+            except KeyboardInterrupt:  # a second signal: refuse the queue, but let the batch that runs end, for
+                model.close(timeout=30)  # a native run cut off by the interpreter's exit aborts the process
+                raise
         log(f"stopped   after {model.images} image(s)")
         return model.images
     finally:

@@ -169,6 +169,14 @@ class ProbeResult:
         return found[0]
 
 
+def _check_finite(value, what: str, dtype: torch.dtype) -> None:
+    finite = bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor) else (
+        value is None or math.isfinite(value))
+    if not finite:
+        raise OnexError(f"{what} is not finite: the model's outputs overflow in {str(dtype).removeprefix('torch.')}",
+                        "probe in float32 (--dtype fp32)")
+
+
 def _mean_rows(rows: list[list[dict]], keys: tuple[str, ...]) -> list[dict]:
     out = []
     for group in zip(*rows):
@@ -190,7 +198,8 @@ def probe(split: SplitSD3Transformer, conditioning: list[tuple[torch.Tensor, tor
 
     Runs the 2-step schedule's two uncached steps with every stream kept, then each range's tail. Samples go
     one at a time (a real model's kept streams: about 1.3 GB per sample for SD3-Medium at 1024 px).
-    ``progress(n)`` is called after every n units of work (one per range, plus one per sample's two steps)."""
+    ``progress(1)`` is called after each unit of work (a range, or a sample's two traced steps). Stops at the
+    first non-finite value."""
     plan = SamplingPlan.one_x()
     sigma1, sigma2 = plan.sigmas
     per_blocks, per_ranges = [], []
@@ -204,15 +213,16 @@ def probe(split: SplitSD3Transformer, conditioning: list[tuple[torch.Tensor, tor
             t2 = trace(split, x2, text, pooled, sigma2)
             if progress is not None:
                 progress(1)
+            _check_finite(t2.velocity, "step two's velocity", dtype)  # before hours of ranges, not after
             per_blocks.append(block_errors(t1, t2))
             per_ranges.append(range_errors(split, t1, t2, x2, sigma2, ranges,
                                            (lambda: progress(1)) if progress is not None else None, mlp_skip))
+            for row in [*per_blocks[-1], *per_ranges[-1]]:
+                for key, value in row.items():
+                    if key.startswith("e") or key.endswith("_error"):
+                        _check_finite(value, f"{key} of {row.get('skip') or 'block ' + str(row['block'])}", dtype)
             del t1, t2
     blocks = _mean_rows(per_blocks, ("e", "e_img", "e_ctx"))
     rows = [_mean_rows([[r] for r in same], tuple(k for k in same[0] if k.endswith("_error")))[0]
             for same in zip(*per_ranges)]
-    for r in rows:
-        if not all(math.isfinite(r[k]) for k in ("boundary_error", "velocity_error", "latent_error")):
-            raise OnexError(f"range {r['skip']} gave a non-finite error: the model's outputs overflow in {dtype}",
-                            "probe in float32 (--dtype fp32)")
     return ProbeResult(split.num_layers, len(per_blocks), blocks, rows)

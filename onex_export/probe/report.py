@@ -34,6 +34,12 @@ def read_probe(path: Path) -> tuple[ProbeResult, dict]:
     if doc.get("version") != VERSION:
         raise UsageError(f"{path} is probe version {doc.get('version')}; this onex-export reads version {VERSION}",
                          "probe the model again")
+    missing = [k for k in ("num_layers", "samples", "blocks", "ranges") if k not in doc]
+    missing += [] if "model" in doc.get("config", {}) else ["config.model"]
+    missing += [f"ranges[{i}].{k}" for i, r in enumerate(doc.get("ranges", []))
+                for k in ("skip", "first", "last", "velocity_error", "latent_error") if k not in r]
+    if missing:
+        raise UsageError(f"{path} is an incomplete probe: no {', '.join(missing[:5])}", "probe the model again")
     return ProbeResult(doc["num_layers"], doc["samples"], doc["blocks"], doc["ranges"],
                        doc.get("recommendations", [])), doc
 
@@ -74,7 +80,8 @@ def heat_map(result: ProbeResult, config: dict, path: Path) -> Path:
     from matplotlib.colors import LogNorm
 
     image = ax.imshow(grid, origin="lower", cmap="magma_r", extent=(0.5, n + 0.5, 0.5, n + 0.5),
-                      norm=LogNorm(vmin=max(finite.min(), 1e-6), vmax=finite.max()) if finite.size else None)
+                      norm=LogNorm(vmin=(low := max(finite.min(), 1e-6)), vmax=max(finite.max(), 10 * low))
+                      if finite.size else None)
     fig.colorbar(image, ax=ax, label="velocity error of step two, ||v_cache - v|| / ||v||")
     for rec in result.recommendations:
         first, last = map(int, rec["skip"].split("-"))
@@ -83,7 +90,8 @@ def heat_map(result: ProbeResult, config: dict, path: Path) -> Path:
                     fontsize=9, bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="cyan", alpha=0.85))
     ax.set_xlabel("first skipped block (1-based)")
     ax.set_ylabel("last skipped block")
-    ax.set_title(f"{config.get('model', '')}: direct caching error per skip range ({result.samples} samples)")
+    ax.set_title(f"{Path(config.get('model', '')).name}: direct caching error per skip range "
+                 f"({result.samples} sample{'s' if result.samples != 1 else ''})")
     return save_figure(fig, path)
 
 
@@ -98,7 +106,7 @@ def block_curve(result: ProbeResult, config: dict, path: Path) -> Path:
     ax.plot([c[0] for c in ctx], [c[1] for c in ctx], ".--", label="text tokens", color="tab:orange")
     ax.set_xlabel("block (1-based)")
     ax.set_ylabel("e_n = |D_n(t2) - D_n(t1)|_1 / |D_n(t2)|_1")
-    ax.set_title(f"{config.get('model', '')}: reuse error per block")
+    ax.set_title(f"{Path(config.get('model', '')).name}: reuse error per block")
     ax.set_xticks(blocks[:: max(1, len(blocks) // 24)])
     ax.grid(alpha=0.3)
     ax.legend()

@@ -19,7 +19,7 @@ from ..export.components import available, load_components
 from ..export.precision import PRECISIONS
 from ..export.shapes import VAE_SCALE, DimRange, ShapeConfig
 from ..config import SkipRange
-from ..models import DEFAULT_MODEL, SplitSD3Transformer, load_compensation, load_transformer
+from ..models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
 from ..models.weights import transformer_source
 from .measure import DEFAULT_NFES, ProbeResult, candidate_ranges, probe, skipped_for
 
@@ -57,6 +57,8 @@ class ProbeConfig:
             raise UsageError("no calibration prompt given", "pass --prompts FILE with one prompt per line")
         if not self.seeds:
             raise UsageError("no seed given", "pass --seed N (repeatable)")
+        if not all(0 <= seed < 2**63 for seed in self.seeds):
+            raise UsageError(f"seeds must lie in 0..2^63-1, got {self.seeds}")
         for nfe in self.nfes:
             if not 1.0 < nfe < 2.0:
                 raise UsageError(f"target NFE {nfe} is not one a 1.x schedule has", "use values between 1 and 2, "
@@ -119,6 +121,9 @@ def run(config: ProbeConfig, progress: Callable[[int], Callable[[int], None]] | 
     cfg_dict, _ = transformer_source(config.model)
     cfg = SimpleNamespace(**cfg_dict)
     num_layers = cfg.num_layers
+    if num_layers < 3:
+        raise UsageError(f"{config.model} has {num_layers} transformer block(s): no range to probe",
+                         "a range lies inside blocks 1..L-1 and a recommendation needs two blocks or more")
     resolution = config.resolution or cfg.sample_size * VAE_SCALE
     ShapeConfig(DimRange(1, 1, 1), DimRange(resolution, resolution, resolution), DimRange(1, 1, 1)).validate_for(
         cfg.patch_size, cfg.pos_embed_max_size)
@@ -149,7 +154,9 @@ def run(config: ProbeConfig, progress: Callable[[int], Callable[[int], None]] | 
     result = probe(split, conditioning, config.seeds, (cfg.in_channels, latent, latent), ranges, dtype, config.device,
                    update, config.mlp_skip)
     result.recommend(config.nfes)
-    recorded = {"model": config.model, "prompts": list(config.prompts), "seeds": list(config.seeds),
+    # a folder by its absolute path: `build --skip auto` compares it from wherever it runs
+    model = config.model if config.model in TINY_MODELS else str(Path(config.model).resolve())
+    recorded = {"model": model, "prompts": list(config.prompts), "seeds": list(config.seeds),
                 "resolution": resolution, "dtype": config.dtype, "device": config.device,
                 "lengths": list(config.lengths) if config.lengths else None, "nfes": list(config.nfes),
                 "random_text": config.random_text,

@@ -163,7 +163,7 @@ class BuildPipeline:
             raise UsageError(f"{request.rows} images per call is outside this build's batch range "
                              f"{r['batch'][0]}-{r['batch'][2]}",
                              "split the prompts into smaller calls, or rebuild with a larger --batch")
-        resolution = request.resolution or r["resolution"][1]
+        resolution = r["resolution"][1] if request.resolution is None else request.resolution
         step = self.manifest["pipeline"]["vae_scale_factor"] * self.manifest["model"]["config"]["patch_size"]
         if not r["resolution"][0] <= resolution <= r["resolution"][2] or resolution % step:
             raise UsageError(f"resolution {resolution} is not one this build runs: a multiple of {step} in "

@@ -1,0 +1,105 @@
+"""The ``onex-export`` command line. The only package that prints and chooses exit codes:
+0 success, 1 a user error (bad file, failed check), 2 bad usage (malformed or unfitting option).
+
+One module per group of commands: build (build, verify), generate (sample, generate), probe, serve."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator
+
+import click
+import diffusers
+
+from .. import __version__, interrupts
+from ..config import SkipRange
+from ..errors import OnexError, UsageError
+from ..export.precision import PRECISIONS
+from ..export.shapes import DimRange
+from ..fileio import as_disk_error
+from ..models import TINY_MODELS
+
+DTYPES = PRECISIONS  # --dtype names, the same as the build's precisions
+
+
+def exit_on_interrupt(exc: KeyboardInterrupt) -> None:
+    """Report a Ctrl-C or SIGTERM (the temporary files are already gone) and exit 130 or 143."""
+    name = str(exc) if isinstance(exc, interrupts.Interrupted) else "SIGINT"
+    click.secho(f"interrupted ({name}): stopped; what was being written was removed, earlier results are as they were",
+                fg="yellow", err=True)
+    click.echo("FAILED", err=True)
+    sys.exit(exc.exit_code if isinstance(exc, interrupts.Interrupted) else 130)
+
+
+def exit_on_user_error(exc: OnexError) -> None:
+    """Print a user error (message, hint, FAILED) without a traceback and exit with its code."""
+    click.secho(f"error: {exc.message}", fg="red", err=True)
+    if exc.hint:
+        click.echo(f"  hint: {exc.hint}", err=True)
+    click.echo("FAILED", err=True)
+    sys.exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def errors_reported() -> Iterator[None]:
+    """An entry point's body: user errors, Ctrl-C / SIGTERM and full disks become a message and an exit code
+    (1 or 2, 130 or 143); bugs keep their traceback."""
+    try:
+        yield
+    except OnexError as exc:
+        exit_on_user_error(exc)
+    except KeyboardInterrupt as exc:
+        exit_on_interrupt(exc)
+    except OSError as exc:  # a full disk or a folder not ours to write, met outside fileio.writing
+        error = as_disk_error(exc, exc.filename or "a file")
+        if error is None:
+            raise
+        exit_on_user_error(error)
+
+
+class _Group(click.Group):
+    """Runs every command under :func:`errors_reported`."""
+
+    def invoke(self, ctx):
+        with errors_reported():
+            return super().invoke(ctx)
+
+
+def _parsed_by(parse):
+    """A click callback turning ``parse``'s :class:`UsageError` into click's usage error (exit 2)."""
+
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except UsageError as exc:
+            raise click.BadParameter(str(exc)) from exc
+
+    return callback
+
+
+_parse_skip = _parsed_by(SkipRange.parse)
+_parse_range = _parsed_by(DimRange.parse)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onex-export")
+def main():
+    """onex-export: 1.x-Distill SD3/SD3.5 models from PyTorch to TensorRT engines."""
+    interrupts.install()  # Ctrl-C and SIGTERM clean up and exit 130 / 143
+    diffusers.utils.logging.set_verbosity_error()  # our own output says what matters
+    from transformers.utils import logging as transformers_logging  # imported here: transformers is slow to load
+
+    transformers_logging.set_verbosity_error()  # we report truncation ourselves
+
+
+@main.command()
+def models():
+    """List the embedded models (built in code, no downloads)."""
+    for name, spec in TINY_MODELS.items():
+        click.echo(f"{name:18s} {spec.description}")
+    click.echo("Real models: --model PATH, a local SD3/SD3.5 diffusers folder (or its transformer/ subfolder).")
+
+
+from . import build, generate, probe, serve  # noqa: E402,F401  (registers their commands)

@@ -1,0 +1,4 @@
+"""``python -m onex_export.cli``."""
+from . import main
+
+main()

@@ -1,0 +1,45 @@
+"""`onex-export serve`: a build behind a Triton Inference Server."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from ..runtime.pipeline import BACKENDS
+
+from . import main
+
+
+@main.command(name="serve")
+@click.option("--build", "build_dir", type=click.Path(path_type=Path), required=True,
+              help="A build folder written by `onex-export build` (with its text encoders and VAE).")
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default="onnxruntime", show_default=True,
+              help="tensorrt needs an NVIDIA GPU.")
+@click.option("--device", default="cpu", show_default=True, help="torch device for the torch backend.")
+@click.option("--cuda-graph", is_flag=True, help="Capture each transformer step as a CUDA graph (GPU only).")
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=8002, show_default=True,
+              help="Prometheus metrics at /metrics.")
+@click.option("--max-queue-delay-us", type=click.IntRange(0, 10_000_000), default=2000, show_default=True,
+              help="How long Triton's dynamic batcher holds a request for others to batch it with.")
+@click.option("--max-queue-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Requests waiting beyond this many are refused at once instead of queued.")
+@click.option("--drain-seconds", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="On SIGTERM, how long the requests in flight may still take.")
+@click.option("--access-token-env", default="ONEX_SERVE_ACCESS_TOKEN", show_default=True,
+              help="Environment variable holding the token for Triton's management endpoints (statistics, model "
+                   "repository, logging, trace; HTTP header `triton-access-token`, gRPC metadata "
+                   "`triton-grpc-protocol-triton-access-token`). Unset: a random token, so they stay closed.")
+def serve_cmd(build_dir, backend, device, cuda_graph, http_port, grpc_port, metrics_port, max_queue_delay_us,
+              max_queue_size, drain_seconds, access_token_env):
+    """Serve a build with a Triton Inference Server (model `onex`: prompt -> image) until SIGTERM or Ctrl-C,
+    which let the requests in flight finish and exit 0."""
+    from ..serving import ServeConfig, serve
+
+    token = os.environ.get(access_token_env) or None  # from the environment: a command line is visible to `ps`
+    config = ServeConfig(build_dir, backend, device, cuda_graph, http_port, grpc_port, metrics_port,
+                         max_queue_delay_us, max_queue_size, drain_seconds, token)
+    images = serve(config, log=click.echo)
+    click.echo(f"PASSED serve: {images} image(s) served from {build_dir}")
