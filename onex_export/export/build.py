@@ -38,7 +38,7 @@ from ..models import DEFAULT_MODEL, CompensationMLP, SplitSD3Transformer, load_c
 from ..models.weights import (
     WeightSource, check_keys, materialized, meta_transformer, release, top_level_prefixes, transformer_source,
 )
-from ..models.zoo import TINY_MODELS, TINY_TEXT_LEN
+from ..models.zoo import TINY_MODELS, TINY_TEXT_LEN, model_source
 from ..runtime.graphs import OrtGraph
 from ..schedule import SHIFT, SamplingPlan, timestep_from_sigma
 from . import manifest as mf
@@ -444,7 +444,7 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
         "schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION, "name": out.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "status": mf.derive_status([verification]), "tool": versions,
-        "model": {"source": config.model if config.model in TINY_MODELS else os.path.abspath(config.model),
+        "model": {"source": model_source(config.model),
                   "mlp": os.path.abspath(config.mlp) if config.mlp else None,  # absolute: verify runs from anywhere
                   "num_layers": loaded.split.num_layers, "config": public_config(cfg)},
         "skip": {"one_based": str(config.skip), "first": config.skip.first, "last": config.skip.last,

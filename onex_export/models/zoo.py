@@ -7,6 +7,8 @@ that subfolder itself; :mod:`.weights` loads them.
 """
 from __future__ import annotations
 
+import os
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,12 @@ TINY_MODELS: dict[str, TinySpec] = {
 }
 DEFAULT_MODEL = "tiny-sd3"
 TINY_TEXT_LEN = 16  # text tokens fed to tiny models (the real SD3 encoders give 77 + 256 = 333)
+
+
+def model_source(spec: str) -> str:
+    """How a build or a probe records the model it was made from: an embedded name as is, a folder by its absolute
+    path (so that the record means the same from any working folder)."""
+    return spec if spec in TINY_MODELS else os.path.abspath(spec)
 
 
 def build_tiny(name: str, seed: int = TINY_SEED) -> SD3Transformer2DModel:

@@ -151,7 +151,8 @@ class ProbeResult:
             if not pool:
                 continue
             best = min(pool, key=lambda r: r["velocity_error"])
-            out.append({"target_nfe": nfe, "nfe": 1 + (self.num_layers - k) / self.num_layers, "skipped": k,
+            nfe_of_k = SamplingPlan.one_x().nfe(self.num_layers, SkipRange.parse(best["skip"]))
+            out.append({"target_nfe": nfe, "nfe": nfe_of_k, "skipped": k,
                         "skip": best["skip"], "velocity_error": best["velocity_error"],
                         "latent_error": best["latent_error"]})
         self.recommendations = out

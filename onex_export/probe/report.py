@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import SkipRange
 from ..errors import UsageError
 from ..fileio import atomic_path, save_figure, sha256_file
-from ..models.zoo import TINY_MODELS
+from ..models.zoo import model_source
 from .measure import NORMALISATION, ProbeResult
 
 SCHEMA = "onex-export/probe"
@@ -118,9 +118,7 @@ def choose_skip(path: Path, nfe: float, model: str) -> tuple[SkipRange, dict]:
     where it came from, for the build's manifest."""
     result, doc = read_probe(path)
     probed = doc["config"]["model"]
-    same = probed == model or (probed not in TINY_MODELS and model not in TINY_MODELS
-                               and os.path.abspath(probed) == os.path.abspath(model))
-    if not same:
+    if probed != model_source(model):
         raise UsageError(f"the probe {path} measured {probed}, not {model}", f"probe {model} first: onex-export probe "
                          f"--model {model}")
     try:

@@ -19,8 +19,9 @@ from ..export.components import available, load_components
 from ..export.precision import PRECISIONS
 from ..export.shapes import VAE_SCALE, DimRange, ShapeConfig
 from ..config import SkipRange
-from ..models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
+from ..models import DEFAULT_MODEL, SplitSD3Transformer, load_compensation, load_transformer
 from ..models.weights import transformer_source
+from ..models.zoo import model_source
 from .measure import DEFAULT_NFES, ProbeResult, candidate_ranges, probe, skipped_for
 
 # Calibration prompts of the kinds the paper evaluates on (objects, scenes, people, text, styles).
@@ -154,9 +155,7 @@ def run(config: ProbeConfig, progress: Callable[[int], Callable[[int], None]] | 
     result = probe(split, conditioning, config.seeds, (cfg.in_channels, latent, latent), ranges, dtype, config.device,
                    update, config.mlp_skip)
     result.recommend(config.nfes)
-    # a folder by its absolute path: `build --skip auto` compares it from wherever it runs
-    model = config.model if config.model in TINY_MODELS else str(Path(config.model).resolve())
-    recorded = {"model": model, "prompts": list(config.prompts), "seeds": list(config.seeds),
+    recorded = {"model": model_source(config.model), "prompts": list(config.prompts), "seeds": list(config.seeds),
                 "resolution": resolution, "dtype": config.dtype, "device": config.device,
                 "lengths": list(config.lengths) if config.lengths else None, "nfes": list(config.nfes),
                 "random_text": config.random_text,
