@@ -3,12 +3,15 @@
 Requirements are compatible ranges, from the version the tests ran with up to the next major version, so
 that a service embedding the runtime keeps its own torch; `constraints.txt` pins every version (transitive
 ones too) and the README's commands install with it, so a fresh machine gets exactly what the tests ran
-with. torch 2.13.0 is a CPU build on our CI machines and a CUDA build from PyPI.
+with. torch 2.14.1 with torchvision 0.29.1 (which the quality metrics need) is a CUDA build; it runs on a CPU.
 """
 from setuptools import find_packages, setup
 
 # an engine runs only on the TensorRT version that built it: the flavours stay within one minor version
 SERVE = ["nvidia-pytriton>=0.7,<0.8", "tritonclient[http,grpc]>=2.73,<3"]
+# bench.quality: FID (torchmetrics over torch-fidelity's Inception), LPIPS, CLIP-based scores, HPSv2 (open_clip)
+QUALITY = ["torchmetrics>=1.9,<2", "torch-fidelity>=0.4,<0.5", "lpips>=0.1.4,<0.2", "open-clip-torch>=3.3,<4",
+           "torchvision>=0.29,<1", "scipy>=1.17,<2"]
 RTX = ["tensorrt-rtx-cu13-bindings>=1.7.1,<1.8", "tensorrt-rtx-cu13-libs>=1.7.1,<1.8"]
 
 setup(
@@ -35,13 +38,13 @@ setup(
         "tensorrt-rtx": RTX,
         # Full TensorRT for data-centre GPUs; its libs package downloads from NVIDIA at install time.
         "tensorrt": ["tensorrt-cu13-bindings>=11.4,<11.5", "tensorrt-cu13-libs>=11.4,<11.5"],
-        "bench": ["matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2"],  # cache-dit: a training-free peer
+        "bench": ["matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2", *QUALITY],  # cache-dit: a training-free peer
         "train": ["PyYAML>=6,<7"],
         # `onex-export serve`: PyTriton carries a real Triton Inference Server; tritonclient talks to it
         "serve": SERVE,
         # jsonschema: the tests validate real manifests against onex_export/schemas/manifest.schema.json
         "test": ["pytest>=9.2,<10", "matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2", "PyYAML>=6,<7", "jsonschema>=4.26,<5",
-                 *RTX, *SERVE],
+                 *RTX, *SERVE, *QUALITY],
     },
     entry_points={"console_scripts": ["onex-export=onex_export.cli:main"]},
 )

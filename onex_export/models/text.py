@@ -39,7 +39,7 @@ class SD3TextEncoder(nn.Module):
         return torch.cat([clip, t5], dim=-2), torch.cat([out_l.text_embeds, out_g.text_embeds], dim=-1)
 
 
-def _byte_tokenizer(max_length: int, clip_style: bool):
+def byte_tokenizer(max_length: int, clip_style: bool):
     """A byte-level tokenizer built in code: 3 special tokens + 256 bytes, no merges."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -75,8 +75,8 @@ def build_tiny_text(joint_dim: int, pooled_dim: int, seed: int = 0) -> tuple[SD3
         t5 = T5EncoderModel(T5Config(vocab_size=259, d_model=joint_dim, d_kv=8, d_ff=2 * joint_dim, num_layers=2,
                                      num_heads=4, pad_token_id=0, eos_token_id=2))
     encoder = SD3TextEncoder(*clips, t5).eval()
-    tokenizers = SD3Tokenizers(_byte_tokenizer(TINY_CLIP_LEN, True), _byte_tokenizer(TINY_CLIP_LEN, True),
-                               _byte_tokenizer(TINY_T5_LEN, False))
+    tokenizers = SD3Tokenizers(byte_tokenizer(TINY_CLIP_LEN, True), byte_tokenizer(TINY_CLIP_LEN, True),
+                               byte_tokenizer(TINY_T5_LEN, False))
     return encoder, tokenizers
 
 

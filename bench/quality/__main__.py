@@ -1,0 +1,188 @@
+"""`python -m bench.quality`: the paper's quality protocol on local weights only.
+
+Schedules (same prompts, seeds, text encoders and VAE; PyTorch): teacher 28x2 with CFG, the N-step student,
+2-step, 1.x with plain reuse and, with --mlp, 1.x with the trained compensation MLP. Metrics: FID against the
+teacher's images, CLIP score (ViT-B/32), LPIPS diversity (pairwise over the seeds of a prompt), PickScore, the
+aesthetic score and HPSv2, each from a weights path given here; a metric without weights is skipped and
+listed as such (ImageReward is not supported: see bench/quality/metrics.py). --random-metrics stands seeded
+random networks in for the metrics without weights (they test the plumbing; their values compare the
+schedules of one run only).
+
+Writes quality.json, quality.md, grid.png (rows = schedules, columns = prompts) and, with --latency
+LATENCY.json (from `python -m bench.latency`), quality-vs-latency.png.
+
+  python -m bench.quality --random-metrics                       # tiny-sd3, embedded; about a minute here
+  python -m bench.quality --model SD3_FOLDER --teacher SD3_BASE --mlp f.safetensors --skip 3-10 \\
+      --prompts coco.txt --fid-weights pt_inception.pth --clip clip-vit-b32/ --lpips-backbone alexnet.pth \\
+      --device cuda --dtype bf16 --latency bench/results/<...>/latency.json
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench.arguments import device_spec, positive_int, resolution, run_main
+from onex_export.config import SkipRange
+from onex_export.errors import OnexError, UsageError
+from onex_export.export.precision import PRECISIONS
+from onex_export.fileio import check_destination
+from onex_export.models import DEFAULT_MODEL, TINY_MODELS
+from onex_export.models.weights import transformer_source
+from onex_export.export.shapes import VAE_SCALE
+from onex_export.probe.run import DEFAULT_PROMPTS, read_prompts
+
+from bench.report import write_results
+
+from .generation import QualityConfig, Renderer, schedules
+from .metrics import MetricWeights, load_metrics
+from .report import grid, markdown, quality_vs_latency, read_latency
+from .stand_ins import TINY_OPEN_CLIP, TinyFeatures, write_stand_ins
+
+WEIGHT_OPTIONS = {
+    "fid_weights": "torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth)",
+    "clip": "a transformers CLIP ViT-B/32 folder (openai/clip-vit-base-patch32)",
+    "lpips_backbone": "torchvision's AlexNet weights (alexnet-owt-7be5be79.pth); LPIPS' heads ship with lpips",
+    "pickscore": "a transformers folder with PickScore_v1 and the CLIP-ViT-H-14 processor files",
+    "aesthetic_clip": "a transformers CLIP ViT-L/14 folder, for the aesthetic head",
+    "aesthetic_head": "the LAION aesthetic predictor (sac+logos+ava1-l14-linearMSE.pth)",
+    "hpsv2": "the HPSv2 checkpoint for open_clip's ViT-H-14 (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt)",
+}
+
+
+def run(config: QualityConfig, weights: MetricWeights, random_metrics: bool, latency: Path | None,
+        log=print) -> tuple[dict, dict]:
+    """Generate every schedule's images and measure them; returns the report and the grid's thumbnails."""
+    cfg, _ = transformer_source(config.model)
+    rows = schedules(config.student_steps, config.skip, config.mlp is not None, config.guidance, config.teacher_steps)
+    latency_ms = read_latency(latency) if latency is not None else None  # before the work: a bad file fails now
+    given = weights
+    with tempfile.TemporaryDirectory(prefix="onex-quality-") as tmp:
+        fid_features = None
+        if random_metrics:  # stand-ins only where no weights were given
+            stand_in = write_stand_ins(Path(tmp))
+            fid_features = TinyFeatures() if weights.fid_weights is None else None
+            weights = MetricWeights(**{k: v if v is not None else getattr(stand_in, k)
+                                       for k, v in asdict(weights).items()})
+        hpsv2_arch = "ViT-H-14"
+        if random_metrics:
+            hpsv2_arch = TINY_OPEN_CLIP if given.hpsv2 is None else hpsv2_arch
+        metrics, skipped = load_metrics(weights, fid_features, hpsv2_arch)
+        fid = next((m for m in metrics if m.name == "fid"), None)
+        if config.seeds < 2 and any(m.name == "lpips_diversity" for m in metrics):
+            raise UsageError(f"LPIPS diversity compares the seeds of a prompt: --seeds {config.seeds} gives none to "
+                             "compare", "pass --seeds 4 (the paper's), or no --lpips-backbone")
+        if fid is not None and len(config.prompts) * config.seeds < 2:
+            raise UsageError("FID needs 2 images or more per schedule", "use more prompts or seeds")
+        renderer = Renderer(config, log)
+        results, thumbnails = {}, {}
+        bar = tqdm(total=len(rows) * len(config.prompts), desc="images", unit="prompt", file=sys.stderr, leave=False)
+        for schedule in rows:
+            for metric in metrics:
+                metric.reset()
+            start = time.perf_counter()
+            thumbnails[schedule.name] = []
+            for prompt, images in renderer.render(schedule):
+                for metric in metrics:
+                    if metric is fid and schedule.teacher:
+                        fid.add_reference(images)  # the teacher's images are FID's reference
+                    else:
+                        metric.update(images, prompt)
+                thumbnails[schedule.name].append(images[0].numpy())
+                bar.update()
+            row = {"nfe": schedule.plan.nfe(cfg["num_layers"], config.skip), "seconds": time.perf_counter() - start}
+            for metric in metrics:
+                value = None if (metric is fid and schedule.teacher) else metric.compute()
+                if value is not None and not math.isfinite(value):
+                    raise OnexError(f"{metric.name} of {schedule.name} is {value}", "check the metric's weights")
+                row[metric.name] = value
+            if latency_ms is not None:
+                row["latency_ms"] = latency_ms.get(schedule.latency_name)
+            results[schedule.name] = row
+            log(f"measured  {schedule.name}: " + ", ".join(
+                f"{m.name} {row[m.name]:.4f}" for m in metrics if row[m.name] is not None) + f" ({row['seconds']:.1f} s)")
+        bar.close()
+    report = {
+        "config": {"model": config.model, "teacher": config.teacher_model, "mlp": str(config.mlp) if config.mlp else None,
+                   "skip": str(config.skip), "prompts": list(config.prompts), "seeds": config.seeds,
+                   "student_steps": config.student_steps, "teacher_steps": config.teacher_steps,
+                   "guidance": config.guidance, "resolution": renderer.resolution, "dtype": config.dtype,
+                   "device": config.device},
+        "stand_ins": random_metrics,  # the metrics given no weights below ran on seeded random networks
+        "weights": {k: str(v) if v is not None else None for k, v in asdict(given).items()},
+        "metrics": {m.name: {"higher_is_better": m.higher_is_better} for m in metrics},
+        "skipped": skipped,
+        "schedules": results,
+    }
+    if latency is not None:
+        report["latency"] = {"source": str(latency), "batch": 1}
+    return report, thumbnails
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the student: an embedded model or a local SD3 pipeline folder")
+    p.add_argument("--teacher", default=None, help="the teacher (default: the student's own weights)")
+    p.add_argument("--mlp", type=Path, default=None, help="the trained compensation MLP for --skip (adds a row)")
+    p.add_argument("--skip", default="3-10", help="the 1.x rows' skipped blocks (1-based, inclusive)")
+    p.add_argument("--prompts", type=Path, default=None, help="one prompt per line (default: 8 built-in prompts)")
+    p.add_argument("--max-prompts", type=positive_int, default=None)
+    p.add_argument("--seeds", type=positive_int, default=4, help="seeds per prompt (LPIPS diversity needs 2+)")
+    p.add_argument("--student-steps", type=positive_int, default=4)
+    p.add_argument("--teacher-steps", type=positive_int, default=28)
+    p.add_argument("--guidance", type=float, default=7.0, help="the teacher's CFG scale")
+    p.add_argument("--resolution", type=resolution, default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--device", type=device_spec, default="cpu")
+    p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32")
+    for name, what in WEIGHT_OPTIONS.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=Path, default=None, help=what)
+    p.add_argument("--random-metrics", action="store_true",
+                   help="seeded random stand-ins for the metrics given no weights (plumbing; this run's ranking only)")
+    p.add_argument("--latency", type=Path, default=None, help="a bench.latency latency.json: adds the plot of "
+                   "quality vs latency (its schedule names are matched)")
+    p.add_argument("--out", type=Path, default=None, help="folder (default bench/results/quality-<model>-<px>px)")
+    args = p.parse_args(argv)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()  # our own lines say what matters
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # a bar per CLIP folder loaded
+    try:
+        skip = SkipRange.parse(args.skip)
+    except UsageError as exc:
+        p.error(f"--skip: {exc}")
+    if args.mlp is not None and not args.mlp.exists():
+        p.error(f"--mlp {args.mlp} does not exist")
+    if args.latency is not None and not args.latency.is_file():
+        p.error(f"--latency {args.latency} is not a file")
+    weights = MetricWeights(**{name: getattr(args, name) for name in WEIGHT_OPTIONS})
+    prompts = read_prompts(args.prompts, args.max_prompts) if args.prompts else DEFAULT_PROMPTS[:args.max_prompts]
+    config = QualityConfig(args.model, args.teacher, args.mlp, skip, prompts, seeds=args.seeds,
+                           student_steps=args.student_steps, teacher_steps=args.teacher_steps, guidance=args.guidance,
+                           resolution=args.resolution, dtype=args.dtype, device=args.device)
+    name = args.model if args.model in TINY_MODELS else Path(args.model).name
+    pixels = args.resolution or transformer_source(args.model)[0]["sample_size"] * VAE_SCALE
+    out = args.out or Path("bench/results") / f"quality-{name}-{pixels}px"
+    check_destination(out / "quality.json")  # before the work, not after it
+    report, thumbnails = run(config, weights, args.random_metrics, args.latency)
+    table = markdown(report)
+    write_results(out, "quality", report, table)
+    written = [grid(thumbnails, config.prompts, out / "grid.png")]
+    if args.latency is not None:
+        written.append(quality_vs_latency(report, out / "quality-vs-latency.png"))
+    print(table)
+    print(f"wrote {out}/quality.json, quality.md, " + ", ".join(p.name for p in written))
+    print("PASSED quality: every schedule's images and metrics are finite")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
