@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel
 from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from safetensors.torch import save_file
 from torch import nn
@@ -35,6 +35,11 @@ ARCHS = {
                        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
 }
+# SD3's VAE (SD3-Medium and SD3.5 share it): 16 latent channels, 8x down-sampling, 84 M parameters
+SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+               norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+               use_post_quant_conv=False)
 SHARD_BYTES = 10 * 10**9  # diffusers' default max_shard_size ("10GB"): SD3-Medium is one file, SD3.5-Large two
 
 
@@ -87,6 +92,13 @@ def random_transformer(arch: str, dtype: torch.dtype, device: str = "cpu", seed:
     model = meta_transformer(ARCHS[arch])
     materialize(model, top_level_prefixes(model), source, lambda _: dtype, device)
     return model.eval()
+
+
+def random_vae(seed: int = 0) -> AutoencoderKL:
+    """SD3's VAE with seeded random weights (float32, diffusers' initialisation)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(**SD3_VAE).eval()
 
 
 def write_checkpoint(config: dict, folder: Path, dtype: torch.dtype, seed: int = 0, shard_bytes: int = SHARD_BYTES,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import resource
 import sys
 import tempfile
 import time
@@ -82,20 +83,21 @@ def run(config: QualityConfig, weights: MetricWeights, random_metrics: bool, lat
             raise UsageError("FID needs 2 images or more per schedule", "use more prompts or seeds")
         renderer = Renderer(config, log)
         results, thumbnails = {}, {}
-        bar = tqdm(total=len(rows) * len(config.prompts), desc="images", unit="prompt", file=sys.stderr, leave=False)
+        steps = sum(len(schedule.plan.sigmas) for schedule in rows) * len(config.prompts)
+        bar = tqdm(total=steps, desc="sampling", unit="step", file=sys.stderr, leave=False)
         for schedule in rows:
             for metric in metrics:
                 metric.reset()
             start = time.perf_counter()
             thumbnails[schedule.name] = []
-            for prompt, images in renderer.render(schedule):
+            bar.set_postfix_str(schedule.name)
+            for prompt, images in renderer.render(schedule, on_step=lambda *_: bar.update()):
                 for metric in metrics:
                     if metric is fid and schedule.teacher:
                         fid.add_reference(images)  # the teacher's images are FID's reference
                     else:
                         metric.update(images, prompt)
                 thumbnails[schedule.name].append(images[0].numpy())
-                bar.update()
             row = {"nfe": schedule.plan.nfe(cfg["num_layers"], config.skip), "seconds": time.perf_counter() - start}
             for metric in metrics:
                 value = None if (metric is fid and schedule.teacher) else metric.compute()
@@ -113,12 +115,13 @@ def run(config: QualityConfig, weights: MetricWeights, random_metrics: bool, lat
                    "skip": str(config.skip), "prompts": list(config.prompts), "seeds": config.seeds,
                    "student_steps": config.student_steps, "teacher_steps": config.teacher_steps,
                    "guidance": config.guidance, "resolution": renderer.resolution, "dtype": config.dtype,
-                   "device": config.device},
+                   "device": config.device, "random_components": config.random_components},
         "stand_ins": random_metrics,  # the metrics given no weights below ran on seeded random networks
         "weights": {k: str(v) if v is not None else None for k, v in asdict(given).items()},
         "metrics": {m.name: {"higher_is_better": m.higher_is_better} for m in metrics},
         "skipped": skipped,
         "schedules": results,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
     }
     if latency is not None:
         report["latency"] = {"source": str(latency), "batch": 1}
@@ -145,6 +148,9 @@ def main(argv=None) -> int:
         p.add_argument(f"--{name.replace('_', '-')}", type=Path, default=None, help=what)
     p.add_argument("--random-metrics", action="store_true",
                    help="seeded random stand-ins for the metrics given no weights (plumbing; this run's ranking only)")
+    p.add_argument("--random-components", action="store_true",
+                   help="for a folder holding only a transformer: random text embeddings and a random SD3 VAE, to "
+                        "measure time and memory at real size (the images are noise)")
     p.add_argument("--latency", type=Path, default=None, help="a bench.latency latency.json: adds the plot of "
                    "quality vs latency (its schedule names are matched)")
     p.add_argument("--out", type=Path, default=None, help="folder (default bench/results/quality-<model>-<px>px)")
@@ -167,7 +173,8 @@ def main(argv=None) -> int:
     prompts = read_prompts(args.prompts, args.max_prompts) if args.prompts else DEFAULT_PROMPTS[:args.max_prompts]
     config = QualityConfig(args.model, args.teacher, args.mlp, skip, prompts, seeds=args.seeds,
                            student_steps=args.student_steps, teacher_steps=args.teacher_steps, guidance=args.guidance,
-                           resolution=args.resolution, dtype=args.dtype, device=args.device)
+                           resolution=args.resolution, dtype=args.dtype, device=args.device,
+                           random_components=args.random_components)
     name = args.model if args.model in TINY_MODELS else Path(args.model).name
     pixels = args.resolution or transformer_source(args.model)[0]["sample_size"] * VAE_SCALE
     out = args.out or Path("bench/results") / f"quality-{name}-{pixels}px"

@@ -17,11 +17,13 @@ import torch
 
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError, UsageError
+from onex_export.export.build import REAL_TEXT_LEN
 from onex_export.export.components import available, load_components
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.shapes import VAE_SCALE
 from onex_export.fileio import to_uint8
 from onex_export.models import DEFAULT_MODEL, SplitSD3Transformer, load_compensation, load_transformer
+from onex_export.models.vae import LatentDecoder
 from onex_export.models.weights import transformer_source
 from onex_export.probe.run import DEFAULT_PROMPTS
 from onex_export.runtime import Conditioning, TorchDenoiser, sample
@@ -71,6 +73,10 @@ class QualityConfig:
     resolution: int | None = None  # pixels; None: the model's native size
     dtype: str = "fp32"
     device: str = "cpu"
+    # for a folder holding only a transformer (random weights written like a release): seeded random text
+    # embeddings of SD3's shapes and a random SD3 VAE stand in for the pipeline's, to measure time and memory
+    # at real size; the images are noise
+    random_components: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -107,24 +113,41 @@ class Renderer:
         if self.resolution % step:
             raise UsageError(f"resolution {self.resolution} is not a multiple of {step}",
                              f"use {max(step, self.resolution // step * step)}")
-        if not available(config.model):
-            raise UsageError(f"{config.model} holds only a transformer: images need its text encoders and VAE",
-                             "point --model at the SD3 pipeline folder (text_encoder*, tokenizer*, vae)")
-        components = load_components(config.model, self.cfg, ("text", "vae"))
-        start = time.perf_counter()
-        encoder = components.load("text")
-        with torch.no_grad():  # the teacher's unconditional branch is the empty prompt, as SD3's pipeline has it
-            self.text = [self._encode(encoder, components, p) for p in (*config.prompts, "")]
-        del encoder
-        self.vae = components.load("vae")
-        log(f"text      {len(config.prompts)} prompt(s) encoded in {time.perf_counter() - start:.1f} s")
+        if config.random_components:
+            self.text, self.vae = self._random_components()
+            log(f"text      random embeddings ({REAL_TEXT_LEN} tokens) and a random SD3 VAE: the images are noise")
+        else:
+            self.text, self.vae = self._components()
         self._loaded: tuple[str, torch.nn.Module] | None = None
 
-    @staticmethod
-    def _encode(encoder, components, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = components.tokenizers([prompt])
-        text, pooled = encoder(tok.ids_l, tok.ids_g, tok.ids_t5)
-        return text.float(), pooled.float()
+    def _components(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], LatentDecoder]:
+        """(text (1, T, D), pooled (1, P)) per prompt and for the empty prompt last (the teacher's unconditional
+        branch, as SD3's pipeline has it), and the VAE decoder."""
+        model = self.config.model
+        if not available(model):
+            raise UsageError(f"{model} holds only a transformer: images need its text encoders and VAE",
+                             "point --model at the SD3 pipeline folder (text_encoder*, tokenizer*, vae), or pass "
+                             "--random-components to measure time and memory with random ones")
+        components = load_components(model, self.cfg, ("text", "vae"))
+        start = time.perf_counter()
+        encoder = components.load("text")
+        text = []
+        with torch.no_grad():
+            for prompt in (*self.config.prompts, ""):
+                tok = components.tokenizers([prompt])
+                embeds, pooled = encoder(tok.ids_l, tok.ids_g, tok.ids_t5)
+                text.append((embeds.float(), pooled.float()))
+        del encoder
+        self.log(f"text      {len(self.config.prompts)} prompt(s) encoded in {time.perf_counter() - start:.1f} s")
+        return text, components.load("vae")
+
+    def _random_components(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], LatentDecoder]:
+        from bench.random_weights import random_vae
+
+        g = torch.Generator().manual_seed(0)
+        text = [(torch.randn(1, REAL_TEXT_LEN, self.cfg.joint_attention_dim, generator=g),
+                 torch.randn(1, self.cfg.pooled_projection_dim, generator=g)) for _ in range(len(self.config.prompts) + 1)]
+        return text, LatentDecoder(random_vae()).eval()
 
     def _transformer(self, spec: str) -> torch.nn.Module:
         """The transformer of ``spec``, in the configured precision; the previous one is dropped first."""
@@ -143,8 +166,10 @@ class Renderer:
         return TorchDenoiser(split.to(device=self.config.device, dtype=PRECISIONS[self.config.dtype]))
 
     @torch.no_grad()
-    def render(self, schedule: Schedule) -> Iterator[tuple[str, torch.Tensor]]:
-        """(prompt, images (S, H, W, 3) uint8) per prompt, seeds 0..S-1 as the rows."""
+    def render(self, schedule: Schedule, on_step: Callable[[int, float], None] | None = None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(prompt, images (S, H, W, 3) uint8) per prompt, seeds 0..S-1 as the rows; ``on_step(i, sigma)`` after
+        each sampling step."""
         denoiser = self.denoiser(schedule)
         seeds = self.config.seeds
         uncond_text, uncond_pooled = self.text[-1]
@@ -154,7 +179,8 @@ class Renderer:
                                 uncond_text=uncond_text.expand(seeds, -1, -1) if schedule.plan.uses_cfg else None,
                                 uncond_pooled=uncond_pooled.expand(seeds, -1) if schedule.plan.uses_cfg else None)
             latents = sample(denoiser, schedule.plan, cond, (self.cfg.in_channels, latent, latent),
-                             [(seed, 1) for seed in range(seeds)], PRECISIONS[self.config.dtype], self.config.device)
+                             [(seed, 1) for seed in range(seeds)], PRECISIONS[self.config.dtype], self.config.device,
+                             on_step)
             images = self.vae(latents.float().cpu())
             if not torch.isfinite(images).all():
                 raise OnexError(f"{schedule.name} made non-finite images for {prompt!r}",

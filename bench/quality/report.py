@@ -10,7 +10,7 @@ from onex_export.errors import UsageError
 from onex_export.fileio import save_figure
 
 LABELS = {"fid": "FID vs teacher", "clip": "CLIP score", "lpips_diversity": "LPIPS diversity",
-          "pickscore": "PickScore", "aesthetic": "aesthetic score"}
+          "pickscore": "PickScore", "aesthetic": "aesthetic score", "hpsv2": "HPSv2"}
 
 
 def markdown(report: dict) -> str:
@@ -18,6 +18,9 @@ def markdown(report: dict) -> str:
     metrics = list(report["metrics"])
     lines = [f"# Quality: {cfg['model']} at {cfg['resolution']} px, {len(cfg['prompts'])} prompt(s) x "
              f"{cfg['seeds']} seed(s)", ""]
+    if cfg.get("random_components"):
+        lines += ["Text embeddings and VAE: **random** (`--random-components`): this run measures time and memory at "
+                  "real size; the images are noise.", ""]
     if report["stand_ins"]:
         lines += ["Metric networks: **seeded random stand-ins** built in code (`--random-metrics`): they compare "
                   "the schedules of this run only and are not the published metrics.", ""]
@@ -27,7 +30,8 @@ def markdown(report: dict) -> str:
     for name, row in report["schedules"].items():
         values = [("–" if row.get(m) is None else f"{row[m]:.4g}") for m in metrics]
         lines.append(f"| {name} | {row['nfe']:.3f} | " + " | ".join(values) + f" | {row['seconds']:.1f} |")
-    lines += ["", "FID is measured against the teacher's images (as the paper's Table 1), so the teacher has none.",
+    lines += ["", f"Peak memory (RSS) of the run: {report['peak_rss_gb']:.1f} GB.",
+              "", "FID is measured against the teacher's images (as the paper's Table 1), so the teacher has none.",
               "", "Skipped: " + ("; ".join(f"{k} ({v})" for k, v in report["skipped"].items()) or "none") + "."]
     return "\n".join(lines) + "\n"
 

@@ -8,6 +8,7 @@ published metrics.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -97,9 +98,14 @@ def random_hpsv2(folder: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     """A checkpoint of the tiny open_clip model with seeded random weights, keyed as HPSv2's ``state_dict`` is."""
     import open_clip
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.create_model(register_tiny_open_clip(folder), pretrained=None)
+    name = register_tiny_open_clip(folder)
+    logging.disable(logging.WARNING)  # open_clip warns that the model is random: that is the point here
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(name, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
     return {"state_dict": model.state_dict()}
 
 
