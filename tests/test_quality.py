@@ -26,7 +26,10 @@ from onex_export.config import SkipRange
 from onex_export.errors import UsageError
 from onex_export.models import build_tiny
 from onex_export.models.compensation import CompensationMLP, save_compensation
-from onex_export.runtime import Conditioning, sample
+from onex_export.models import SplitSD3Transformer
+from onex_export.models.text import build_tiny_text
+from onex_export.models.vae import LatentDecoder, build_tiny_vae
+from onex_export.runtime import Conditioning, TorchDenoiser, sample
 from onex_export.schedule import SamplingPlan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,21 +178,37 @@ def test_schedules_are_the_papers_and_named_as_the_latency_benchmark_names_them(
         "teacher 28x2", "2-step", "1.x skip 3-8"]
 
 
-def test_rendered_images_are_the_decoded_latents_of_the_runtime_sampler():
-    """The benchmark's 1.x row is the runtime's schedule: same noise per seed, same denoiser, same VAE."""
-    config = QualityConfig(prompts=("a red fox",), seeds=2)
+def test_rendered_images_are_the_runtime_sampler_on_the_embedded_components():
+    """The 1.x row and the teacher row (CFG against the empty prompt), rebuilt here from the embedded model's
+    own parts: tiny-sd3's transformer, text encoders and VAE, the runtime's sampler."""
+    config = QualityConfig(prompts=("a red fox",), seeds=2, teacher_steps=2)
     renderer = Renderer(config)
-    schedule = schedules(4, config.skip, with_mlp=False)[-1]
-    prompt, images = next(renderer.render(schedule))
-    assert images.shape == (2, 128, 128, 3) and images.dtype == torch.uint8
-    text, pooled = renderer.text[0]
-    den = renderer.denoiser(schedule)
-    latents = sample(den, SamplingPlan.one_x(), Conditioning(text.expand(2, -1, -1), pooled.expand(2, -1)),
-                     (16, 16, 16), [(0, 1), (1, 1)])
+    renderer.prepare()
+    rows = schedules(4, config.skip, with_mlp=False, teacher_steps=2)
+    teacher, one_x = rows[0], rows[-1]
+
+    transformer = build_tiny("tiny-sd3")
+    split = SplitSD3Transformer(transformer, config.skip)
+    encoder, tokenizers = build_tiny_text(transformer.config.joint_attention_dim,
+                                          transformer.config.pooled_projection_dim)
+    vae = LatentDecoder(build_tiny_vae(transformer.config.in_channels)).eval()
     with torch.no_grad():
-        expected = (renderer.vae(latents).clamp(0, 1) * 255).round().to(torch.uint8).movedim(1, -1)
-    assert torch.equal(images, expected)
-    assert not torch.equal(images[0], images[1])  # the two seeds differ
+        (text, pooled), (empty, empty_pooled) = (encoder(*_ids(tokenizers, p)) for p in ("a red fox", ""))
+        for schedule, plan, uncond in ((one_x, SamplingPlan.one_x(), None),
+                                       (teacher, SamplingPlan.teacher(2, 7.0), (empty, empty_pooled))):
+            cond = Conditioning(text.expand(2, -1, -1), pooled.expand(2, -1),
+                                *((u.expand(2, *u.shape[1:]) for u in uncond) if uncond else ()))
+            latents = sample(TorchDenoiser(split), plan, cond, (16, 16, 16), [(0, 1), (1, 1)])
+            expected = (vae(latents) * 255).round().to(torch.uint8).movedim(1, -1)
+            prompt, images = next(renderer.render(schedule))
+            assert images.shape == (2, 128, 128, 3) and images.dtype == torch.uint8
+            assert torch.equal(images, expected), schedule.name
+            assert not torch.equal(images[0], images[1])  # the two seeds differ
+
+
+def _ids(tokenizers, prompt: str):
+    tok = tokenizers([prompt])
+    return tok.ids_l, tok.ids_g, tok.ids_t5
 
 
 # -- the command -------------------------------------------------------------------------------------------------
@@ -241,10 +260,14 @@ def test_the_quality_benchmark_on_tiny_sd3_with_a_trained_mlp(tmp_path):
     (["--fid-weights", "/nonexistent/inception.pth"], "does not exist"),
     (["--aesthetic-head", "{tmp}"], "go together"),
     (["--latency", "{tmp}/not-latency.json"], "is not a bench.latency result"),
+    (["--latency", "{tmp}/other-latency.json"], "names none of the schedules"),
+    (["--fid-weights", "{tmp}/not-latency.json"], "cannot load FID's Inception-v3"),
+    (["--lpips-backbone", "{tmp}/not-latency.json"], "cannot read --lpips-backbone"),
     (["--model", "{tmp}/transformer-only"], "holds only a transformer"),
 ])
 def test_bad_input_exits_2_before_writing_anything(tmp_path, capsys, args, message):
     (tmp_path / "not-latency.json").write_text('{"results": []}')
+    (tmp_path / "other-latency.json").write_text('{"results": [{"batch": 1, "schedules": {"8-step": {"median_ms": 1}}}]}')
     build_tiny("tiny-sd3").save_pretrained(tmp_path / "transformer-only")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_:
@@ -254,11 +277,28 @@ def test_bad_input_exits_2_before_writing_anything(tmp_path, capsys, args, messa
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args", [["--skip", "0-3"], ["--resolution", "100"], ["--seeds", "0"]])
-def test_malformed_options_exit_2_at_parse_time(args):
+@pytest.mark.parametrize("args, message", [
+    (["--skip", "0-3"], "--skip"), (["--resolution", "100"], "not a multiple of 16"), (["--seeds", "0"], "at least 1"),
+    (["--guidance", "1.0"], "turns the teacher's CFG off")])
+def test_malformed_options_exit_2_before_any_work(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
-        main(args)
+        run_main(lambda: main(args + ["--out", str(tmp_path / "out")]))
     assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_finite_metric_exits_1_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """A metric that comes out NaN (patched in: no real network here gives one on demand) stops the run."""
+    monkeypatch.setattr(CLIPScorer, "compute", lambda self: float("nan"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: main(["--random-metrics", "--seeds", "2", "--max-prompts", "1", "--teacher-steps", "2",
+                               "--out", str(out)]))
+    captured = capsys.readouterr()
+    assert exit_.value.code == 1
+    assert "clip of teacher 2x2 is nan: nothing was written" in captured.err and "PASSED" not in captured.out
+    assert not out.exists()
 
 
 def test_fid_runs_torch_fidelitys_inception_from_a_weights_file(tmp_path):

@@ -14,8 +14,8 @@ from onex_export.config import SkipRange
 from onex_export.models import SplitSD3Transformer, build_tiny
 from onex_export.models.compensation import CompensationMLP
 from onex_export.runtime import Conditioning, TorchDenoiser, sample
-from onex_export.schedule import SamplingPlan
-from train.cached_path import cached_latents, output_kd, step_two, velocity_error
+from onex_export.schedule import SamplingPlan, student_step
+from train.cached_path import cached_latents, feature_kd, output_kd, step_two, velocity_error
 from train.discriminator import ConvNeXtTaps, Discriminator, d_loss, g_loss, open_clip_tower
 
 TINY_TOWER = "onex-tiny-convnext"
@@ -33,7 +33,9 @@ def _cond(split: SplitSD3Transformer, batch: int, seed: int) -> Conditioning:
                         pooled=torch.randn(batch, cfg.pooled_projection_dim, generator=g))
 
 
-def test_the_fake_images_are_the_runtime_1x_schedule_with_gradient_through_step_two_only():
+def test_the_fake_images_are_the_runtime_1x_schedule_with_gradient_as_algorithm_1_has_it():
+    """x0_cache = G(detach(x_t1), t1, f(Delta_0)): the images equal the runtime's; the gradient reaches the MLP and,
+    through Delta_0, the skipped blocks (which step two does not run); not through step one's velocity."""
     split = _split()
     with torch.no_grad():
         for p in split.mlp.parameters():
@@ -45,9 +47,47 @@ def test_the_fake_images_are_the_runtime_1x_schedule_with_gradient_through_step_
     x0.square().mean().backward()
     skip = split.skip
     blocks = split.transformer.transformer_blocks
-    assert all(p.grad is None for b in blocks[skip.start0:skip.stop0] for p in b.parameters())  # skipped at step 2
+    inside = blocks[skip.start0].attn.to_q.weight.grad  # run at step one only: its gradient comes through Delta_0
+    assert inside is not None and inside.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in split.mlp.img.parameters())
     assert blocks[-1].ff.net[2].weight.grad.abs().sum() > 0 and blocks[0].attn.to_q.weight.grad.abs().sum() > 0
+
+    # x_t1 is detached: with the deltas detached as well, the skipped blocks get no gradient at all
+    split.zero_grad(set_to_none=True)
+    state = step_two(split, cond, shape, seeds)
+    v = split.skipping(state.x, state.text, state.pooled, state.timestep, state.delta_img, state.delta_ctx)
+    (state.x - 0.75 * v).square().mean().backward()  # x0 = x_t1 - sigma v, the runtime's last Euler step
+    assert all(p.grad is None for b in blocks[skip.start0:skip.stop0] for p in b.parameters())
+
+
+def test_step_two_state_continues_to_the_runtime_images():
+    split = _split()
+    cond, shape, seeds = _cond(split, 2, 3), (16, 16, 16), [5, 6]
+    state = step_two(split, cond, shape, seeds)
+    assert state.sigma == 0.75 and state.x.shape == (2, *shape)
+    with torch.no_grad():
+        v = split.skipping(state.x, state.text, state.pooled, state.timestep, state.delta_img, state.delta_ctx)
+        x0 = student_step(state.x, v, 0.75, 0.0, 1.0)
+    served = sample(TorchDenoiser(split), SamplingPlan.one_x(), cond, shape, [(s, 1) for s in seeds])
+    assert torch.equal(x0, served)
+
+
+def test_eq7_feature_objective_trains_the_mlp_toward_step_twos_deltas():
+    torch.manual_seed(0)
+    split = _split("3-10")
+    split.transformer.requires_grad_(False)
+    shape = (16, 16, 16)
+    held_out = step_two(split, _cond(split, 4, 999), shape, [90, 91, 92, 93])
+    before = feature_kd(split, held_out).item()
+    opt = torch.optim.AdamW(split.mlp.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-4)
+    for it in range(30):
+        loss = feature_kd(split, step_two(split, _cond(split, 4, it), shape, list(range(4 * it, 4 * it + 4))))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = feature_kd(split, held_out).item()
+    print(f"\nEq. 7 on held-out noise: {before:.5f} -> {after:.5f}")
+    assert after < 0.5 * before
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Stage II's fake images, made along the inference path with the cache on (paper Sec. 3.4, Algorithm 1).
 
-Step one is the full pass without gradient: it gives ``x_{t1}`` and the two block-range deltas. Step two is
-the skipping pass for the configured range, with gradient through the student and the compensation MLP,
-and gives ``x0_cache``. Both run through the runtime's own sampler and split model (``onex_export``), so the
+Step one is the full pass: it gives ``x_{t1}``, detached, and the two block-range deltas ``Delta_0``, which keep
+their gradient (Algorithm 1, line 22: ``G(detach(x_t1), t1, f(Delta_0))``). Step two is the skipping pass for
+the configured range, with gradient through the student and the compensation MLP, and gives ``x0_cache``. Both run through the runtime's own sampler and split model (``onex_export``), so the
 images trained on are the images served: a test checks that they are equal.
 
 The optional knowledge-distillation objectives of the paper's ablation (off by default) are here too:
@@ -17,21 +17,22 @@ import torch
 import torch.nn.functional as F
 
 from onex_export.models import SplitSD3Transformer
+from onex_export.models.split import weight_dtype
 from onex_export.runtime import Conditioning, TorchDenoiser, sample
 from onex_export.schedule import SamplingPlan, timestep_from_sigma
 
 
-class FrozenFirstStep:
-    """The runtime's PyTorch denoiser (the split model's two passes), with the full passes under ``no_grad``:
-    step one's state and deltas are constants of the update, and step two (the skipping pass) carries the
-    gradient (the runtime's :class:`TorchDenoiser` runs both without)."""
+class DetachedState:
+    """The runtime's PyTorch denoiser (the split model's two passes) with gradients, except through step one's
+    velocity: the state ``x_t1`` it moves to is a constant of the update, the deltas are not (the runtime's
+    :class:`TorchDenoiser` runs both passes without gradient)."""
 
     def __init__(self, split: SplitSD3Transformer):
         self.split = split
 
     def full(self, x, text, pooled, timestep):
-        with torch.no_grad():
-            return self.split.full(x, text, pooled, timestep)
+        v, delta_img, delta_ctx = self.split.full(x, text, pooled, timestep)
+        return v.detach(), delta_img, delta_ctx
 
     def skipping(self, x, text, pooled, timestep, delta_img, delta_ctx):
         return self.split.skipping(x, text, pooled, timestep, delta_img, delta_ctx)
@@ -40,9 +41,10 @@ class FrozenFirstStep:
 def cached_latents(split: SplitSD3Transformer, cond: Conditioning, latent_shape: tuple[int, int, int],
                    seeds: list[int], eta: float = 1.0) -> torch.Tensor:
     """``x0_cache`` (B, C, h, w) of the 1.x schedule from each row's seeded noise, differentiable with respect
-    to the student and the MLP through step two only. ``seeds``: one per row, as a served request's."""
+    to the student and the MLP through step two and step one's deltas. ``seeds``: one per row, as a served
+    request's."""
     parameter = next(split.parameters())
-    return sample(FrozenFirstStep(split), SamplingPlan.one_x(eta), cond, latent_shape,
+    return sample(DetachedState(split), SamplingPlan.one_x(eta), cond, latent_shape,
                   [(seed, 1) for seed in seeds], parameter.dtype, parameter.device)
 
 
@@ -98,8 +100,9 @@ def feature_kd(split: SplitSD3Transformer, state: StepTwo) -> torch.Tensor:
     deltas against the range's true contribution at step two."""
     with torch.no_grad():
         _, true_img, true_ctx = split.full(state.x, state.text, state.pooled, state.timestep)
-    pred_img, pred_ctx = split.mlp(state.delta_img, state.delta_ctx)
-    return F.mse_loss(pred_img, true_img) + F.mse_loss(pred_ctx, true_ctx)
+    dtype = weight_dtype(split.mlp)  # the MLP's precision, as the skipping pass casts the deltas for it
+    pred_img, pred_ctx = split.mlp(state.delta_img.to(dtype), state.delta_ctx.to(dtype))
+    return F.mse_loss(pred_img.float(), true_img.float()) + F.mse_loss(pred_ctx.float(), true_ctx.float())
 
 
 def output_kd(split: SplitSD3Transformer, state: StepTwo) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Stage II's discriminator (paper Sec. 3.4, Appendix C): a frozen CLIP ConvNeXt image tower with trainable heads.
+"""Stage II's discriminator (paper Sec. 3.4, Appendix B.1): a frozen CLIP ConvNeXt image tower, trainable heads.
 
 The tower is OpenCLIP's ``convnext_xxlarge`` image encoder (laion2b_s34b_b82k_augreg_soup), loaded from a local
 weights file through open-clip-torch: a timm ConvNeXt trunk plus a linear projection. Images in [0, 1] are
@@ -7,7 +7,7 @@ normalised with CLIP's mean and std. Four taps feed four heads:
 - the outputs of the trunk's first three stages (384, 768 and 1536 channels for XXL), each into a spatial head:
   BlurPool, spectrally normalised 3x3 conv (stride 2), LeakyReLU(0.2), BlurPool, spectrally normalised 1x1 conv;
 - the pooled, projected image embedding (1024-d; it replaces the last stage's map): SN-Linear(1024, 512),
-  LeakyReLU(0.2), SN-Linear(512, 1).
+  LeakyReLU(0.2), SN-Linear(512, 1), as the authors' release has it (the paper says "a linear classifier").
 
 A level's logit is the mean of its head's logit map; the discriminator's output is the sum over levels. No text
 conditioning. The tower is frozen, but gradients flow through it to the generator's images.
@@ -106,16 +106,21 @@ def open_clip_tower(arch: str, weights: Path | None) -> nn.Module:
     open_clip_pytorch_model.bin / .safetensors); None gives random weights (tests, tiny configs)."""
     import open_clip
 
+    previous = logging.root.manager.disable
     logging.disable(logging.WARNING)  # open_clip warns that the model is random before the weights come
     try:
         model = open_clip.create_model(arch, pretrained=None)
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous)
     if weights is not None:
         if not Path(weights).is_file():
             raise UsageError(f"discriminator weights {weights} not found",
                              "download open_clip's convnext_xxlarge laion2b_s34b_b82k_augreg_soup file beforehand")
-        open_clip.load_checkpoint(model, str(weights))
+        try:
+            open_clip.load_checkpoint(model, str(weights))
+        except Exception as exc:  # a wrong or damaged file fails in many ways inside the loader
+            raise UsageError(f"cannot load {weights} into open_clip's {arch}: {type(exc).__name__}: {exc}",
+                             "pass the CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup weights file") from exc
     return model.visual
 
 

@@ -11,7 +11,7 @@ schedules of one run only).
 Writes quality.json, quality.md, grid.png (rows = schedules, columns = prompts) and, with --latency
 LATENCY.json (from `python -m bench.latency`), quality-vs-latency.png.
 
-  python -m bench.quality --random-metrics                       # tiny-sd3, embedded; about a minute here
+  python -m bench.quality --random-metrics                       # tiny-sd3, embedded; about 20 s here
   python -m bench.quality --model SD3_FOLDER --teacher SD3_BASE --mlp f.safetensors --skip 3-10 \\
       --prompts coco.txt --fid-weights pt_inception.pth --clip clip-vit-b32/ --lpips-backbone alexnet.pth \\
       --device cuda --dtype bf16 --latency bench/results/<...>/latency.json
@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+import torch
 from tqdm import tqdm
 
 from bench.arguments import device_spec, positive_int, resolution, run_main
@@ -57,31 +59,52 @@ WEIGHT_OPTIONS = {
 }
 
 
+GRID_PROMPTS, THUMBNAIL = 8, 256  # the grid shows the first prompts, each image at most this many pixels
+
+
+def check_request(config: QualityConfig, weights: MetricWeights, random_metrics: bool,
+                  latency_ms: dict[str, float] | None) -> None:
+    """What can be refused before anything loads: metrics that would have nothing to compare, a latency file
+    that names none of the schedules."""
+    if config.seeds < 2 and (weights.lpips_backbone is not None or random_metrics):
+        raise UsageError(f"LPIPS diversity compares the seeds of a prompt: --seeds {config.seeds} gives none to "
+                         "compare", "pass --seeds 4 (the paper's), or leave out --lpips-backbone")
+    if len(config.prompts) * config.seeds < 2 and (weights.fid_weights is not None or random_metrics):
+        raise UsageError("FID needs 2 images or more per schedule", "use more prompts or seeds")
+    rows = schedules(config.student_steps, config.skip, config.mlp is not None, config.guidance, config.teacher_steps)
+    if latency_ms is not None and not {r.latency_name for r in rows} & set(latency_ms):
+        raise UsageError(f"the latency file names none of the schedules ({', '.join(r.name for r in rows)}); it has "
+                         f"{', '.join(latency_ms)}", "pass a bench.latency result of the same skip range and steps")
+
+
+def _thumbnail(image: torch.Tensor) -> np.ndarray:
+    """(H, W, 3) uint8 -> at most THUMBNAIL pixels a side."""
+    from PIL import Image
+
+    picture = Image.fromarray(image.numpy())
+    picture.thumbnail((THUMBNAIL, THUMBNAIL))
+    return np.asarray(picture)
+
+
 def run(config: QualityConfig, weights: MetricWeights, random_metrics: bool, latency: Path | None,
         log=print) -> tuple[dict, dict]:
     """Generate every schedule's images and measure them; returns the report and the grid's thumbnails."""
-    cfg, _ = transformer_source(config.model)
     rows = schedules(config.student_steps, config.skip, config.mlp is not None, config.guidance, config.teacher_steps)
-    latency_ms = read_latency(latency) if latency is not None else None  # before the work: a bad file fails now
+    latency_ms = read_latency(latency) if latency is not None else None
+    check_request(config, weights, random_metrics, latency_ms)
+    renderer = Renderer(config, log)  # checks the model, the skip range and the resolution; loads nothing yet
     given = weights
     with tempfile.TemporaryDirectory(prefix="onex-quality-") as tmp:
-        fid_features = None
+        fid_features, hpsv2_arch = None, "ViT-H-14"
         if random_metrics:  # stand-ins only where no weights were given
             stand_in = write_stand_ins(Path(tmp))
             fid_features = TinyFeatures() if weights.fid_weights is None else None
+            hpsv2_arch = TINY_OPEN_CLIP if weights.hpsv2 is None else hpsv2_arch
             weights = MetricWeights(**{k: v if v is not None else getattr(stand_in, k)
                                        for k, v in asdict(weights).items()})
-        hpsv2_arch = "ViT-H-14"
-        if random_metrics:
-            hpsv2_arch = TINY_OPEN_CLIP if given.hpsv2 is None else hpsv2_arch
-        metrics, skipped = load_metrics(weights, fid_features, hpsv2_arch)
+        metrics, skipped = load_metrics(weights, fid_features, hpsv2_arch, config.device)
         fid = next((m for m in metrics if m.name == "fid"), None)
-        if config.seeds < 2 and any(m.name == "lpips_diversity" for m in metrics):
-            raise UsageError(f"LPIPS diversity compares the seeds of a prompt: --seeds {config.seeds} gives none to "
-                             "compare", "pass --seeds 4 (the paper's), or no --lpips-backbone")
-        if fid is not None and len(config.prompts) * config.seeds < 2:
-            raise UsageError("FID needs 2 images or more per schedule", "use more prompts or seeds")
-        renderer = Renderer(config, log)
+        renderer.prepare()  # text embeddings, then the VAE
         results, thumbnails = {}, {}
         steps = sum(len(schedule.plan.sigmas) for schedule in rows) * len(config.prompts)
         bar = tqdm(total=steps, desc="sampling", unit="step", file=sys.stderr, leave=False)
@@ -97,12 +120,15 @@ def run(config: QualityConfig, weights: MetricWeights, random_metrics: bool, lat
                         fid.add_reference(images)  # the teacher's images are FID's reference
                     else:
                         metric.update(images, prompt)
-                thumbnails[schedule.name].append(images[0].numpy())
-            row = {"nfe": schedule.plan.nfe(cfg["num_layers"], config.skip), "seconds": time.perf_counter() - start}
+                if len(thumbnails[schedule.name]) < GRID_PROMPTS:
+                    thumbnails[schedule.name].append(_thumbnail(images[0]))
+            row = {"nfe": schedule.plan.nfe(renderer.cfg.num_layers, config.skip),
+                   "seconds": time.perf_counter() - start}
             for metric in metrics:
                 value = None if (metric is fid and schedule.teacher) else metric.compute()
                 if value is not None and not math.isfinite(value):
-                    raise OnexError(f"{metric.name} of {schedule.name} is {value}", "check the metric's weights")
+                    raise OnexError(f"{metric.name} of {schedule.name} is {value}: nothing was written",
+                                    "check the metric's weights and the model's")
                 row[metric.name] = value
             if latency_ms is not None:
                 row["latency_ms"] = latency_ms.get(schedule.latency_name)
@@ -165,8 +191,6 @@ def main(argv=None) -> int:
         skip = SkipRange.parse(args.skip)
     except UsageError as exc:
         p.error(f"--skip: {exc}")
-    if args.mlp is not None and not args.mlp.exists():
-        p.error(f"--mlp {args.mlp} does not exist")
     if args.latency is not None and not args.latency.is_file():
         p.error(f"--latency {args.latency} is not a file")
     weights = MetricWeights(**{name: getattr(args, name) for name in WEIGHT_OPTIONS})
@@ -178,13 +202,16 @@ def main(argv=None) -> int:
     name = args.model if args.model in TINY_MODELS else Path(args.model).name
     pixels = args.resolution or transformer_source(args.model)[0]["sample_size"] * VAE_SCALE
     out = args.out or Path("bench/results") / f"quality-{name}-{pixels}px"
-    check_destination(out / "quality.json")  # before the work, not after it
+    for name in ("quality.json", "quality.md", "grid.png", "quality-vs-latency.png"):
+        check_destination(out / name)  # before the work, not after it
     report, thumbnails = run(config, weights, args.random_metrics, args.latency)
-    table = markdown(report)
-    write_results(out, "quality", report, table)
-    written = [grid(thumbnails, config.prompts, out / "grid.png")]
+    # the figures first: the results files, written last, say that the run is complete
+    out.mkdir(parents=True, exist_ok=True)
+    written = [grid(thumbnails, config.prompts[:GRID_PROMPTS], out / "grid.png")]
     if args.latency is not None:
         written.append(quality_vs_latency(report, out / "quality-vs-latency.png"))
+    table = markdown(report)
+    write_results(out, "quality", report, table)
     print(table)
     print(f"wrote {out}/quality.json, quality.md, " + ", ".join(p.name for p in written))
     print("PASSED quality: every schedule's images and metrics are finite")

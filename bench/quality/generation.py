@@ -86,6 +86,9 @@ class QualityConfig:
                              f"({self.teacher_steps}) must be 1 or more")
         if self.dtype not in PRECISIONS:
             raise UsageError(f"unknown dtype {self.dtype!r}", f"choose one of {', '.join(PRECISIONS)}")
+        if self.guidance <= 1.0:
+            raise UsageError(f"--guidance {self.guidance} turns the teacher's CFG off (it needs a scale above 1)",
+                             "use the teacher's scale, e.g. 7.0 for SD3-Medium")
         if self.mlp is not None and not Path(self.mlp).exists():
             raise UsageError(f"--mlp {self.mlp} does not exist", "pass the compensation MLP's safetensors file")
 
@@ -95,7 +98,8 @@ class QualityConfig:
 
 
 class Renderer:
-    """Text conditioning once, then one schedule's images prompt by prompt."""
+    """Checks on construction (loading nothing); :meth:`prepare` encodes the prompts and loads the VAE; then
+    :meth:`render` gives one schedule's images prompt by prompt."""
 
     def __init__(self, config: QualityConfig, log: Callable[[str], None] = lambda _: None):
         self.config, self.log = config, log
@@ -113,22 +117,27 @@ class Renderer:
         if self.resolution % step:
             raise UsageError(f"resolution {self.resolution} is not a multiple of {step}",
                              f"use {max(step, self.resolution // step * step)}")
-        if config.random_components:
-            self.text, self.vae = self._random_components()
-            log(f"text      random embeddings ({REAL_TEXT_LEN} tokens) and a random SD3 VAE: the images are noise")
-        else:
-            self.text, self.vae = self._components()
+        if not config.random_components and not available(config.model):
+            raise UsageError(f"{config.model} holds only a transformer: images need its text encoders and VAE",
+                             "point --model at the SD3 pipeline folder (text_encoder*, tokenizer*, vae), or pass "
+                             "--random-components to measure time and memory with random ones")
+        self.text: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.vae: LatentDecoder | None = None
         self._loaded: tuple[str, torch.nn.Module] | None = None
+
+    def prepare(self) -> None:
+        """Encode the prompts (the text encoders are dropped after) and load the VAE onto the device."""
+        if self.config.random_components:
+            self.text, vae = self._random_components()
+            self.log(f"text      random embeddings ({REAL_TEXT_LEN} tokens) and a random SD3 VAE: the images are noise")
+        else:
+            self.text, vae = self._components()
+        self.vae = vae.to(self.config.device)
 
     def _components(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], LatentDecoder]:
         """(text (1, T, D), pooled (1, P)) per prompt and for the empty prompt last (the teacher's unconditional
         branch, as SD3's pipeline has it), and the VAE decoder."""
-        model = self.config.model
-        if not available(model):
-            raise UsageError(f"{model} holds only a transformer: images need its text encoders and VAE",
-                             "point --model at the SD3 pipeline folder (text_encoder*, tokenizer*, vae), or pass "
-                             "--random-components to measure time and memory with random ones")
-        components = load_components(model, self.cfg, ("text", "vae"))
+        components = load_components(self.config.model, self.cfg, ("text", "vae"))
         start = time.perf_counter()
         encoder = components.load("text")
         text = []
@@ -181,7 +190,7 @@ class Renderer:
             latents = sample(denoiser, schedule.plan, cond, (self.cfg.in_channels, latent, latent),
                              [(seed, 1) for seed in range(seeds)], PRECISIONS[self.config.dtype], self.config.device,
                              on_step)
-            images = self.vae(latents.float().cpu())
+            images = self.vae(latents.float()).cpu()
             if not torch.isfinite(images).all():
                 raise OnexError(f"{schedule.name} made non-finite images for {prompt!r}",
                                 "check the weights; in fp16 try --dtype bf16 or fp32")

@@ -4,7 +4,8 @@ Every metric takes the images of one prompt at a time, as 8-bit RGB ``(S, H, W, 
 gives one number per schedule:
 
 - ``fid``: Frechet Inception Distance between a schedule's images and the teacher's (torchmetrics over
-  torch-fidelity's Inception-v3, the ``pt_inception-2015-12-05`` weights file); lower is better.
+  torch-fidelity's Inception-v3, its ``weights-inception-2015-12-05-6726825d.pth`` file, resized to 299 px the
+  way the original TensorFlow implementation does); lower is better.
 - ``clip``: CLIP score, the cosine between the image and prompt embeddings of CLIP ViT-B/32 (a transformers
   folder), as the paper's Table 1 reports it (0.3176 for SD3-Medium).
 - ``lpips_diversity``: mean pairwise LPIPS (AlexNet) between the seeds of one prompt, averaged over prompts
@@ -12,10 +13,14 @@ gives one number per schedule:
   weights file.
 - ``pickscore``: PickScore, ``logit_scale * cosine`` of the PickScore_v1 CLIP-H model (a transformers folder).
 - ``aesthetic``: the LAION aesthetic predictor: its linear head on the normalised CLIP ViT-L/14 image embedding.
-- ``hpsv2``: HPSv2, 100 x cosine of open_clip's ViT-H-14 with the HPS_v2 checkpoint (open-clip-torch).
+- ``hpsv2``: HPSv2, 100 x cosine of open_clip's ViT-H-14 with the HPS_v2 checkpoint (open-clip-torch), as the
+  paper's Table 1 reports it (30.72 for SD3-Medium; the HPSv2 package's ``score()`` gives the plain cosine).
+
+The metric networks run on ``device`` (the benchmark's ``--device``).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import warnings
@@ -27,6 +32,17 @@ import torch
 from torch import nn
 
 from onex_export.errors import UsageError
+
+
+@contextlib.contextmanager
+def quiet_open_clip():
+    """open_clip warns that a model made without ``pretrained`` is random: ours get their weights next."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 class Metric(Protocol):
@@ -49,26 +65,31 @@ def _chw(images: torch.Tensor) -> torch.Tensor:
 
 
 class FID:
-    """FID against reference images (the teacher's), added first with ``reference=True``.
+    """FID against reference images (the teacher's), added first with :meth:`add_reference`.
 
-    ``feature``: 2048 for torch-fidelity's Inception-v3 from ``weights`` (its ``pt_inception-2015-12-05`` file),
+    ``feature``: 2048 for torch-fidelity's Inception-v3 from ``weights`` (weights-inception-2015-12-05-6726825d.pth),
     or a module mapping (N, 3, H, W) uint8 images to (N, D) features (the random stand-in)."""
 
     name, higher_is_better = "fid", False
 
-    def __init__(self, feature: int | nn.Module = 2048, weights: Path | None = None):
+    def __init__(self, feature: int | nn.Module = 2048, weights: Path | None = None, device: str = "cpu"):
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         if isinstance(feature, int) and weights is None:
             raise UsageError("FID's Inception-v3 needs its weights file", "pass --fid-weights FILE "
                              "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth)")
-        self.fid = FrechetInceptionDistance(feature=feature, reset_real_features=False,
-                                            feature_extractor_weights_path=str(weights) if weights else None)
-        self.fid.eval()
+        try:  # antialias=False: the TensorFlow-style resize to 299 px of the original FID, as torch-fidelity has it
+            self.fid = FrechetInceptionDistance(feature=feature, reset_real_features=False, antialias=False,
+                                                feature_extractor_weights_path=str(weights) if weights else None)
+        except Exception as exc:  # torch-fidelity's own loading: a wrong or damaged file fails in many ways
+            raise UsageError(f"cannot load FID's Inception-v3 from {weights}: {type(exc).__name__}: {exc}",
+                             "pass torch-fidelity's weights-inception-2015-12-05-6726825d.pth") from exc
+        self.fid = self.fid.to(device).eval()
+        self.device = device
         self.references = self.images = 0
 
     def add_reference(self, images: torch.Tensor) -> None:
-        self.fid.update(images.movedim(-1, -3).contiguous(), real=True)
+        self.fid.update(images.movedim(-1, -3).contiguous().to(self.device), real=True)
         self.references += images.shape[0]
 
     def reset(self) -> None:
@@ -76,7 +97,7 @@ class FID:
         self.images = 0
 
     def update(self, images: torch.Tensor, prompt: str) -> None:
-        self.fid.update(images.movedim(-1, -3).contiguous(), real=False)
+        self.fid.update(images.movedim(-1, -3).contiguous().to(self.device), real=False)
         self.images += images.shape[0]
 
     def compute(self) -> float:
@@ -92,13 +113,14 @@ class CLIPScorer:
 
     higher_is_better = True
 
-    def __init__(self, folder: Path, name: str = "clip", scaled: bool = False):
+    def __init__(self, folder: Path, name: str = "clip", scaled: bool = False, device: str = "cpu",
+                 text: bool = True):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-        self.name, self.scaled = name, scaled
+        self.name, self.scaled, self.device = name, scaled, device
         try:
-            self.model = CLIPModel.from_pretrained(str(folder)).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            self.model = CLIPModel.from_pretrained(str(folder)).to(device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder)) if text else None
             self.processor = CLIPImageProcessor.from_pretrained(str(folder))
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot load a CLIP model for {name} from {folder}: {exc}",
@@ -109,7 +131,7 @@ class CLIPScorer:
     @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(S, H, W, 3) uint8 -> (S, D) unit vectors."""
-        pixels = self.processor(images=list(images.numpy()), return_tensors="pt")["pixel_values"]
+        pixels = self.processor(images=list(images.numpy()), return_tensors="pt")["pixel_values"].to(self.device)
         features = self.model.get_image_features(pixel_values=pixels).pooler_output
         return nn.functional.normalize(features.float(), dim=-1)
 
@@ -118,8 +140,8 @@ class CLIPScorer:
         """A prompt -> (1, D) unit vector (truncated to the model's text length, as CLIP scores are)."""
         ids = self.tokenizer([prompt], padding="max_length", truncation=True, return_tensors="pt",
                              max_length=self.model.config.text_config.max_position_embeddings)
-        features = self.model.get_text_features(input_ids=ids["input_ids"],
-                                                attention_mask=ids["attention_mask"]).pooler_output
+        features = self.model.get_text_features(input_ids=ids["input_ids"].to(self.device),
+                                                attention_mask=ids["attention_mask"].to(self.device)).pooler_output
         return nn.functional.normalize(features.float(), dim=-1)
 
     def reset(self) -> None:
@@ -128,7 +150,7 @@ class CLIPScorer:
     def update(self, images: torch.Tensor, prompt: str) -> None:
         cosine = self.image_embeddings(images) @ self.text_embedding(prompt).T
         scale = self.model.logit_scale.exp().item() if self.scaled else 1.0
-        self.scores.append(scale * cosine.squeeze(-1))
+        self.scores.append(scale * cosine.squeeze(-1).cpu())
 
     def compute(self) -> float:
         return float(torch.cat(self.scores).mean())
@@ -140,7 +162,7 @@ class LPIPSDiversity:
 
     name, higher_is_better = "lpips_diversity", True
 
-    def __init__(self, backbone: Path | dict):
+    def __init__(self, backbone: Path | dict, device: str = "cpu"):
         import lpips
 
         with warnings.catch_warnings():  # lpips still passes torchvision the deprecated `pretrained=False`
@@ -153,16 +175,18 @@ class LPIPSDiversity:
             for key in module.state_dict():
                 source = f"features.{key}"
                 if source not in state:
-                    raise UsageError(f"the LPIPS backbone {backbone} lacks {source}",
+                    raise UsageError(f"the LPIPS backbone {_name(backbone)} lacks {source}",
                                      "pass torchvision's AlexNet weights (alexnet-owt-7be5be79.pth)")
                 sliced[f"{slice_name}.{key}"] = state[source]
         self.lpips.net.load_state_dict(sliced)
+        self.lpips = self.lpips.to(device)
+        self.device = device
         self.per_prompt: list[float] = []
 
     @torch.no_grad()
     def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """LPIPS between images (N, H, W, 3) uint8, pairwise by row: (N,)."""
-        return self.lpips(_chw(a) * 2 - 1, _chw(b) * 2 - 1).flatten()
+        return self.lpips(_chw(a).to(self.device) * 2 - 1, _chw(b).to(self.device) * 2 - 1).flatten().cpu()
 
     def reset(self) -> None:
         self.per_prompt = []
@@ -184,18 +208,18 @@ class AestheticScorer:
 
     name, higher_is_better = "aesthetic", True
 
-    def __init__(self, clip: Path, head: Path | dict):
-        self.clip = CLIPScorer(clip, name="aesthetic")
+    def __init__(self, clip: Path, head: Path | dict, device: str = "cpu"):
+        self.clip = CLIPScorer(clip, name="aesthetic", device=device, text=False)
         state = head if isinstance(head, dict) else _torch_load(head, "--aesthetic-head")
         indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight")})
         if not indices:
-            raise UsageError(f"{head} holds no layers.<i>.weight", "pass the aesthetic predictor's .pth file")
+            raise UsageError(f"{_name(head)} holds no layers.<i>.weight", "pass the aesthetic predictor's .pth file")
         layers = []
         for i in indices:
             linear = nn.Linear(state[f"layers.{i}.weight"].shape[1], state[f"layers.{i}.weight"].shape[0])
             linear.load_state_dict({"weight": state[f"layers.{i}.weight"], "bias": state[f"layers.{i}.bias"]})
             layers.append(linear)
-        self.head = nn.Sequential(*layers).eval()
+        self.head = nn.Sequential(*layers).to(device).eval()
         width = self.clip.model.config.projection_dim
         if layers[0].in_features != width:
             raise UsageError(f"the aesthetic head takes {layers[0].in_features}-d embeddings, {clip} gives {width}",
@@ -207,7 +231,7 @@ class AestheticScorer:
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, prompt: str) -> None:
-        self.scores.append(self.head(self.clip.image_embeddings(images)).squeeze(-1))
+        self.scores.append(self.head(self.clip.image_embeddings(images)).squeeze(-1).cpu())
 
     def compute(self) -> float:
         return float(torch.cat(self.scores).mean())
@@ -220,21 +244,19 @@ class HPSv2:
 
     name, higher_is_better = "hpsv2", True
 
-    def __init__(self, checkpoint: Path | dict, arch: str = "ViT-H-14"):
+    def __init__(self, checkpoint: Path | dict, arch: str = "ViT-H-14", device: str = "cpu"):
         import open_clip
 
-        logging.disable(logging.WARNING)  # open_clip warns that the model is random: the checkpoint comes next
-        try:
+        with quiet_open_clip():
             self.model = open_clip.create_model(arch, pretrained=None).eval()
-        finally:
-            logging.disable(logging.NOTSET)
         state = checkpoint if isinstance(checkpoint, dict) else _torch_load(checkpoint, "--hpsv2")
         try:
             self.model.load_state_dict(state.get("state_dict", state))
         except RuntimeError as exc:
-            source = "the checkpoint" if isinstance(checkpoint, dict) else checkpoint
-            raise UsageError(f"{source} is not an HPSv2 checkpoint for open_clip's {arch}: "
+            raise UsageError(f"{_name(checkpoint)} is not an HPSv2 checkpoint for open_clip's {arch}: "
                              f"{str(exc).splitlines()[0]}", "pass HPS_v2_compressed.pt or HPS_v2.1_compressed.pt")
+        self.model = self.model.to(device)
+        self.device = device
         self.preprocess = open_clip.image_transform(self.model.visual.image_size, is_train=False)
         self.tokenizer = open_clip.get_tokenizer(arch)  # its BPE vocabulary ships with open_clip
         self.scores: list[torch.Tensor] = []
@@ -247,20 +269,26 @@ class HPSv2:
         from PIL import Image
 
         pixels = torch.stack([self.preprocess(Image.fromarray(image)) for image in images.numpy()])
-        image = self.model.encode_image(pixels, normalize=True)
-        text = self.model.encode_text(self.tokenizer([prompt]), normalize=True)
-        self.scores.append(100 * (image @ text.T).squeeze(-1))
+        image = self.model.encode_image(pixels.to(self.device), normalize=True)
+        text = self.model.encode_text(self.tokenizer([prompt]).to(self.device), normalize=True)
+        self.scores.append(100 * (image @ text.T).squeeze(-1).cpu())
 
     def compute(self) -> float:
         return float(torch.cat(self.scores).mean())
 
 
 def _torch_load(path: Path, option: str) -> dict:
-    try:
+    try:  # weights_only: tensors and containers, no code; anything else (text, a pickle of objects) is refused
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise UsageError(f"cannot read {option} {path}: {exc}", "pass the metric's weights file") from exc
+    except Exception as exc:  # KeyError for a text file, UnpicklingError, OSError, ...: all a wrong file
+        raise UsageError(f"cannot read {option} {path}: {type(exc).__name__}: {exc}",
+                         "pass the metric's weights file") from exc
     return state.get("state_dict", state) if isinstance(state, dict) else {}
+
+
+def _name(source: Path | dict) -> str:
+    """How an error names weights given as a file or (tests, stand-ins) as a state dict."""
+    return "the given state dict" if isinstance(source, dict) else str(source)
 
 
 @dataclass(frozen=True)
@@ -292,35 +320,35 @@ NOT_IMPLEMENTED = {
 }
 
 
-def load_metrics(weights: MetricWeights, fid_features: nn.Module | None = None, hpsv2_arch: str = "ViT-H-14"
-                 ) -> tuple[list, dict[str, str]]:
+def load_metrics(weights: MetricWeights, fid_features: nn.Module | None = None, hpsv2_arch: str = "ViT-H-14",
+                 device: str = "cpu") -> tuple[list[Metric], dict[str, str]]:
     """The metrics whose weights are given, and {name: why skipped} for the others; ``fid_features`` replaces
     FID's Inception and ``hpsv2_arch`` HPSv2's ViT-H-14 (the random stand-ins)."""
     metrics, skipped = [], dict(NOT_IMPLEMENTED)
     if fid_features is not None:
-        metrics.append(FID(fid_features))
+        metrics.append(FID(fid_features, device=device))
     elif weights.fid_weights is not None:
-        metrics.append(FID(2048, weights.fid_weights))
+        metrics.append(FID(2048, weights.fid_weights, device))
     else:
         skipped["fid"] = "no --fid-weights"
     if weights.clip is not None:
-        metrics.append(CLIPScorer(weights.clip))
+        metrics.append(CLIPScorer(weights.clip, device=device))
     else:
         skipped["clip"] = "no --clip"
     if weights.lpips_backbone is not None:
-        metrics.append(LPIPSDiversity(weights.lpips_backbone))
+        metrics.append(LPIPSDiversity(weights.lpips_backbone, device))
     else:
         skipped["lpips_diversity"] = "no --lpips-backbone"
     if weights.pickscore is not None:
-        metrics.append(CLIPScorer(weights.pickscore, name="pickscore", scaled=True))
+        metrics.append(CLIPScorer(weights.pickscore, name="pickscore", scaled=True, device=device))
     else:
         skipped["pickscore"] = "no --pickscore"
     if weights.aesthetic_clip is not None:
-        metrics.append(AestheticScorer(weights.aesthetic_clip, weights.aesthetic_head))
+        metrics.append(AestheticScorer(weights.aesthetic_clip, weights.aesthetic_head, device))
     else:
         skipped["aesthetic"] = "no --aesthetic-clip / --aesthetic-head"
     if weights.hpsv2 is not None:
-        metrics.append(HPSv2(weights.hpsv2, hpsv2_arch))
+        metrics.append(HPSv2(weights.hpsv2, hpsv2_arch, device))
     else:
         skipped["hpsv2"] = "no --hpsv2"
     return metrics, skipped

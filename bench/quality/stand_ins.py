@@ -8,13 +8,12 @@ published metrics.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .metrics import MetricWeights
+from .metrics import MetricWeights, quiet_open_clip
 
 CLIP_SIZE = 32  # the tiny CLIP's image size
 
@@ -99,13 +98,9 @@ def random_hpsv2(folder: Path, seed: int = 0) -> dict[str, torch.Tensor]:
     import open_clip
 
     name = register_tiny_open_clip(folder)
-    logging.disable(logging.WARNING)  # open_clip warns that the model is random: that is the point here
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = open_clip.create_model(name, pretrained=None)
-    finally:
-        logging.disable(logging.NOTSET)
+    with quiet_open_clip(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(name, pretrained=None)
     return {"state_dict": model.state_dict()}
 
 
