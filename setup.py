@@ -39,11 +39,13 @@ setup(
         # Full TensorRT for data-centre GPUs; its libs package downloads from NVIDIA at install time.
         "tensorrt": ["tensorrt-cu13-bindings>=11.4,<11.5", "tensorrt-cu13-libs>=11.4,<11.5"],
         "bench": ["matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2", *QUALITY],  # cache-dit: a training-free peer
-        "train": ["PyYAML>=6,<7"],
+        # Stage II: LoRA through peft, the discriminator's OpenCLIP ConvNeXt tower through open-clip-torch
+        "train": ["PyYAML>=6,<7", "peft>=0.21.2,<1", "open-clip-torch>=3.3,<4"],
         # `onex-export serve`: PyTriton carries a real Triton Inference Server; tritonclient talks to it
         "serve": SERVE,
         # jsonschema: the tests validate real manifests against onex_export/schemas/manifest.schema.json
-        "test": ["pytest>=9.2,<10", "matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2", "PyYAML>=6,<7", "jsonschema>=4.26,<5",
+        "test": ["pytest>=9.2,<10", "matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2", "PyYAML>=6,<7", "peft>=0.21.2,<1",
+                 "jsonschema>=4.26,<5",
                  *RTX, *SERVE, *QUALITY],
     },
     entry_points={"console_scripts": ["onex-export=onex_export.cli:main"]},
