@@ -1,11 +1,11 @@
 """Stage II's parts on tiny models: the cached fake-image path, the discriminator, and the Eq. 8 objective.
 
-The discriminator's tower is an open_clip model of the XXL's structure (a timm ConvNeXt trunk, a linear
-projection) at the smallest timm size, with random weights; the published weights cannot be fetched here.
+The discriminator's tower is the tiny configs' one: an open_clip model of the XXL's structure (a timm ConvNeXt
+trunk, a linear projection) at the smallest timm size, with random weights; the published ones cannot be
+fetched here.
 """
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -16,10 +16,7 @@ from onex_export.models.compensation import CompensationMLP
 from onex_export.runtime import Conditioning, TorchDenoiser, sample
 from onex_export.schedule import SamplingPlan, student_step
 from train.cached_path import cached_latents, feature_kd, output_kd, step_two, velocity_error
-from train.discriminator import ConvNeXtTaps, Discriminator, d_loss, g_loss, open_clip_tower
-
-TINY_TOWER = "onex-tiny-convnext"
-
+from train.discriminator import ConvNeXtTaps, Discriminator, d_loss, g_loss, tiny_tower
 
 def _split(skip: str = "3-10") -> SplitSD3Transformer:
     transformer = build_tiny("tiny-sd3")
@@ -91,24 +88,12 @@ def test_eq7_feature_objective_trains_the_mlp_toward_step_twos_deltas():
 
 
 @pytest.fixture(scope="module")
-def tiny_tower(tmp_path_factory):
-    """An open_clip model config of convnext_xxlarge's shape (timm ConvNeXt trunk, linear projection, no pool
-    override) with timm's smallest ConvNeXt (atto: 40, 80, 160, 320 channels), registered with open_clip."""
-    import open_clip
-
-    path = tmp_path_factory.mktemp("tower") / f"{TINY_TOWER}.json"
-    path.write_text(json.dumps({
-        "embed_dim": 32,
-        "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "",
-                       "timm_proj": "linear", "timm_drop": 0.0, "timm_drop_path": 0.1, "image_size": 64},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
-    open_clip.add_model_config(path)
-    torch.manual_seed(0)
-    return open_clip_tower(TINY_TOWER, None)
+def tower():
+    return tiny_tower()
 
 
-def test_the_discriminator_taps_three_stage_maps_and_the_embedding(tiny_tower):
-    taps = ConvNeXtTaps(tiny_tower)
+def test_the_discriminator_taps_three_stage_maps_and_the_embedding(tower):
+    taps = ConvNeXtTaps(tower)
     assert taps.channels == (40, 80, 160, 32)
     images = torch.rand(3, 3, 64, 64)
     maps = taps(images)
@@ -123,9 +108,9 @@ def test_the_discriminator_taps_three_stage_maps_and_the_embedding(tiny_tower):
     assert not taps.training  # the frozen tower stays in eval mode (no drop-path)
 
 
-def test_the_discriminator_learns_to_separate_flat_images_from_noise(tiny_tower):
+def test_the_discriminator_learns_to_separate_flat_images_from_noise(tower):
     torch.manual_seed(0)
-    disc = Discriminator(ConvNeXtTaps(tiny_tower))
+    disc = Discriminator(ConvNeXtTaps(tower))
     opt = torch.optim.AdamW(disc.trainable(), lr=1e-2, betas=(0.9, 0.95), weight_decay=1e-4)
     g = torch.Generator().manual_seed(1)
     losses = []

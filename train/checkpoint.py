@@ -31,7 +31,7 @@ from onex_export.errors import OnexError
 from onex_export.export.install import owner_alive
 from onex_export.fileio import atomic_path, save_tensors_atomic, sha256_file, writing
 
-from .config import Stage1Config
+from .config import YamlConfig
 from .distributed import DistInfo, on_main
 
 WEIGHTS = SAFETENSORS_WEIGHTS_NAME  # diffusers' own file name, so from_pretrained finds it
@@ -80,19 +80,21 @@ def _full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, in
     return get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def write_diffusers(folder: Path, state: dict[str, torch.Tensor], config_json: str) -> None:
-    """A diffusers model folder, as ``save_pretrained`` writes it, from a full state dict."""
+def write_diffusers(folder: Path, state: dict[str, torch.Tensor], config_json: str | None) -> None:
+    """A diffusers model folder, as ``save_pretrained`` writes it, from a full state dict (without a config for
+    a module that has none: the MLP, the discriminator's heads)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(config_json)
+    if config_json is not None:
+        (folder / "config.json").write_text(config_json)
     save_tensors_atomic(state, folder / WEIGHTS, {"format": "pt"})
 
 
-def save(cfg: Stage1Config, step: int, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-         schedulers: dict, rng: torch.Generator, config_json: str, info: DistInfo) -> Path | None:
+def save(cfg: YamlConfig, step: int, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+         schedulers: dict, rng: torch.Generator, config_json: str | dict[str, str], info: DistInfo) -> Path | None:
     """Write ``step-NNNNNN`` (collective under torchrun; rank 0 writes). Returns its path on rank 0.
 
-    ``models``/``optimizers``/``schedulers`` are keyed "student" and "fake"; optimizer i belongs to
-    model i.
+    ``models``/``optimizers``/``schedulers`` are keyed by name (Stage I: "student" and "fake"); optimizer i
+    belongs to model i. ``config_json``: every model's diffusers config, or one per name (None for none).
     """
     weights = {name: _full_model_state(m, info) for name, m in models.items()}
     optim = {name: _full_optimizer_state(models[name], opt, info) for name, opt in optimizers.items()}
@@ -109,7 +111,8 @@ def save(cfg: Stage1Config, step: int, models: dict[str, nn.Module], optimizers:
     return on_main(write, info, f"rank 0 could not save the checkpoint of step {step}")
 
 
-def _write(cfg: Stage1Config, path: Path, weights: dict, state: TrainerState, config_json: str) -> None:
+def _write(cfg: YamlConfig, path: Path, weights: dict, state: TrainerState, config_json: str | dict[str, str]
+           ) -> None:
     """Write checkpoint ``path`` through a temporary folder, then point ``latest`` at it."""
     root = path.parent
     root.mkdir(parents=True, exist_ok=True)
@@ -117,7 +120,7 @@ def _write(cfg: Stage1Config, path: Path, weights: dict, state: TrainerState, co
     try:
         with writing(path):
             for name, sd in weights.items():
-                write_diffusers(tmp / name, sd, config_json)
+                write_diffusers(tmp / name, sd, config_json if isinstance(config_json, str) else config_json.get(name))
             torch.save(state.__dict__, tmp / "trainer.pt")
             (tmp / "config.yaml").write_text(cfg.to_yaml())
             sums = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
@@ -178,9 +181,9 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
-def check_resumable(path: Path, cfg: Stage1Config) -> None:
+def check_resumable(path: Path, cfg: YamlConfig) -> None:
     """The checkpoint's config must equal ``cfg`` except for keys that do not change the computation."""
-    saved = Stage1Config.load(path / "config.yaml")
+    saved = type(cfg).load(path / "config.yaml")
     diffs = saved.differences(cfg)
     if diffs:
         raise CheckpointError(f"{path} was written with another config:\n    " + "\n    ".join(diffs),

@@ -1,4 +1,4 @@
-"""Stage I configuration: one frozen dataclass, read from YAML, validated on construction.
+"""Training configuration: frozen dataclasses (Stage I here), read from YAML, validated on construction.
 
 Unknown keys are an error (a typo must not silently fall back to a default); ``--set key=value``
 overrides parse their value as YAML (``--set lr_fake=1e-4``, ``--set objective=trajectory``). The
@@ -32,7 +32,63 @@ class ConfigError(UsageError):
 
 
 @dataclass(frozen=True)
-class Stage1Config:
+class YamlConfig:
+    """What every stage's config shares: YAML in and out, ``--set`` overrides, unknown keys refused, types
+    checked, and the keys a resumed run may change (:data:`RESUMABLE_KEYS`). Subclasses add the fields (a
+    ``run_dir: str`` among them) and their own checks after ``super().__post_init__()``."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()):
+        """Read a YAML file (or nothing), apply ``key=value`` overrides, validate."""
+        values: dict = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist", "see train/configs/ for examples")
+            try:
+                values = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path} must hold a mapping of key: value, not a {type(values).__name__}")
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"override {item!r} is not key=value", "e.g. --set max_steps=10")
+            try:
+                values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from exc
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}",
+                              f"valid keys: {', '.join(sorted(known))}")
+        if "run_dir" not in values:
+            raise ConfigError("the config has no run_dir", "set run_dir: in the file or --set run_dir=PATH")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def differences(self, other: "YamlConfig", ignore: frozenset[str] = RESUMABLE_KEYS) -> list[str]:
+        """``key: self -> other`` for every key that differs, except ``ignore``."""
+        a, b = self.to_dict(), other.to_dict()
+        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k not in ignore and a[k] != b[k]]
+
+
+@dataclass(frozen=True)
+class Stage1Config(YamlConfig):
     """Everything a Stage I run depends on. Defaults are the paper's SD3-Medium settings (Table 6)."""
 
     run_dir: str  # checkpoints, log.jsonl, samples/ and config.yaml go here
@@ -82,12 +138,12 @@ class Stage1Config:
     cpu_threads: int = 0  # torch intra-op threads on CPU, 0 = torch's default (tiny models run best on 1)
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _choice("objective", self.objective, OBJECTIVES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
-        _choice("embedding_dtype", self.embedding_dtype, EMBEDDING_DTYPES)
-        _choice("timestep_curve", self.timestep_curve, CURVES)
+        super().__post_init__()
+        choice("objective", self.objective, OBJECTIVES)
+        choice("precision", self.precision, PRECISIONS)
+        choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
+        choice("embedding_dtype", self.embedding_dtype, EMBEDDING_DTYPES)
+        choice("timestep_curve", self.timestep_curve, CURVES)
         for name in ("num_steps", "batch_size", "max_steps", "fake_updates_per_generator", "t5_length",
                      "encode_batch", "log_every", "checkpoint_every", "sample_count"):
             if getattr(self, name) < 1:
@@ -116,67 +172,17 @@ class Stage1Config:
         if not self.run_dir:
             raise ConfigError("run_dir is empty", "set run_dir: in the config or --set run_dir=PATH")
 
-    # -- I/O ------------------------------------------------------------------------------------
-
-    @classmethod
-    def load(cls, path: str | Path | None, overrides: tuple[str, ...] | list[str] = ()) -> "Stage1Config":
-        """Read a YAML file (or nothing), apply ``key=value`` overrides, validate."""
-        values: dict = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist", "see train/configs/ for examples")
-            try:
-                values = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path} must hold a mapping of key: value, not a {type(values).__name__}")
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"override {item!r} is not key=value", "e.g. --set max_steps=10")
-            try:
-                values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from exc
-        return cls.from_dict(values)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "Stage1Config":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}",
-                              f"valid keys: {', '.join(sorted(known))}")
-        if "run_dir" not in values:
-            raise ConfigError("the config has no run_dir", "set run_dir: in the file or --set run_dir=PATH")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["adam_betas"] = list(self.adam_betas)
-        return out
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def differences(self, other: "Stage1Config", ignore: frozenset[str] = RESUMABLE_KEYS) -> list[str]:
-        """``key: self -> other`` for every key that differs, except ``ignore``."""
-        a, b = self.to_dict(), other.to_dict()
-        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k not in ignore and a[k] != b[k]]
-
     @property
     def cache_dir(self) -> Path:
         return Path(self.embedding_cache) if self.embedding_cache else Path(self.run_dir) / "embeddings"
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name} {value!r} is not one of {', '.join(choices)}")
 
 
-def _check_types(cfg: Stage1Config) -> None:
+def _check_types(cfg: YamlConfig) -> None:
     """YAML gives ints, floats, bools, strings and lists: check each against the field's type."""
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):

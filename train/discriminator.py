@@ -124,6 +124,33 @@ def open_clip_tower(arch: str, weights: Path | None) -> nn.Module:
     return model.visual
 
 
+# The tiny configs' tower: an open_clip model of convnext_xxlarge's structure (timm ConvNeXt trunk, linear
+# projection, the trunk's own pooling) on timm's smallest ConvNeXt (atto: 40, 80, 160, 320 channels), random.
+TINY_TOWER = "onex-tiny-convnext"
+_TINY_TOWER_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False, "timm_pool": "",
+                   "timm_proj": "linear", "timm_drop": 0.0, "timm_drop_path": 0.1, "image_size": 64},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def tiny_tower(seed: int = 0) -> nn.Module:
+    """The tiny configs' discriminator tower (see :data:`TINY_TOWER`), seeded."""
+    import json
+    import tempfile
+
+    import open_clip
+
+    with tempfile.TemporaryDirectory() as folder:  # open_clip registers model configs from files
+        path = Path(folder) / f"{TINY_TOWER}.json"
+        path.write_text(json.dumps(_TINY_TOWER_CONFIG))
+        open_clip.add_model_config(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return open_clip_tower(TINY_TOWER, None)
+
+
 class Discriminator(nn.Module):
     """Frozen taps + trainable heads: images (B, 3, H, W) in [0, 1] -> per-level logits, each (B,)."""
 

@@ -1,0 +1,131 @@
+"""Stage II end to end in fresh processes on tiny-sd3: the schedule, what each phase changes, kill-and-resume
+bit-identity, and the outputs building and passing the parity gate."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from onex_export.models import build_tiny
+from train.checkpoint import load_trainer_state
+from train.config import ConfigError
+from train.monitor import read_log
+from train.stage2 import phase
+from train.stage2_config import Stage2Config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--config", "train/configs/stage2-tiny-cpu.yaml"]
+
+
+def _stage2(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "train.stage2", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _weights(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / name / "diffusion_pytorch_model.safetensors"))
+
+
+def _params(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trained parameters only: spectral norm's power-iteration vectors (_u, _v) move on every forward."""
+    return {k: v for k, v in state.items() if not k.endswith(("._u", "._v"))}
+
+
+def _changed(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_schedule_is_d_warm_up_then_g_every_third_with_an_mlp_warm_up():
+    cfg = Stage2Config.load(ROOT / "train/configs/stage2-tiny-cpu.yaml", ["run_dir=unused"])
+    assert [phase(cfg, s) for s in range(9)] == ["d", "d", "mlp", "d", "d", "g", "d", "d", "g"]
+    paper = Stage2Config(run_dir="x", discriminator_weights="w.bin")  # defaults: the release's 50 / 3 / 500
+    assert [phase(paper, s) for s in (0, 49, 50, 51, 52, 53, 497, 500, 501, 503)] == [
+        "d", "d", "mlp", "d", "d", "mlp", "mlp", "g", "d", "g"]
+
+
+def test_config_refusals():
+    with pytest.raises(ConfigError, match="needs discriminator_weights"):
+        Stage2Config(run_dir="x")
+    with pytest.raises(ConfigError, match="skip"):
+        Stage2Config(run_dir="x", discriminator="tiny", skip="10-3")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        Stage2Config.from_dict({"run_dir": "x", "discriminator": "tiny", "lr_d": 1.0})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("stage2") / "full"
+    proc = _stage2(*TINY, "--set", f"run_dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("PASSED")
+    return run_dir, proc.stdout
+
+
+def test_the_tiny_run_logs_every_phase_and_its_outputs_build_and_pass_parity(uninterrupted, tmp_path):
+    run_dir, stdout = uninterrupted
+    log = read_log(run_dir / "log.jsonl")
+    assert [r["phase"] for r in log] == ["d", "d", "mlp", "d", "d", "g", "d", "d", "g"]
+    assert all(r["loss_d"] > 0 for r in log if r["phase"] == "d")
+    assert all(r["loss_g"] > 0 for r in log if r["phase"] != "d")
+    assert all("grad_norm_student" in r for r in log if r["phase"] == "g")
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "step-000003.png", "step-000006.png", "step-000009.png"]
+    line = next(line for line in stdout.splitlines() if line.startswith("build it:"))
+    command = line.split(":", 1)[1].split()
+    assert command[:3] == ["onex-export", "build", "--model"] and command[-2:] == ["--skip", "3-10"]
+    build = subprocess.run([sys.executable, "-m", "onex_export.cli", *command[1:], "--trt", "none", "--components",
+                            "none", "--out", str(tmp_path / "engines")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert "PASSED build" in build.stdout
+
+
+def test_the_mlp_warm_up_leaves_the_student_alone_and_later_phases_change_what_they_train(uninterrupted):
+    run_dir, _ = uninterrupted
+    ckpts = {s: run_dir / "checkpoints" / f"step-{s:06d}" for s in (3, 6, 9)}
+    base = build_tiny("tiny-sd3").state_dict()
+    s3 = _weights(ckpts[3], "student")
+    # steps 1-3 were D, D and the MLP warm-up: the adapters are still the identity (B = 0), the base untouched
+    assert all(not v.any() for k, v in s3.items() if "lora_B" in k)
+    assert all(torch.equal(v, base[k.replace(".base_layer", "")]) for k, v in s3.items() if "lora_" not in k)
+    mlp3 = _weights(ckpts[3], "mlp")
+    assert any(v.any() for k, v in mlp3.items() if "fc2" in k)  # the MLP left the identity (zero fc2)
+    # steps 4-6 were D, D, G: all three changed
+    for name in ("student", "mlp", "discriminator"):
+        assert _changed(_params(_weights(ckpts[3], name)), _params(_weights(ckpts[6], name))), name
+    assert any(v.any() for k, v in _weights(ckpts[6], "student").items() if "lora_B" in k)
+
+
+def test_kill_after_step_3_then_resume_is_bit_identical(uninterrupted):
+    full_dir, _ = uninterrupted
+    run_dir = full_dir.parent / "killed"
+    killed = _stage2(*TINY, "--set", f"run_dir={run_dir}", "--kill-after", "3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    resumed = _stage2(*TINY, "--set", f"run_dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full, res = full_dir / "checkpoints" / "step-000009", run_dir / "checkpoints" / "step-000009"
+    for name in ("student", "mlp", "discriminator"):
+        a, b = _weights(full, name), _weights(res, name)
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert a.keys() == b.keys() and different == [], f"{name}: {different[:3]}"
+    assert torch.equal(load_trainer_state(full).rng["train"], load_trainer_state(res).rng["train"])
+    keys = ("phase", "loss_d", "loss_g")
+    assert [[r.get(k) for k in keys] for r in read_log(full_dir / "log.jsonl")] == \
+        [[r.get(k) for k in keys] for r in read_log(run_dir / "log.jsonl")]
+    # the final outputs of both runs hold the same tensors
+    for name in ("student/diffusion_pytorch_model.safetensors", "mlp.safetensors"):
+        a, b = load_file(str(full_dir / "final" / name)), load_file(str(run_dir / "final" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resuming_with_another_config_is_refused(uninterrupted):
+    run_dir, _ = uninterrupted
+    proc = _stage2(*TINY, "--set", f"run_dir={run_dir}", "--set", "lr_mlp=0.5", "--set", "max_steps=12")
+    assert proc.returncode == 1
+    assert "lr_mlp: 0.001 -> 0.5" in proc.stderr and "PASSED" not in proc.stdout

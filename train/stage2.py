@@ -1,0 +1,287 @@
+"""Stage II of 1.x-Distill: Distill-Cache co-Training (paper Sec. 3.3-3.4, Algorithm 1, Table 6).
+
+    python -m train.stage2 --config train/configs/stage2-tiny-cpu.yaml
+    python -m train.stage2 --config train/configs/stage2-sd3-medium-3-10.yaml
+
+Refines the Stage I student adversarially in pixel space along the cached inference path, and trains the
+compensation MLP with it. Each iteration:
+
+- fake images: the runtime's 1.x schedule with the cache on (step one full, its state detached and its deltas
+  kept; step two skipping, with gradient through the student and the MLP), decoded by the VAE;
+- "real" images: a multi-step model from the same noise (an 8-step Stage I student, or the teacher with CFG);
+- D alone for the first ``d_warmup`` iterations, then the student and MLP every ``g_every``-th iteration and D
+  otherwise; the student stays frozen for the first ``mlp_warmup`` iterations (the MLP learns alone).
+
+Resumes from ``<run_dir>/checkpoints/latest``; at the end writes ``<run_dir>/final/student`` (LoRA merged) and
+``final/mlp.safetensors`` and prints the `onex-export build` command that takes them. One process for now
+(torchrun is refused: see the README).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import click
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from onex_export import interrupts
+from onex_export.cli import errors_reported
+from onex_export.errors import UsageError
+from onex_export.export.components import load_components
+from onex_export.export.shapes import VAE_SCALE
+from onex_export.locks import exclusive
+from onex_export.models import SplitSD3Transformer, load_compensation, load_transformer, zoo
+from onex_export.models.compensation import CompensationMLP
+from onex_export.runtime import Conditioning, TorchDenoiser, sample
+from onex_export.schedule import SamplingPlan
+
+from . import checkpoint
+from .cached_path import cached_latents, feature_kd, output_kd, step_two
+from .data import EmbeddingStore, build_cache, encoder_spec, read_prompts
+from .discriminator import ConvNeXtTaps, Discriminator, d_loss, g_loss, open_clip_tower, tiny_tower
+from .distributed import DistInfo, init_distributed, shutdown
+from .lora import add_lora, save_outputs
+from .monitor import JsonlLog, save_grid
+from .stage2_config import Stage2Config
+
+
+@dataclass
+class RunResult:
+    step: int
+    records: list[dict] = field(default_factory=list)
+    checkpoint: Path | None = None
+    command: str | None = None  # the build command for the final outputs
+
+
+@dataclass
+class Parts:
+    split: SplitSD3Transformer  # the student (LoRA-wrapped unless full fine-tuning) and the MLP
+    student_params: list[torch.nn.Parameter]
+    real: SplitSD3Transformer  # the multi-step "real" model, frozen
+    vae: torch.nn.Module  # latents -> images in [0, 1]; frozen, gradient flows through it
+    disc: Discriminator
+    opts: dict[str, torch.optim.Optimizer]
+
+
+def phase(cfg: Stage2Config, step: int) -> str:
+    """What iteration ``step`` (0-based) updates: "d" (the discriminator), "mlp" (the MLP alone, the student
+    frozen: the MLP warm-up) or "g" (student and MLP)."""
+    if step < cfg.d_warmup or (step - cfg.d_warmup) % cfg.g_every:
+        return "d"
+    return "mlp" if step < cfg.mlp_warmup else "g"
+
+
+def run(cfg: Stage2Config, resume: bool = True, kill_after: int | None = None) -> RunResult:
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    info = init_distributed(cfg.device)
+    try:
+        if info.is_distributed:
+            raise UsageError("Stage II runs on one process for now", "run it without torchrun")
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        with exclusive(Path(cfg.run_dir) / ".lock", f"run folder {cfg.run_dir}",
+                       "wait for that run to finish, or give this one another run_dir (--set run_dir=...)"):
+            return _run(cfg, info, resume, kill_after)
+    finally:
+        shutdown(info)
+
+
+def _load(cfg: Stage2Config, info: DistInfo, tconfig, ckpt: Path | None) -> Parts:
+    skip = cfg.skip_range
+    student = load_transformer(cfg.model)  # fp32: trained weights and the optimizer's master copy
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    if cfg.lora_rank:
+        student_params = add_lora(student, cfg.lora_rank, cfg.lora_alpha)
+    else:
+        student_params = list(student.requires_grad_(True).parameters())
+    mlp = load_compensation(cfg.mlp_init, student) if cfg.mlp_init else CompensationMLP.for_transformer(student)
+    split = SplitSD3Transformer(student, skip, mlp.requires_grad_(True)).to(info.device).train()
+    real_transformer = load_transformer(cfg.real_model or cfg.model).requires_grad_(False).eval()
+    real = SplitSD3Transformer(real_transformer, skip).to(info.device)
+    pipeline = cfg.pipeline or cfg.model
+    vae = load_components(pipeline, tconfig, ("vae",)).load("vae").requires_grad_(False).to(info.device)
+    if cfg.gradient_checkpointing:  # the decoder's activations at full resolution dominate the memory
+        vae.vae.enable_gradient_checkpointing()
+    tower = tiny_tower() if cfg.discriminator == "tiny" else open_clip_tower(cfg.discriminator,
+                                                                             Path(cfg.discriminator_weights))
+    disc = Discriminator(ConvNeXtTaps(tower)).to(info.device)
+    if ckpt is not None:  # the weights of the checkpoint, into the same structure (adapters included)
+        split.transformer.load_state_dict(load_file(str(ckpt / "student" / checkpoint.WEIGHTS)))
+        mlp.load_state_dict(load_file(str(ckpt / "mlp" / checkpoint.WEIGHTS)))
+        disc.heads.load_state_dict(load_file(str(ckpt / "discriminator" / checkpoint.WEIGHTS)))
+
+    def adamw(params, lr):
+        return torch.optim.AdamW(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+
+    opts = {"student": adamw(student_params, cfg.lr_generator), "mlp": adamw(mlp.parameters(), cfg.lr_mlp),
+            "discriminator": adamw(disc.trainable(), cfg.lr_discriminator)}
+    return Parts(split, student_params, real, vae, disc, opts)
+
+
+def _models(parts: Parts) -> dict[str, torch.nn.Module]:
+    """What a checkpoint holds, by name (the optimizer of the same name belongs to each)."""
+    return {"student": parts.split.transformer, "mlp": parts.split.mlp, "discriminator": parts.disc.heads}
+
+
+def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None) -> RunResult:
+    run_dir = Path(cfg.run_dir)
+    ckpt = checkpoint.latest(run_dir) if resume else None
+    if ckpt is not None:
+        checkpoint.verify_checksums(ckpt)
+        checkpoint.check_resumable(ckpt, cfg)
+    checkpoint.clean_stale(run_dir)  # under the run lock: no other run's save is in progress
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    prompts = read_prompts(cfg.prompts, cfg.prompt_key)
+    tconfig = SimpleNamespace(**zoo.transformer_config(cfg.model))
+    spec = encoder_spec(cfg.text_encoder, cfg.pipeline or cfg.model, tconfig, cfg.t5_length, info.device)
+    bar = (lambda it, total: tqdm(it, total=total, desc="text embeddings"))
+    store = EmbeddingStore(build_cache(cfg.cache_dir, prompts, spec, cfg.embedding_dtype, info,
+                                       batch=cfg.encode_batch, progress=bar))
+    store.check_fits(tconfig)
+    uncond = store.uncond()
+
+    torch.manual_seed(cfg.seed)
+    parts = _load(cfg, info, tconfig, ckpt)
+    rng = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop comes from here
+    start = 0
+    if ckpt is not None:
+        state = checkpoint.load_trainer_state(ckpt)
+        checkpoint.restore(state, _models(parts), parts.opts, {}, rng, info)
+        start = state.step
+    latent = (tconfig.in_channels, cfg.resolution // VAE_SCALE, cfg.resolution // VAE_SCALE)
+    real_plan = (SamplingPlan.teacher(cfg.real_steps, cfg.real_guidance) if cfg.real_guidance > 1.0
+                 else SamplingPlan.student(cfg.real_steps, cfg.eta))
+    log = JsonlLog(run_dir / "log.jsonl", resume_step=start if ckpt is not None else None)
+    result = RunResult(start, checkpoint=ckpt)
+
+    progress = tqdm(total=cfg.max_steps, initial=start, desc="stage II", dynamic_ncols=True)
+    for step in range(start, cfg.max_steps):
+        tic = time.perf_counter()
+        rows = torch.randint(len(store), (cfg.batch_size,), generator=rng)
+        seeds = torch.randint(2**62, (cfg.batch_size,), generator=rng).tolist()
+        emb = store.rows(rows)
+        cond = Conditioning(emb.text.to(info.device), emb.pooled.to(info.device),
+                            uncond.text.expand(cfg.batch_size, -1, -1).to(info.device),
+                            uncond.pooled.expand(cfg.batch_size, -1).to(info.device))
+        what = phase(cfg, step)
+        autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                    else contextlib.nullcontext())  # bf16 compute; the trained weights stay fp32
+        with autocast:
+            terms = _iteration(cfg, parts, what, cond, latent, seeds, real_plan, step)
+        record = {"step": step + 1, "phase": what, **terms}
+        record["seconds"] = round(time.perf_counter() - tic, 4)
+        log.write(record)
+        bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            kept = f"{result.checkpoint.name} stays latest" if result.checkpoint else "no checkpoint was written"
+            raise checkpoint.DivergedError(f"step {step + 1}: {bad}; the run stopped and {kept}",
+                                           "lower the learning rates; resuming repeats the same steps")
+        result.records.append(record)
+        result.step = step + 1
+        progress.update(1)
+        if (step + 1) % cfg.log_every == 0:
+            progress.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith("loss")})
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
+            configs = {"student": parts.split.transformer.to_json_string()}
+            result.checkpoint = checkpoint.save(cfg, step + 1, _models(parts), parts.opts, {}, rng, configs, info)
+            if kill_after == step + 1:  # testing hook: die like a preempted job, no cleanup at all
+                os.kill(os.getpid(), signal.SIGKILL)
+    progress.close()
+    final = run_dir / "final"
+    if result.step == cfg.max_steps and not (final / "student").exists():
+        *_, result.command = save_outputs(parts.split.transformer, parts.split.mlp, final, cfg.skip_range)
+    elif (final / "student").exists():
+        result.command = f"onex-export build --model {final / 'student'} --mlp {final / 'mlp.safetensors'} --skip {cfg.skip}"
+    return result
+
+
+def _iteration(cfg: Stage2Config, parts: Parts, what: str, cond: Conditioning, latent, seeds: list[int],
+               real_plan: SamplingPlan, step: int) -> dict[str, float]:
+    """One update of ``what``; returns its loss terms."""
+    split, disc = parts.split, parts.disc
+    if what == "d":
+        with torch.no_grad():
+            fake = parts.vae(cached_latents(split, _plain(cond), latent, seeds, cfg.eta))
+            real_latents = sample(TorchDenoiser(parts.real), real_plan, cond if real_plan.uses_cfg else _plain(cond),
+                                  latent, [(s, 1) for s in seeds], torch.float32, fake.device)
+            real = parts.vae(real_latents)
+        loss = d_loss(disc.levels(real), disc.levels(fake), cfg.real_label)
+        _step(parts.opts["discriminator"], loss)
+        _maybe_sample(cfg, fake, step)
+        return {"loss_d": loss.item()}
+    train_student = what == "g"
+    for p in parts.student_params:
+        p.requires_grad_(train_student)
+    fake = parts.vae(cached_latents(split, _plain(cond), latent, seeds, cfg.eta))
+    loss_gan = g_loss(disc.levels(fake), cfg.real_label)
+    loss = cfg.gan_weight * loss_gan
+    terms = {"loss_g": loss_gan.item()}
+    if cfg.kd_feature or cfg.kd_output:
+        state = step_two(split, _plain(cond), latent, seeds, cfg.eta)
+        if cfg.kd_feature:
+            kd = feature_kd(split, state)
+            loss = loss + cfg.kd_feature * kd
+            terms["loss_kd_feature"] = kd.item()
+        if cfg.kd_output:
+            kd = output_kd(split, state)
+            loss = loss + cfg.kd_output * kd
+            terms["loss_kd_output"] = kd.item()
+    parts.opts["mlp"].zero_grad(set_to_none=True)
+    parts.opts["student"].zero_grad(set_to_none=True)
+    loss.backward()
+    parts.opts["discriminator"].zero_grad(set_to_none=True)  # D's heads got gradients through g_loss: unused
+    if train_student:
+        terms["grad_norm_student"] = float(torch.nn.utils.clip_grad_norm_(parts.student_params, cfg.clip_generator))
+        parts.opts["student"].step()
+    parts.opts["mlp"].step()
+    _maybe_sample(cfg, fake.detach(), step)
+    return terms
+
+
+def _plain(cond: Conditioning) -> Conditioning:
+    """The conditional half only: the student and the MLP run without CFG."""
+    return Conditioning(cond.text, cond.pooled)
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _maybe_sample(cfg: Stage2Config, images: torch.Tensor, step: int) -> None:
+    if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+        save_grid(images[:cfg.sample_count].float().cpu(), Path(cfg.run_dir) / "samples" / f"step-{step + 1:06d}.png")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (see train/configs/).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Continue from run_dir's latest checkpoint when there is one.")
+@click.option("--kill-after", type=int, default=None, hidden=True,
+              help="Testing: SIGKILL this process right after writing the checkpoint of step N.")
+def main(config_path, overrides, resume, kill_after):
+    """Stage II: adversarial refinement on the cached path, training the compensation MLP."""
+    interrupts.install()
+    with errors_reported():
+        cfg = Stage2Config.load(config_path, overrides)
+        result = run(cfg, resume=resume, kill_after=kill_after)
+    click.echo(f"stage II: step {result.step}/{cfg.max_steps}; checkpoint {result.checkpoint}")
+    if result.command:
+        click.echo(f"build it:  {result.command}")
+    click.echo("PASSED")
+
+
+if __name__ == "__main__":
+    main()
