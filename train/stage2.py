@@ -13,14 +13,17 @@ compensation MLP with it. Each iteration:
   otherwise; the student stays frozen for the first ``mlp_warmup`` iterations (the MLP learns alone).
 
 Resumes from ``<run_dir>/checkpoints/latest``; at the end writes ``<run_dir>/final/student`` (LoRA merged) and
-``final/mlp.safetensors`` and prints the `onex-export build` command that takes them. One process for now
-(torchrun is refused: see the README).
+``final/mlp.safetensors`` and prints the `onex-export build` command that takes them. Under torchrun the student
+and the real model are sharded with FSDP2 per joint block, as in Stage I; the MLP and the discriminator's heads
+are small and replicated, their gradients averaged over the ranks. Each rank takes its rows of the global batch,
+so the numbers do not depend on the number of processes.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+import shlex
 import signal
 import time
 from dataclasses import dataclass, field
@@ -29,12 +32,12 @@ from types import SimpleNamespace
 
 import click
 import torch
+from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file
 from tqdm import tqdm
 
 from onex_export import interrupts
 from onex_export.cli import errors_reported
-from onex_export.errors import UsageError
 from onex_export.export.components import load_components
 from onex_export.export.shapes import VAE_SCALE
 from onex_export.locks import exclusive
@@ -47,7 +50,8 @@ from . import checkpoint
 from .cached_path import cached_latents, feature_kd, output_kd, step_two
 from .data import EmbeddingStore, build_cache, encoder_spec, read_prompts
 from .discriminator import ConvNeXtTaps, Discriminator, d_loss, g_loss, open_clip_tower, tiny_tower
-from .distributed import DistInfo, init_distributed, shutdown
+from .config import ConfigError
+from .distributed import DistInfo, init_distributed, mean_over_ranks, on_main, shutdown
 from .lora import add_lora, save_outputs
 from .monitor import JsonlLog, save_grid
 from .stage2_config import Stage2Config
@@ -84,29 +88,59 @@ def run(cfg: Stage2Config, resume: bool = True, kill_after: int | None = None) -
         torch.set_num_threads(cfg.cpu_threads)
     info = init_distributed(cfg.device)
     try:
-        if info.is_distributed:
-            raise UsageError("Stage II runs on one process for now", "run it without torchrun")
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        with exclusive(Path(cfg.run_dir) / ".lock", f"run folder {cfg.run_dir}",
-                       "wait for that run to finish, or give this one another run_dir (--set run_dir=...)"):
+        if cfg.batch_size % info.world:
+            raise ConfigError(f"batch_size {cfg.batch_size} does not split over {info.world} processes",
+                              "make batch_size a multiple of --nproc_per_node")
+        if info.is_distributed and not cfg.lora_rank:
+            raise ConfigError("full fine-tuning (lora_rank 0) runs on one process only for now",
+                              "train through LoRA under torchrun (lora_rank 64, the release's)")
+        lock = contextlib.nullcontext()
+        if info.is_main:  # rank 0 holds the run folder's lock for all ranks
+            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+            lock = exclusive(Path(cfg.run_dir) / ".lock", f"run folder {cfg.run_dir}",
+                             "wait for that run to finish, or give this one another run_dir (--set run_dir=...)")
+        with lock:
             return _run(cfg, info, resume, kill_after)
     finally:
         shutdown(info)
 
 
+def student_model(cfg: Stage2Config, weights: Path | None = None) -> SD3Transformer2DModel:
+    """The student as trained: LoRA-wrapped (unless full fine-tuning), fp32 on the CPU; ``weights``: a
+    checkpoint's ``student/`` file to load into it."""
+    student = load_transformer(cfg.model)  # fp32: trained weights and the optimizer's master copy
+    if cfg.lora_rank:
+        add_lora(student, cfg.lora_rank, cfg.lora_alpha)
+    else:
+        student.requires_grad_(True)
+    if weights is not None:
+        student.load_state_dict(load_file(str(weights)))
+    return student
+
+
 def _load(cfg: Stage2Config, info: DistInfo, tconfig, ckpt: Path | None) -> Parts:
     skip = cfg.skip_range
-    student = load_transformer(cfg.model)  # fp32: trained weights and the optimizer's master copy
+
+    def place(model):
+        """On the device; under torchrun each joint block becomes an FSDP2 unit. Unlike Stage I the root is not
+        sharded: the split model calls the embedders and the output layers directly, not through the root's
+        forward, whose hooks would gather them. They stay replicated (frozen under LoRA)."""
+        model = model.to(info.device)
+        if info.is_distributed:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in model.transformer_blocks:
+                fully_shard(block, mesh=info.mesh)
+        return model
+
+    student = student_model(cfg, ckpt / "student" / checkpoint.WEIGHTS if ckpt is not None else None)
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    if cfg.lora_rank:
-        student_params = add_lora(student, cfg.lora_rank, cfg.lora_alpha)
-    else:
-        student_params = list(student.requires_grad_(True).parameters())
     mlp = load_compensation(cfg.mlp_init, student) if cfg.mlp_init else CompensationMLP.for_transformer(student)
-    split = SplitSD3Transformer(student, skip, mlp.requires_grad_(True)).to(info.device).train()
-    real_transformer = load_transformer(cfg.real_model or cfg.model).requires_grad_(False).eval()
-    real = SplitSD3Transformer(real_transformer, skip).to(info.device)
+    student = place(student.train())
+    student_params = [p for p in student.parameters() if p.requires_grad]  # after sharding: its parameters
+    split = SplitSD3Transformer(student, skip, mlp.requires_grad_(True).to(info.device))
+    real = SplitSD3Transformer(place(load_transformer(cfg.real_model or cfg.model).requires_grad_(False).eval()), skip)
     pipeline = cfg.pipeline or cfg.model
     vae = load_components(pipeline, tconfig, ("vae",)).load("vae").requires_grad_(False).to(info.device)
     if cfg.gradient_checkpointing:  # the decoder's activations at full resolution dominate the memory
@@ -114,8 +148,7 @@ def _load(cfg: Stage2Config, info: DistInfo, tconfig, ckpt: Path | None) -> Part
     tower = tiny_tower() if cfg.discriminator == "tiny" else open_clip_tower(cfg.discriminator,
                                                                              Path(cfg.discriminator_weights))
     disc = Discriminator(ConvNeXtTaps(tower)).to(info.device)
-    if ckpt is not None:  # the weights of the checkpoint, into the same structure (adapters included)
-        split.transformer.load_state_dict(load_file(str(ckpt / "student" / checkpoint.WEIGHTS)))
+    if ckpt is not None:  # the student's weights came with it above
         mlp.load_state_dict(load_file(str(ckpt / "mlp" / checkpoint.WEIGHTS)))
         disc.heads.load_state_dict(load_file(str(ckpt / "discriminator" / checkpoint.WEIGHTS)))
 
@@ -133,18 +166,20 @@ def _models(parts: Parts) -> dict[str, torch.nn.Module]:
 
 
 def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None) -> RunResult:
+    main = info.is_main
     run_dir = Path(cfg.run_dir)
     ckpt = checkpoint.latest(run_dir) if resume else None
-    if ckpt is not None:
-        checkpoint.verify_checksums(ckpt)
+    if ckpt is not None:  # checksums first: a damaged config.yaml is damage, not another config
+        on_main(lambda: checkpoint.verify_checksums(ckpt), info, f"{ckpt} does not match its checksums")
         checkpoint.check_resumable(ckpt, cfg)
-    checkpoint.clean_stale(run_dir)  # under the run lock: no other run's save is in progress
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    if main:
+        checkpoint.clean_stale(run_dir)  # under the run lock: no other run's save is in progress
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     prompts = read_prompts(cfg.prompts, cfg.prompt_key)
     tconfig = SimpleNamespace(**zoo.transformer_config(cfg.model))
     spec = encoder_spec(cfg.text_encoder, cfg.pipeline or cfg.model, tconfig, cfg.t5_length, info.device)
-    bar = (lambda it, total: tqdm(it, total=total, desc="text embeddings"))
+    bar = (lambda it, total: tqdm(it, total=total, desc="text embeddings", disable=not main))
     store = EmbeddingStore(build_cache(cfg.cache_dir, prompts, spec, cfg.embedding_dtype, info,
                                        batch=cfg.encode_batch, progress=bar))
     store.check_fits(tconfig)
@@ -161,26 +196,28 @@ def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None
     latent = (tconfig.in_channels, cfg.resolution // VAE_SCALE, cfg.resolution // VAE_SCALE)
     real_plan = (SamplingPlan.teacher(cfg.real_steps, cfg.real_guidance) if cfg.real_guidance > 1.0
                  else SamplingPlan.student(cfg.real_steps, cfg.eta))
-    log = JsonlLog(run_dir / "log.jsonl", resume_step=start if ckpt is not None else None)
+    log = JsonlLog(run_dir / "log.jsonl", resume_step=start if ckpt is not None else None) if main else None
     result = RunResult(start, checkpoint=ckpt)
+    local = info.rows(cfg.batch_size)
+    b = local.stop - local.start
 
-    progress = tqdm(total=cfg.max_steps, initial=start, desc="stage II", dynamic_ncols=True)
+    progress = tqdm(total=cfg.max_steps, initial=start, desc="stage II", dynamic_ncols=True, disable=not main)
     for step in range(start, cfg.max_steps):
         tic = time.perf_counter()
-        rows = torch.randint(len(store), (cfg.batch_size,), generator=rng)
+        rows = torch.randint(len(store), (cfg.batch_size,), generator=rng)  # the global batch, on every rank
         seeds = torch.randint(2**62, (cfg.batch_size,), generator=rng).tolist()
-        emb = store.rows(rows)
+        emb = store.rows(rows[local])
         cond = Conditioning(emb.text.to(info.device), emb.pooled.to(info.device),
-                            uncond.text.expand(cfg.batch_size, -1, -1).to(info.device),
-                            uncond.pooled.expand(cfg.batch_size, -1).to(info.device))
+                            uncond.text.expand(b, -1, -1).to(info.device), uncond.pooled.expand(b, -1).to(info.device))
         what = phase(cfg, step)
         autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                     else contextlib.nullcontext())  # bf16 compute; the trained weights stay fp32
         with autocast:
-            terms = _iteration(cfg, parts, what, cond, latent, seeds, real_plan, step)
-        record = {"step": step + 1, "phase": what, **terms}
+            terms = _iteration(cfg, parts, what, cond, latent, seeds[local], real_plan, step, info)
+        record = {"step": step + 1, "phase": what, **mean_over_ranks(terms, info)}
         record["seconds"] = round(time.perf_counter() - tic, 4)
-        log.write(record)
+        if main:
+            log.write(record)
         bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
         if bad:
             kept = f"{result.checkpoint.name} stays latest" if result.checkpoint else "no checkpoint was written"
@@ -198,15 +235,18 @@ def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None
                 os.kill(os.getpid(), signal.SIGKILL)
     progress.close()
     final = run_dir / "final"
-    if result.step == cfg.max_steps and not (final / "student").exists():
-        *_, result.command = save_outputs(parts.split.transformer, parts.split.mlp, final, cfg.skip_range)
-    elif (final / "student").exists():
-        result.command = f"onex-export build --model {final / 'student'} --mlp {final / 'mlp.safetensors'} --skip {cfg.skip}"
+    if main and result.step == cfg.max_steps:
+        if (final / "student").exists():  # a finished run, run again
+            result.command = shlex.join(["onex-export", "build", "--model", str(final / "student"), "--mlp",
+                                         str(final / "mlp.safetensors"), "--skip", cfg.skip])
+        else:  # from the last checkpoint, unsharded: the adapters are merged on one process
+            student = student_model(cfg, result.checkpoint / "student" / checkpoint.WEIGHTS)
+            *_, result.command = save_outputs(student, parts.split.mlp, final, cfg.skip_range)
     return result
 
 
 def _iteration(cfg: Stage2Config, parts: Parts, what: str, cond: Conditioning, latent, seeds: list[int],
-               real_plan: SamplingPlan, step: int) -> dict[str, float]:
+               real_plan: SamplingPlan, step: int, info: DistInfo) -> dict[str, float]:
     """One update of ``what``; returns its loss terms."""
     split, disc = parts.split, parts.disc
     if what == "d":
@@ -216,12 +256,15 @@ def _iteration(cfg: Stage2Config, parts: Parts, what: str, cond: Conditioning, l
                                   latent, [(s, 1) for s in seeds], torch.float32, fake.device)
             real = parts.vae(real_latents)
         loss = d_loss(disc.levels(real), disc.levels(fake), cfg.real_label)
-        _step(parts.opts["discriminator"], loss)
-        _maybe_sample(cfg, fake, step)
+        parts.opts["discriminator"].zero_grad(set_to_none=True)
+        loss.backward()
+        _average_grads(disc.trainable(), info)
+        parts.opts["discriminator"].step()
+        _maybe_sample(cfg, fake, step, info)
         return {"loss_d": loss.item()}
+    # In the MLP warm-up the student's gradients are computed and dropped rather than switched off: FSDP2 keeps
+    # the requires_grad state its units had when first run, so toggling it loses the student's later gradients.
     train_student = what == "g"
-    for p in parts.student_params:
-        p.requires_grad_(train_student)
     fake = parts.vae(cached_latents(split, _plain(cond), latent, seeds, cfg.eta))
     loss_gan = g_loss(disc.levels(fake), cfg.real_label)
     loss = cfg.gan_weight * loss_gan
@@ -240,11 +283,14 @@ def _iteration(cfg: Stage2Config, parts: Parts, what: str, cond: Conditioning, l
     parts.opts["student"].zero_grad(set_to_none=True)
     loss.backward()
     parts.opts["discriminator"].zero_grad(set_to_none=True)  # D's heads got gradients through g_loss: unused
-    if train_student:
-        terms["grad_norm_student"] = float(torch.nn.utils.clip_grad_norm_(parts.student_params, cfg.clip_generator))
+    if train_student:  # FSDP2 has averaged the student's gradients over the ranks already
+        norm = torch.nn.utils.clip_grad_norm_(parts.student_params, cfg.clip_generator)
+        terms["grad_norm_student"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         parts.opts["student"].step()
+    parts.opts["student"].zero_grad(set_to_none=True)
+    _average_grads(list(split.mlp.parameters()), info)
     parts.opts["mlp"].step()
-    _maybe_sample(cfg, fake.detach(), step)
+    _maybe_sample(cfg, fake.detach(), step, info)
     return terms
 
 
@@ -253,14 +299,18 @@ def _plain(cond: Conditioning) -> Conditioning:
     return Conditioning(cond.text, cond.pooled)
 
 
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+def _average_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+    """The replicated modules' gradients, averaged over the ranks (each rank's are over its equal share)."""
+    if info.is_distributed:
+        for p in params:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= info.world
 
 
-def _maybe_sample(cfg: Stage2Config, images: torch.Tensor, step: int) -> None:
-    if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+def _maybe_sample(cfg: Stage2Config, images: torch.Tensor, step: int, info: DistInfo) -> None:
+    """Rank 0's fake images of this step as a grid, every ``sample_every`` steps."""
+    if info.is_main and cfg.sample_every and (step + 1) % cfg.sample_every == 0:
         save_grid(images[:cfg.sample_count].float().cpu(), Path(cfg.run_dir) / "samples" / f"step-{step + 1:06d}.png")
 
 
@@ -277,10 +327,11 @@ def main(config_path, overrides, resume, kill_after):
     with errors_reported():
         cfg = Stage2Config.load(config_path, overrides)
         result = run(cfg, resume=resume, kill_after=kill_after)
-    click.echo(f"stage II: step {result.step}/{cfg.max_steps}; checkpoint {result.checkpoint}")
-    if result.command:
-        click.echo(f"build it:  {result.command}")
-    click.echo("PASSED")
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"stage II: step {result.step}/{cfg.max_steps}; checkpoint {result.checkpoint}")
+        if result.command:
+            click.echo(f"build it:  {result.command}")
+        click.echo("PASSED")
 
 
 if __name__ == "__main__":

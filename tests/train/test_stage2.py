@@ -129,3 +129,29 @@ def test_resuming_with_another_config_is_refused(uninterrupted):
     proc = _stage2(*TINY, "--set", f"run_dir={run_dir}", "--set", "lr_mlp=0.5", "--set", "max_steps=12")
     assert proc.returncode == 1
     assert "lr_mlp: 0.001 -> 0.5" in proc.stderr and "PASSED" not in proc.stdout
+
+
+def test_torchrun_on_two_cpu_ranks_matches_the_single_process(uninterrupted):
+    """FSDP2 per joint block (gloo), the MLP and D heads replicated: the same global batch on two ranks."""
+    full_dir, _ = uninterrupted
+    run_dir = full_dir.parent / "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "train.stage2", *TINY, "--set", f"run_dir={run_dir}", "--set", "sample_every=0"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("PASSED") == 1  # rank 0 only
+    assert load_trainer_state(run_dir / "checkpoints" / "step-000009").world_size == 2
+    single, dist = read_log(full_dir / "log.jsonl"), read_log(run_dir / "log.jsonl")
+    assert [r["phase"] for r in dist] == [r["phase"] for r in single]
+    for a, b in zip(single, dist):
+        for key in ("loss_d", "loss_g", "grad_norm_student"):
+            if key in a:  # only float reduction order differs
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key, a[key], b[key])
+    # Adam turns float-order noise in near-zero gradients into steps of up to its learning rate (1e-3 for D here)
+    for name, tolerance in (("student", 1e-4), ("mlp", 1e-4), ("discriminator", 1e-3)):
+        a = _weights(full_dir / "checkpoints" / "step-000009", name)
+        b = _weights(run_dir / "checkpoints" / "step-000009", name)
+        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert worst < tolerance, (name, worst)
+    assert (run_dir / "final" / "student" / "config.json").is_file()
