@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import yaml
@@ -81,8 +82,12 @@ class YamlConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def differences(self, other: "YamlConfig", ignore: frozenset[str] = RESUMABLE_KEYS) -> list[str]:
-        """``key: self -> other`` for every key that differs, except ``ignore``."""
+    resumable_keys: ClassVar[frozenset[str]] = RESUMABLE_KEYS
+
+    def differences(self, other: "YamlConfig", ignore: frozenset[str] | None = None) -> list[str]:
+        """``key: self -> other`` for every key that differs, except ``ignore`` (default: the keys a resumed
+        run may change)."""
+        ignore = self.resumable_keys if ignore is None else ignore
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k not in ignore and a[k] != b[k]]
 

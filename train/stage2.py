@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import click
 import torch
@@ -43,8 +44,7 @@ from onex_export.export.shapes import VAE_SCALE
 from onex_export.locks import exclusive
 from onex_export.models import SplitSD3Transformer, load_compensation, load_transformer, zoo
 from onex_export.models.compensation import CompensationMLP
-from onex_export.runtime import Conditioning, TorchDenoiser, sample
-from onex_export.schedule import SamplingPlan
+from onex_export.runtime import Conditioning
 
 from . import checkpoint
 from .cached_path import cached_latents, feature_kd, output_kd, step_two
@@ -53,6 +53,7 @@ from .discriminator import ConvNeXtTaps, Discriminator, d_loss, g_loss, open_cli
 from .config import ConfigError
 from .distributed import DistInfo, init_distributed, mean_over_ranks, on_main, shutdown
 from .lora import add_lora, save_outputs
+from .real_images import RealImages, draw, parse_shard
 from .monitor import JsonlLog, save_grid
 from .stage2_config import Stage2Config
 
@@ -176,15 +177,7 @@ def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None
         checkpoint.clean_stale(run_dir)  # under the run lock: no other run's save is in progress
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    prompts = read_prompts(cfg.prompts, cfg.prompt_key)
-    tconfig = SimpleNamespace(**zoo.transformer_config(cfg.model))
-    spec = encoder_spec(cfg.text_encoder, cfg.pipeline or cfg.model, tconfig, cfg.t5_length, info.device)
-    bar = (lambda it, total: tqdm(it, total=total, desc="text embeddings", disable=not main))
-    store = EmbeddingStore(build_cache(cfg.cache_dir, prompts, spec, cfg.embedding_dtype, info,
-                                       batch=cfg.encode_batch, progress=bar))
-    store.check_fits(tconfig)
-    uncond = store.uncond()
-
+    tconfig, store, batch = _data(cfg, info)
     torch.manual_seed(cfg.seed)
     parts = _load(cfg, info, tconfig, ckpt)
     rng = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop comes from here
@@ -194,26 +187,21 @@ def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None
         checkpoint.restore(state, _models(parts), parts.opts, {}, rng, info)
         start = state.step
     latent = (tconfig.in_channels, cfg.resolution // VAE_SCALE, cfg.resolution // VAE_SCALE)
-    real_plan = (SamplingPlan.teacher(cfg.real_steps, cfg.real_guidance) if cfg.real_guidance > 1.0
-                 else SamplingPlan.student(cfg.real_steps, cfg.eta))
+    real = RealImages(cfg, parts.real, latent, store.folder.name)
     log = JsonlLog(run_dir / "log.jsonl", resume_step=start if ckpt is not None else None) if main else None
     result = RunResult(start, checkpoint=ckpt)
     local = info.rows(cfg.batch_size)
-    b = local.stop - local.start
 
     progress = tqdm(total=cfg.max_steps, initial=start, desc="stage II", dynamic_ncols=True, disable=not main)
     for step in range(start, cfg.max_steps):
         tic = time.perf_counter()
-        rows = torch.randint(len(store), (cfg.batch_size,), generator=rng)  # the global batch, on every rank
-        seeds = torch.randint(2**62, (cfg.batch_size,), generator=rng).tolist()
-        emb = store.rows(rows[local])
-        cond = Conditioning(emb.text.to(info.device), emb.pooled.to(info.device),
-                            uncond.text.expand(b, -1, -1).to(info.device), uncond.pooled.expand(b, -1).to(info.device))
+        rows, seeds = draw(rng, cfg, len(store))  # the global batch, on every rank
+        cond = batch(rows[local])
         what = phase(cfg, step)
         autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
                     else contextlib.nullcontext())  # bf16 compute; the trained weights stay fp32
         with autocast:
-            terms = _iteration(cfg, parts, what, cond, latent, seeds[local], real_plan, step, info)
+            terms = _iteration(cfg, parts, what, cond, latent, seeds[local], real, step, local, info)
         record = {"step": step + 1, "phase": what, **mean_over_ranks(terms, info)}
         record["seconds"] = round(time.perf_counter() - tic, 4)
         if main:
@@ -245,17 +233,57 @@ def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None
     return result
 
 
+def _data(cfg: Stage2Config, info: DistInfo) -> tuple[SimpleNamespace, EmbeddingStore,
+                                                     Callable[[torch.Tensor], Conditioning]]:
+    """The student's config, the prompts' cached text embeddings, and ``batch(rows)``: their conditioning (with
+    the empty prompt's, for a real model under CFG) on the device."""
+    prompts = read_prompts(cfg.prompts, cfg.prompt_key)
+    tconfig = SimpleNamespace(**zoo.transformer_config(cfg.model))
+    spec = encoder_spec(cfg.text_encoder, cfg.pipeline or cfg.model, tconfig, cfg.t5_length, info.device)
+    bar = (lambda it, total: tqdm(it, total=total, desc="text embeddings", disable=not info.is_main))
+    store = EmbeddingStore(build_cache(cfg.cache_dir, prompts, spec, cfg.embedding_dtype, info,
+                                       batch=cfg.encode_batch, progress=bar))
+    store.check_fits(tconfig)
+    uncond = store.uncond()
+
+    def batch(rows: torch.Tensor) -> Conditioning:
+        emb, n = store.rows(rows), len(rows)
+        return Conditioning(emb.text.to(info.device), emb.pooled.to(info.device),
+                            uncond.text.expand(n, -1, -1).to(info.device), uncond.pooled.expand(n, -1).to(info.device))
+
+    return tconfig, store, batch
+
+
+def pregenerate_real(cfg: Stage2Config, shard: tuple[int, int]) -> tuple[int, int]:
+    """Write the real latents of shard ``i/n`` of the run's discriminator steps to ``real_cache``; returns
+    (written, shard's steps). Replays the run's draws, so a shard can be made anywhere, in any order."""
+    if not cfg.real_cache:
+        raise ConfigError("--pregenerate writes to real_cache, which is not set", "--set real_cache=PATH")
+    info = init_distributed(cfg.device)
+    if info.is_distributed:
+        raise ConfigError("--pregenerate runs one process per shard", "start one per shard, without torchrun")
+    tconfig, store, batch = _data(cfg, info)
+    real_transformer = load_transformer(cfg.real_model or cfg.model).requires_grad_(False).eval().to(info.device)
+    latent = (tconfig.in_channels, cfg.resolution // VAE_SCALE, cfg.resolution // VAE_SCALE)
+    real = RealImages(cfg, SplitSD3Transformer(real_transformer, cfg.skip_range), latent, store.folder.name)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    draws = [draw(rng, cfg, len(store)) for _ in range(cfg.max_steps)]
+    i, n = shard
+    steps = [s for s in range(cfg.max_steps) if phase(cfg, s) == "d" and s % n == i]
+    with tqdm(total=len(steps), desc=f"real images {i}/{n}") as bar:
+        written = real.pregenerate(steps, lambda s: (batch(draws[s][0]), draws[s][1]), bar.update)
+    return written, len(steps)
+
+
 def _iteration(cfg: Stage2Config, parts: Parts, what: str, cond: Conditioning, latent, seeds: list[int],
-               real_plan: SamplingPlan, step: int, info: DistInfo) -> dict[str, float]:
+               real: RealImages, step: int, rows: slice, info: DistInfo) -> dict[str, float]:
     """One update of ``what``; returns its loss terms."""
     split, disc = parts.split, parts.disc
     if what == "d":
         with torch.no_grad():
             fake = parts.vae(cached_latents(split, _plain(cond), latent, seeds, cfg.eta))
-            real_latents = sample(TorchDenoiser(parts.real), real_plan, cond if real_plan.uses_cfg else _plain(cond),
-                                  latent, [(s, 1) for s in seeds], torch.float32, fake.device)
-            real = parts.vae(real_latents)
-        loss = d_loss(disc.levels(real), disc.levels(fake), cfg.real_label)
+            real_images = parts.vae(real.latents(step, cond, seeds, rows))
+        loss = d_loss(disc.levels(real_images), disc.levels(fake), cfg.real_label)
         parts.opts["discriminator"].zero_grad(set_to_none=True)
         loss.backward()
         _average_grads(disc.trainable(), info)
@@ -319,13 +347,22 @@ def _maybe_sample(cfg: Stage2Config, images: torch.Tensor, step: int, info: Dist
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from run_dir's latest checkpoint when there is one.")
+@click.option("--pregenerate", is_flag=True,
+              help="Only write the real images of the run's discriminator steps to real_cache (with --shard).")
+@click.option("--shard", default="0/1", show_default=True, metavar="I/N",
+              help="With --pregenerate: this process makes the steps s with s % N == I.")
 @click.option("--kill-after", type=int, default=None, hidden=True,
               help="Testing: SIGKILL this process right after writing the checkpoint of step N.")
-def main(config_path, overrides, resume, kill_after):
+def main(config_path, overrides, resume, pregenerate, shard, kill_after):
     """Stage II: adversarial refinement on the cached path, training the compensation MLP."""
     interrupts.install()
     with errors_reported():
         cfg = Stage2Config.load(config_path, overrides)
+        if pregenerate:
+            written, total = pregenerate_real(cfg, parse_shard(shard))
+            click.echo(f"real images {shard}: {written} written, {total - written} already there, in {cfg.real_cache}")
+            click.echo("PASSED")
+            return
         result = run(cfg, resume=resume, kill_after=kill_after)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"stage II: step {result.step}/{cfg.max_steps}; checkpoint {result.checkpoint}")

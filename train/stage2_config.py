@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 from onex_export.config import SkipRange
 from onex_export.errors import UsageError
 
-from .config import EMBEDDING_DTYPES, PRECISIONS, TEXT_ENCODERS, ConfigError, YamlConfig, choice
+from .config import EMBEDDING_DTYPES, PRECISIONS, RESUMABLE_KEYS, TEXT_ENCODERS, ConfigError, YamlConfig, choice
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Stage2Config(YamlConfig):
     real_model: str = ""  # the multi-step model that makes the "real" images from the same noise ("" = model)
     real_steps: int = 8  # the paper: an 8-step Stage I model; the release: 4; the teacher: 28 with CFG
     real_guidance: float = 1.0  # CFG of the real model (1 = none, for a distilled student; 7 for the teacher)
+    real_cache: str = ""  # a folder of pre-generated real latents (--pregenerate); "" = made online
     skip: str = "3-10"  # the cached block range, 1-based and inclusive
     mlp_init: str = ""  # a compensation MLP to start from ("" = untrained: plain reuse)
     resolution: int = 1024
@@ -71,6 +73,9 @@ class Stage2Config(YamlConfig):
     keep_checkpoints: int = 0
     device: str = "auto"
     cpu_threads: int = 0
+
+    # real_cache holds what would be made online, bit for bit: a resumed run may gain or lose it
+    resumable_keys: ClassVar[frozenset[str]] = RESUMABLE_KEYS | {"real_cache"}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -187,3 +187,38 @@ def test_an_eq8_run_of_the_trainer_lowers_step_twos_velocity_error_on_held_out_n
     print(f"\nstep two velocity error on held-out noise: plain reuse {before:.4f}, after 80 Eq. 8 steps {after:.4f} "
           f"({before / after:.2f}x lower)")
     assert after < before / 1.5
+
+
+def test_pregenerated_real_images_in_two_shards_give_the_same_run_bit_for_bit(uninterrupted):
+    full_dir, _ = uninterrupted
+    run_dir, cache = full_dir.parent / "pregenerated", full_dir.parent / "real-cache"
+    for shard in ("1/2", "0/2"):  # any order, any machine
+        proc = _stage2(*TINY, "--set", f"run_dir={run_dir}", "--set", f"real_cache={cache}", "--pregenerate",
+                       "--shard", shard)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"real images {shard}: 3 written, 0 already there" in proc.stdout
+    # the discriminator steps (0-based 0, 1, 3, 4, 6, 7) and nothing else
+    assert sorted(p.name for p in cache.iterdir()) == [f"step-{s:07d}.safetensors" for s in (0, 1, 3, 4, 6, 7)]
+    again = _stage2(*TINY, "--set", f"run_dir={run_dir}", "--set", f"real_cache={cache}", "--pregenerate",
+                    "--shard", "0/2")
+    assert "0 written, 3 already there" in again.stdout
+    proc = _stage2(*TINY, "--set", f"run_dir={run_dir}", "--set", f"real_cache={cache}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("student", "mlp", "discriminator"):
+        a = _weights(full_dir / "checkpoints" / "step-000009", name)
+        b = _weights(run_dir / "checkpoints" / "step-000009", name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    # a cache made for other settings is refused, not used
+    other = _stage2(*TINY, "--set", f"run_dir={full_dir.parent / 'other'}", "--set", f"real_cache={cache}",
+                    "--set", "real_steps=2")
+    assert other.returncode == 2 and "was made for another run" in other.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pregenerate", "--shard", "2/2", "--set", "real_cache=x"], "i must lie in 0..1"),
+    (["--pregenerate", "--shard", "half", "--set", "real_cache=x"], "is not i/n"),
+    (["--pregenerate"], "real_cache, which is not set")])
+def test_pregeneration_refuses_bad_shards_and_a_missing_cache(tmp_path, args, message):
+    proc = _stage2(*TINY, "--set", f"run_dir={tmp_path / 'run'}", *args)
+    assert proc.returncode == 2 and message in proc.stderr
