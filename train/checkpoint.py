@@ -1,8 +1,11 @@
 """Checkpoints that resume exactly.
 
 ``<run_dir>/checkpoints/step-NNNNNN/`` holds
-- ``student/`` and ``fake/``: diffusers folders (``config.json`` + ``diffusion_pytorch_model.safetensors``,
-  fp32). ``student/`` loads with ``onex-export build --model <it>`` and ``from_pretrained``;
+- one folder per trained model (Stage I: ``student/`` and ``fake/``; Stage II: ``student/``, ``mlp/``,
+  ``discriminator/``), each a ``diffusion_pytorch_model.safetensors`` of fp32 weights, with a ``config.json``
+  where the model is a plain diffusers transformer: Stage I's ``student/`` loads with
+  ``onex-export build --model <it>`` and ``from_pretrained`` (Stage II's LoRA-wrapped student does not: its
+  build input is ``final/``);
 - ``trainer.pt``: both optimizers and LR schedulers, the step, and the RNG states;
 - ``config.yaml``: the run's resolved config.
 - ``checksums.json``: the sha256 of every other file, checked before a run resumes from it.
@@ -15,6 +18,7 @@ written under torchrun with W ranks resumes on any other number, or on one proce
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from onex_export.errors import OnexError
 from onex_export.export.install import owner_alive
 from onex_export.fileio import atomic_path, save_tensors_atomic, sha256_file, writing
+from onex_export.locks import exclusive
 
 from .config import YamlConfig
 from .distributed import DistInfo, on_main
@@ -133,6 +138,15 @@ def _write(cfg: YamlConfig, path: Path, weights: dict, state: TrainerState, conf
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _prune(root, cfg.keep_checkpoints)
+
+
+def run_lock(run_dir: Path, info: DistInfo):
+    """One run at a time per run folder (rank 0 holds the lock for all ranks)."""
+    if not info.is_main:
+        return contextlib.nullcontext()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return exclusive(run_dir / ".lock", f"run folder {run_dir}",
+                     "wait for that run to finish, or give this one another run_dir (--set run_dir=...)")
 
 
 def clean_stale(run_dir: str | Path) -> list[str]:

@@ -26,7 +26,6 @@ from onex_export.errors import UsageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-XXL_TAPS = (384, 768, 1536, 1024)  # three stage maps, then the pooled projected embedding
 
 
 class BlurPool(nn.Module):

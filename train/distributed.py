@@ -72,16 +72,19 @@ def init_distributed(device_preference: str) -> DistInfo:
     return DistInfo(rank, world, local_rank, device, mesh)
 
 
-def shard(model: nn.Module, info: DistInfo) -> nn.Module:
+def shard(model: nn.Module, info: DistInfo, root: bool = True) -> nn.Module:
     """FSDP2: one unit per joint block, the rest (embedders, output norm and projection) at the root.
-    The module keeps its class, its parameter names and its forward; parameters become DTensors."""
+    The module keeps its class, its parameter names and its forward; parameters become DTensors.
+    ``root=False`` leaves the rest replicated: for callers that use those layers without the root's forward
+    (whose hooks gather them), as the split model does."""
     if not info.is_distributed:
         return model
     from torch.distributed.fsdp import fully_shard
 
     for block in model.transformer_blocks:
         fully_shard(block, mesh=info.mesh)
-    fully_shard(model, mesh=info.mesh)
+    if root:
+        fully_shard(model, mesh=info.mesh)
     return model
 
 

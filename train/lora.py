@@ -7,6 +7,7 @@ the merged model is a plain diffusers transformer again, so the build needs noth
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -23,6 +24,7 @@ from onex_export.models.compensation import CompensationMLP, save_compensation
 
 # Module-name suffixes that get an adapter (SD3's last block has no context output projection or feed-forward:
 # it is simply not matched there).
+OUTPUTS = "outputs.json"  # beside the student and the MLP: what they were made from
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
                 "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                 "ff_context.net.2")
@@ -44,33 +46,50 @@ def add_lora(transformer: SD3Transformer2DModel, rank: int = 64, alpha: float = 
 
 def merge_lora(transformer: SD3Transformer2DModel) -> SD3Transformer2DModel:
     """Fold the adapters into the weights (checked finite) and remove them: a plain diffusers model again."""
-    transformer.fuse_lora(lora_scale=1.0, safe_fusing=True)
+    try:
+        transformer.fuse_lora(lora_scale=1.0, safe_fusing=True)
+    except ValueError as exc:  # safe_fusing found non-finite merged weights
+        raise OnexError(f"merging the LoRA adapters gave non-finite weights ({exc}): nothing was written",
+                        "resume from an earlier checkpoint with lower learning rates") from exc
     transformer.unload_lora()
     return transformer
 
 
-def save_outputs(transformer: SD3Transformer2DModel, mlp: CompensationMLP, folder: Path, skip: SkipRange
-                 ) -> tuple[Path, Path, str]:
-    """Write ``folder/student/`` (a diffusers transformer folder, adapters merged) and ``folder/mlp.safetensors``;
-    returns both and the `onex-export build` command that consumes them. Nothing existing is overwritten."""
-    student, mlp_path = folder / "student", folder / "mlp.safetensors"
-    for path in (student, mlp_path):
-        if path.exists():
-            raise UsageError(f"{path} already exists: Stage II does not overwrite a finished output",
-                             "move it away, or give the run another output folder")
+def build_command(student: Path, mlp: Path, skip: SkipRange | str) -> str:
+    """The `onex-export build` command for Stage II's outputs."""
+    return shlex.join(["onex-export", "build", "--model", str(student), "--mlp", str(mlp), "--skip", str(skip)])
+
+
+def read_outputs(folder: Path) -> dict:
+    """What ``folder/outputs.json`` says the outputs were made from ({} when it cannot be read)."""
+    try:
+        return json.loads((folder / OUTPUTS).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_outputs(transformer: SD3Transformer2DModel, mlp: CompensationMLP, folder: Path, skip: SkipRange,
+                 made_from: dict | None = None) -> tuple[Path, Path, str]:
+    """Write ``folder/student/`` (a diffusers transformer folder, adapters merged), ``folder/mlp.safetensors`` and
+    ``folder/outputs.json`` (``made_from``: what they came from) as one folder, renamed into place complete;
+    returns the two paths and the `onex-export build` command that consumes them. Nothing is overwritten."""
+    if folder.exists():
+        raise UsageError(f"{folder} already exists: Stage II does not overwrite finished outputs",
+                         "move it away, or give the run another run_dir")
     if getattr(transformer, "peft_config", None):
         merge_lora(transformer)
     bad = [name for name, t in transformer.state_dict().items() if not torch.isfinite(t).all()]
     if bad or not all(torch.isfinite(t).all() for t in mlp.state_dict().values()):
         raise OnexError(f"the trained weights are not finite ({', '.join(bad[:3]) or 'the MLP'}): nothing was written",
                         "resume from an earlier checkpoint with lower learning rates")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".student.tmp-{os.getpid()}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     try:
-        transformer.save_pretrained(tmp, safe_serialization=True)
-        tmp.rename(student)
+        transformer.save_pretrained(tmp / "student", safe_serialization=True)
+        save_compensation(mlp, tmp / "mlp.safetensors")
+        (tmp / OUTPUTS).write_text(json.dumps({"skip": str(skip), **(made_from or {})}, indent=1) + "\n")
+        os.rename(tmp, folder)  # the student and its MLP appear together or not at all
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    save_compensation(mlp, mlp_path)
-    command = shlex.join(["onex-export", "build", "--model", str(student), "--mlp", str(mlp_path), "--skip", str(skip)])
-    return student, mlp_path, command
+    student, mlp_path = folder / "student", folder / "mlp.safetensors"
+    return student, mlp_path, build_command(student, mlp_path, skip)

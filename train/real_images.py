@@ -8,6 +8,7 @@ when it is there and makes the latents online when not; both give the same bits.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -22,6 +23,7 @@ from onex_export.models import SplitSD3Transformer
 from onex_export.runtime import Conditioning, TorchDenoiser, sample
 from onex_export.schedule import SamplingPlan
 
+from .distributed import DistInfo
 from .stage2_config import Stage2Config
 
 
@@ -30,6 +32,35 @@ def draw(rng: torch.Generator, cfg: Stage2Config, prompts: int) -> tuple[torch.T
     rows = torch.randint(prompts, (cfg.batch_size,), generator=rng)
     seeds = torch.randint(2**62, (cfg.batch_size,), generator=rng).tolist()
     return rows, seeds
+
+
+def autocast(cfg: Stage2Config, device: torch.device):
+    """The run's compute precision (bf16 autocast; trained weights stay fp32), the same wherever a run's
+    images are made: in training, and in pre-generation."""
+    if cfg.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def fingerprint(cfg: Stage2Config, prompts_key: str) -> str:
+    """What a step's real latents depend on; a cache file made for anything else is refused, not used."""
+    what = {"real_model": cfg.real_model or cfg.model, "prompts": prompts_key,
+            **{k: getattr(cfg, k) for k in ("real_steps", "real_guidance", "eta", "resolution", "seed", "batch_size",
+                                            "precision")}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_cache(cfg: Stage2Config, prompts_key: str) -> None:
+    """Refuse, before any model loads, a real_cache whose files were made for another run."""
+    if not cfg.real_cache or not Path(cfg.real_cache).is_dir():
+        return
+    expected = fingerprint(cfg, prompts_key)
+    for path in sorted(Path(cfg.real_cache).glob("step-*.safetensors"))[:1]:
+        with safe_open(str(path), "pt") as f:
+            made_for = f.metadata().get("fingerprint")
+        if made_for != expected:
+            raise UsageError(f"{path} was made for another run ({made_for}, this run: {expected})",
+                             "pre-generate again with this config, or clear real_cache")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -47,16 +78,12 @@ class RealImages:
     """The real latents of a step: from ``folder`` when it holds them, else made by ``model``."""
 
     def __init__(self, cfg: Stage2Config, model: SplitSD3Transformer, latent_shape: tuple[int, int, int],
-                 prompts_key: str):
-        self.cfg, self.model, self.latent_shape = cfg, model, latent_shape
+                 prompts_key: str, info: DistInfo):
+        self.cfg, self.model, self.latent_shape, self.info = cfg, model, latent_shape, info
         self.plan = (SamplingPlan.teacher(cfg.real_steps, cfg.real_guidance) if cfg.real_guidance > 1.0
                      else SamplingPlan.student(cfg.real_steps, cfg.eta))
         self.folder = Path(cfg.real_cache) if cfg.real_cache else None
-        # what the latents depend on: a file made for anything else is refused, not used
-        what = {k: getattr(cfg, k) for k in ("real_model", "model", "real_steps", "real_guidance", "eta",
-                                             "resolution", "seed", "batch_size", "d_warmup", "g_every")}
-        self.fingerprint = hashlib.sha256(json.dumps({**what, "prompts": prompts_key}, sort_keys=True).encode()
-                                          ).hexdigest()[:16]
+        self.fingerprint = fingerprint(cfg, prompts_key)
 
     def path(self, step: int) -> Path:
         return self.folder / f"step-{step:07d}.safetensors"
@@ -70,8 +97,15 @@ class RealImages:
                       torch.float32, cond.text.device)
 
     def latents(self, step: int, cond: Conditioning, seeds: list[int], rows: slice) -> torch.Tensor:
-        """Step ``step``'s (0-based) real latents of the global batch's ``rows``: read, or made now."""
-        if self.folder is None or not self.path(step).is_file():
+        """Step ``step``'s (0-based) real latents of the global batch's ``rows``: read, or made now. Under torchrun
+        the ranks agree first (making them is collective: a rank that saw the file while another did not would
+        leave the others waiting)."""
+        have = self.folder is not None and self.path(step).is_file()
+        if self.info.is_distributed:
+            flag = torch.tensor([int(have)], device=self.info.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            have = bool(flag.item())
+        if not have:
             return self.make(cond, seeds)
         with safe_open(str(self.path(step)), "pt") as f:
             made_for = f.metadata().get("fingerprint")

@@ -10,7 +10,6 @@ point is the only place that prints.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -24,7 +23,6 @@ from tqdm import tqdm
 
 from onex_export import interrupts
 from onex_export.cli import errors_reported
-from onex_export.locks import exclusive
 from onex_export.export.shapes import VAE_SCALE
 from onex_export.schedule import student_sigmas
 
@@ -61,19 +59,10 @@ def run(cfg: Stage1Config, resume: bool = True, kill_after: int | None = None) -
         torch.set_num_threads(cfg.cpu_threads)
     info = init_distributed(cfg.device)
     try:
-        with _run_lock(Path(cfg.run_dir), info):
+        with checkpoint.run_lock(Path(cfg.run_dir), info):
             return _run(cfg, info, resume, kill_after)
     finally:
         shutdown(info)
-
-
-def _run_lock(run_dir: Path, info: DistInfo):
-    """One run at a time per run folder (rank 0 holds the lock for all ranks)."""
-    if not info.is_main:
-        return contextlib.nullcontext()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return exclusive(run_dir / ".lock", f"run folder {run_dir}",
-                     "wait for that run to finish, or give this one another run_dir (--set run_dir=...)")
 
 
 def check_finite(record: dict, last_checkpoint: Path | None, cfg: Stage1Config) -> None:

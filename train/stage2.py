@@ -20,10 +20,10 @@ so the numbers do not depend on the number of processes.
 """
 from __future__ import annotations
 
-import contextlib
+import gc
+import json
 import math
 import os
-import shlex
 import signal
 import time
 from dataclasses import dataclass, field
@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 from onex_export import interrupts
 from onex_export.cli import errors_reported
+from onex_export.errors import UsageError
 from onex_export.export.components import load_components
 from onex_export.export.shapes import VAE_SCALE
-from onex_export.locks import exclusive
 from onex_export.models import SplitSD3Transformer, load_compensation, load_transformer, zoo
 from onex_export.models.compensation import CompensationMLP
 from onex_export.runtime import Conditioning
@@ -51,9 +51,9 @@ from .cached_path import cached_latents, feature_kd, output_kd, step_two
 from .data import EmbeddingStore, build_cache, encoder_spec, read_prompts
 from .discriminator import ConvNeXtTaps, Discriminator, d_loss, g_loss, open_clip_tower, tiny_tower
 from .config import ConfigError
-from .distributed import DistInfo, init_distributed, mean_over_ranks, on_main, shutdown
-from .lora import add_lora, save_outputs
-from .real_images import RealImages, draw, parse_shard
+from .distributed import DistInfo, init_distributed, mean_over_ranks, on_main, shard, shutdown
+from .lora import add_lora, build_command, read_outputs, save_outputs
+from .real_images import RealImages, autocast, check_cache, draw, parse_shard
 from .monitor import JsonlLog, save_grid
 from .stage2_config import Stage2Config
 
@@ -95,12 +95,10 @@ def run(cfg: Stage2Config, resume: bool = True, kill_after: int | None = None) -
         if info.is_distributed and not cfg.lora_rank:
             raise ConfigError("full fine-tuning (lora_rank 0) runs on one process only for now",
                               "train through LoRA under torchrun (lora_rank 64, the release's)")
-        lock = contextlib.nullcontext()
-        if info.is_main:  # rank 0 holds the run folder's lock for all ranks
-            Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-            lock = exclusive(Path(cfg.run_dir) / ".lock", f"run folder {cfg.run_dir}",
-                             "wait for that run to finish, or give this one another run_dir (--set run_dir=...)")
-        with lock:
+        if cfg.discriminator != "tiny" and not Path(cfg.discriminator_weights).is_file():
+            raise ConfigError(f"discriminator_weights {cfg.discriminator_weights} is not a file",
+                              "download open_clip's CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup beforehand")
+        with checkpoint.run_lock(Path(cfg.run_dir), info):
             return _run(cfg, info, resume, kill_after)
     finally:
         shutdown(info)
@@ -126,13 +124,7 @@ def _load(cfg: Stage2Config, info: DistInfo, tconfig, ckpt: Path | None) -> Part
         """On the device; under torchrun each joint block becomes an FSDP2 unit. Unlike Stage I the root is not
         sharded: the split model calls the embedders and the output layers directly, not through the root's
         forward, whose hooks would gather them. They stay replicated (frozen under LoRA)."""
-        model = model.to(info.device)
-        if info.is_distributed:
-            from torch.distributed.fsdp import fully_shard
-
-            for block in model.transformer_blocks:
-                fully_shard(block, mesh=info.mesh)
-        return model
+        return shard(model.to(info.device), info, root=False)
 
     student = student_model(cfg, ckpt / "student" / checkpoint.WEIGHTS if ckpt is not None else None)
     if cfg.gradient_checkpointing:
@@ -178,6 +170,7 @@ def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     tconfig, store, batch = _data(cfg, info)
+    check_cache(cfg, store.folder.name)  # before the models load
     torch.manual_seed(cfg.seed)
     parts = _load(cfg, info, tconfig, ckpt)
     rng = torch.Generator().manual_seed(cfg.seed)  # every random draw of the loop comes from here
@@ -187,7 +180,7 @@ def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None
         checkpoint.restore(state, _models(parts), parts.opts, {}, rng, info)
         start = state.step
     latent = (tconfig.in_channels, cfg.resolution // VAE_SCALE, cfg.resolution // VAE_SCALE)
-    real = RealImages(cfg, parts.real, latent, store.folder.name)
+    real = RealImages(cfg, parts.real, latent, store.folder.name, info)
     log = JsonlLog(run_dir / "log.jsonl", resume_step=start if ckpt is not None else None) if main else None
     result = RunResult(start, checkpoint=ckpt)
     local = info.rows(cfg.batch_size)
@@ -198,9 +191,7 @@ def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None
         rows, seeds = draw(rng, cfg, len(store))  # the global batch, on every rank
         cond = batch(rows[local])
         what = phase(cfg, step)
-        autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
-                    else contextlib.nullcontext())  # bf16 compute; the trained weights stay fp32
-        with autocast:
+        with autocast(cfg, info.device):
             terms = _iteration(cfg, parts, what, cond, latent, seeds[local], real, step, local, info)
         record = {"step": step + 1, "phase": what, **mean_over_ranks(terms, info)}
         record["seconds"] = round(time.perf_counter() - tic, 4)
@@ -217,20 +208,32 @@ def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None
         if (step + 1) % cfg.log_every == 0:
             progress.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k.startswith("loss")})
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
-            configs = {"student": parts.split.transformer.to_json_string()}
+            # a LoRA-wrapped student's state is not a diffusers model: no config.json invites loading it as one
+            configs = {"student": None if cfg.lora_rank else parts.split.transformer.to_json_string()}
             result.checkpoint = checkpoint.save(cfg, step + 1, _models(parts), parts.opts, {}, rng, configs, info)
             if kill_after == step + 1:  # testing hook: die like a preempted job, no cleanup at all
                 os.kill(os.getpid(), signal.SIGKILL)
     progress.close()
-    final = run_dir / "final"
     if main and result.step == cfg.max_steps:
-        if (final / "student").exists():  # a finished run, run again
-            result.command = shlex.join(["onex-export", "build", "--model", str(final / "student"), "--mlp",
-                                         str(final / "mlp.safetensors"), "--skip", cfg.skip])
-        else:  # from the last checkpoint, unsharded: the adapters are merged on one process
-            student = student_model(cfg, result.checkpoint / "student" / checkpoint.WEIGHTS)
-            *_, result.command = save_outputs(student, parts.split.mlp, final, cfg.skip_range)
+        mlp, last = parts.split.mlp, result.checkpoint
+        del parts  # the final student is rebuilt unsharded on this rank: the training copies go first
+        gc.collect()
+        result.command = _final_outputs(cfg, run_dir / "final", mlp, last)
     return result
+
+
+def _final_outputs(cfg: Stage2Config, final: Path, mlp: CompensationMLP, last: Path) -> str:
+    """``final/``: the student of checkpoint ``last``, adapters merged, and the MLP; the build command. A run
+    run again after it finished gets the command when ``final/`` holds exactly that checkpoint's student."""
+    made_from = {"checkpoint": last.name,
+                 "student_sha256": json.loads((last / checkpoint.CHECKSUMS).read_text())[f"student/{checkpoint.WEIGHTS}"]}
+    if final.exists():
+        if {k: read_outputs(final).get(k) for k in made_from} != made_from:
+            raise UsageError(f"{final} holds the outputs of another training ({read_outputs(final) or 'unreadable'})",
+                             f"move {final} away to write this run's ({last.name})")
+        return build_command(final / "student", final / "mlp.safetensors", cfg.skip)
+    student = student_model(cfg, last / "student" / checkpoint.WEIGHTS)
+    return save_outputs(student, mlp, final, cfg.skip_range, made_from)[2]
 
 
 def _data(cfg: Stage2Config, info: DistInfo) -> tuple[SimpleNamespace, EmbeddingStore,
@@ -256,23 +259,30 @@ def _data(cfg: Stage2Config, info: DistInfo) -> tuple[SimpleNamespace, Embedding
 
 def pregenerate_real(cfg: Stage2Config, shard: tuple[int, int]) -> tuple[int, int]:
     """Write the real latents of shard ``i/n`` of the run's discriminator steps to ``real_cache``; returns
-    (written, shard's steps). Replays the run's draws, so a shard can be made anywhere, in any order."""
+    (written, shard's steps). Replays the run's draws, so shards can be made in any order, on machines with the
+    same software (one process makes whole batches: the bits equal a one-process run's)."""
     if not cfg.real_cache:
         raise ConfigError("--pregenerate writes to real_cache, which is not set", "--set real_cache=PATH")
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     info = init_distributed(cfg.device)
-    if info.is_distributed:
-        raise ConfigError("--pregenerate runs one process per shard", "start one per shard, without torchrun")
-    tconfig, store, batch = _data(cfg, info)
-    real_transformer = load_transformer(cfg.real_model or cfg.model).requires_grad_(False).eval().to(info.device)
-    latent = (tconfig.in_channels, cfg.resolution // VAE_SCALE, cfg.resolution // VAE_SCALE)
-    real = RealImages(cfg, SplitSD3Transformer(real_transformer, cfg.skip_range), latent, store.folder.name)
-    rng = torch.Generator().manual_seed(cfg.seed)
-    draws = [draw(rng, cfg, len(store)) for _ in range(cfg.max_steps)]
-    i, n = shard
-    steps = [s for s in range(cfg.max_steps) if phase(cfg, s) == "d" and s % n == i]
-    with tqdm(total=len(steps), desc=f"real images {i}/{n}") as bar:
-        written = real.pregenerate(steps, lambda s: (batch(draws[s][0]), draws[s][1]), bar.update)
-    return written, len(steps)
+    try:
+        if info.is_distributed:
+            raise ConfigError("--pregenerate runs one process per shard", "start one per shard, without torchrun")
+        tconfig, store, batch = _data(cfg, info)
+        check_cache(cfg, store.folder.name)
+        real_transformer = load_transformer(cfg.real_model or cfg.model).requires_grad_(False).eval().to(info.device)
+        latent = (tconfig.in_channels, cfg.resolution // VAE_SCALE, cfg.resolution // VAE_SCALE)
+        real = RealImages(cfg, SplitSD3Transformer(real_transformer, cfg.skip_range), latent, store.folder.name, info)
+        rng = torch.Generator().manual_seed(cfg.seed)
+        draws = [draw(rng, cfg, len(store)) for _ in range(cfg.max_steps)]
+        i, n = shard
+        steps = [s for s in range(cfg.max_steps) if phase(cfg, s) == "d" and s % n == i]
+        with tqdm(total=len(steps), desc=f"real images {i}/{n}") as bar, autocast(cfg, info.device):
+            written = real.pregenerate(steps, lambda s: (batch(draws[s][0]), draws[s][1]), bar.update)
+        return written, len(steps)
+    finally:
+        shutdown(info)
 
 
 def _iteration(cfg: Stage2Config, parts: Parts, what: str, cond: Conditioning, latent, seeds: list[int],
@@ -358,6 +368,8 @@ def main(config_path, overrides, resume, pregenerate, shard, kill_after):
     interrupts.install()
     with errors_reported():
         cfg = Stage2Config.load(config_path, overrides)
+        if shard != "0/1" and not pregenerate:
+            raise UsageError("--shard applies to --pregenerate only", "add --pregenerate, or drop --shard")
         if pregenerate:
             written, total = pregenerate_real(cfg, parse_shard(shard))
             click.echo(f"real images {shard}: {written} written, {total - written} already there, in {cfg.real_cache}")

@@ -222,3 +222,20 @@ def test_pregenerated_real_images_in_two_shards_give_the_same_run_bit_for_bit(un
 def test_pregeneration_refuses_bad_shards_and_a_missing_cache(tmp_path, args, message):
     proc = _stage2(*TINY, "--set", f"run_dir={tmp_path / 'run'}", *args)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_a_finished_run_run_again_prints_its_outputs_but_never_replaces_them(uninterrupted, tmp_path):
+    import shutil
+
+    full_dir, _ = uninterrupted
+    run_dir = tmp_path / "again"
+    shutil.copytree(full_dir, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    again = _stage2(*TINY, "--set", f"run_dir={run_dir}")  # resumes at step 9: nothing to train
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"build it:  onex-export build --model {run_dir / 'final' / 'student'}" in again.stdout
+    before = (run_dir / "final" / "mlp.safetensors").read_bytes()
+    longer = _stage2(*TINY, "--set", f"run_dir={run_dir}", "--set", "max_steps=12")  # trains on: new weights
+    assert longer.returncode == 2 and "holds the outputs of another training" in longer.stderr
+    assert "PASSED" not in longer.stdout
+    assert (run_dir / "final" / "mlp.safetensors").read_bytes() == before
+    assert (run_dir / "checkpoints" / "step-000012").is_dir()  # the training itself is kept
