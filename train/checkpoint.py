@@ -149,6 +149,22 @@ def run_lock(run_dir: Path, info: DistInfo):
                      "wait for that run to finish, or give this one another run_dir (--set run_dir=...)")
 
 
+def open_run(cfg: YamlConfig, info: DistInfo, resume: bool) -> Path | None:
+    """Start or resume a run in ``cfg.run_dir`` (under its lock): the checkpoint to resume from, checked
+    (checksums first: a damaged config.yaml is damage, not another config), or None; stale temporary folders
+    of killed saves removed, and the config written."""
+    run_dir = Path(cfg.run_dir)
+    ckpt = latest(run_dir) if resume else None
+    if ckpt is not None:
+        on_main(lambda: verify_checksums(ckpt), info, f"{ckpt} does not match its checksums")
+        check_resumable(ckpt, cfg)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale(run_dir)  # under the run lock: no other run's save is in progress
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return ckpt
+
+
 def clean_stale(run_dir: str | Path) -> list[str]:
     """Remove the temporary folders of saves that were killed before their rename (their process is gone)."""
     done = []

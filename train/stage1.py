@@ -29,7 +29,7 @@ from onex_export.schedule import student_sigmas
 from . import checkpoint
 from .config import ConfigError, Stage1Config
 from .data import EmbeddingStore, build_cache, encoder_spec, read_prompts
-from .distributed import DistInfo, init_distributed, mean_over_ranks, on_main, shutdown
+from .distributed import DistInfo, init_distributed, mean_over_ranks, shutdown
 from .dmd import Batch, Parts, draw, iteration
 from .importance import TimestepSampler
 from .models import Transformers, load_transformers, velocity_fn
@@ -83,14 +83,7 @@ def _run(cfg: Stage1Config, info: DistInfo, resume: bool, kill_after: int | None
                           "make batch_size a multiple of --nproc_per_node")
     main = info.is_main
     run_dir = Path(cfg.run_dir)
-    ckpt = checkpoint.latest(run_dir) if resume else None
-    if ckpt is not None:  # checksums first: a damaged config.yaml is damage, not another config
-        on_main(lambda: checkpoint.verify_checksums(ckpt), info, f"{ckpt} does not match its checksums")
-        checkpoint.check_resumable(ckpt, cfg)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.clean_stale(run_dir)  # under the run lock: no other run's save is in progress
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    ckpt = checkpoint.open_run(cfg, info, resume)
 
     # -- data: every prompt's text embeddings, computed once, before the transformers take the memory
     prompts = read_prompts(cfg.prompts, cfg.prompt_key)

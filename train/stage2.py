@@ -51,7 +51,7 @@ from .cached_path import cached_latents, feature_kd, output_kd, step_two
 from .data import EmbeddingStore, build_cache, encoder_spec, read_prompts
 from .discriminator import ConvNeXtTaps, Discriminator, d_loss, g_loss, open_clip_tower, tiny_tower
 from .config import ConfigError
-from .distributed import DistInfo, init_distributed, mean_over_ranks, on_main, shard, shutdown
+from .distributed import DistInfo, init_distributed, mean_over_ranks, shard, shutdown
 from .lora import add_lora, build_command, read_outputs, save_outputs
 from .real_images import RealImages, autocast, check_cache, draw, parse_shard
 from .monitor import JsonlLog, save_grid
@@ -161,13 +161,7 @@ def _models(parts: Parts) -> dict[str, torch.nn.Module]:
 def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None) -> RunResult:
     main = info.is_main
     run_dir = Path(cfg.run_dir)
-    ckpt = checkpoint.latest(run_dir) if resume else None
-    if ckpt is not None:  # checksums first: a damaged config.yaml is damage, not another config
-        on_main(lambda: checkpoint.verify_checksums(ckpt), info, f"{ckpt} does not match its checksums")
-        checkpoint.check_resumable(ckpt, cfg)
-    if main:
-        checkpoint.clean_stale(run_dir)  # under the run lock: no other run's save is in progress
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    ckpt = checkpoint.open_run(cfg, info, resume)
 
     tconfig, store, batch = _data(cfg, info)
     check_cache(cfg, store.folder.name)  # before the models load
