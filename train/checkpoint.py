@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -177,6 +178,18 @@ def clean_stale(run_dir: str | Path) -> list[str]:
 
 class DivergedError(OnexError):
     """The run produced non-finite losses or weights: it stops, and its last good checkpoint stays ``latest``."""
+
+
+def check_finite(record: dict, last_checkpoint: Path | None, hint: str) -> None:
+    """Stop a run at the first non-finite loss or gradient norm of its log ``record``, before anything is saved
+    from it; ``hint``: what to change (the stage's learning rates)."""
+    bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        kept = f"the last good checkpoint, {last_checkpoint.name}, stays latest" if last_checkpoint else \
+            "no checkpoint was written"
+        raise DivergedError(
+            f"step {record['step']}: {', '.join(f'{k} = {v}' for k, v in bad.items())}; the run stopped and {kept}",
+            f"{hint}; resuming repeats the same steps")
 
 
 def _check_finite(weights: dict[str, dict[str, torch.Tensor]], step: int) -> None:

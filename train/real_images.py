@@ -91,8 +91,6 @@ class RealImages:
     @torch.no_grad()
     def make(self, cond: Conditioning, seeds: list[int]) -> torch.Tensor:
         """The real model's latents (B, C, h, w) for these rows; ``cond`` carries the empty prompt for CFG."""
-        if not self.plan.uses_cfg:
-            cond = Conditioning(cond.text, cond.pooled)
         return sample(TorchDenoiser(self.model), self.plan, cond, self.latent_shape, [(s, 1) for s in seeds],
                       torch.float32, cond.text.device)
 

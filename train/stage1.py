@@ -10,7 +10,6 @@ point is the only place that prints.
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -63,18 +62,6 @@ def run(cfg: Stage1Config, resume: bool = True, kill_after: int | None = None) -
             return _run(cfg, info, resume, kill_after)
     finally:
         shutdown(info)
-
-
-def check_finite(record: dict, last_checkpoint: Path | None, cfg: Stage1Config) -> None:
-    """Stop the run at the first non-finite loss or gradient norm, before anything is saved from it."""
-    bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
-    if bad:
-        kept = f"the last good checkpoint, {last_checkpoint.name}, stays latest" if last_checkpoint else \
-            "no checkpoint was written"
-        raise checkpoint.DivergedError(
-            f"step {record['step']}: {', '.join(f'{k} = {v}' for k, v in bad.items())}; the run stopped and {kept}",
-            f"lower the learning rates (lr_generator {cfg.lr_generator:g}, lr_fake {cfg.lr_fake:g}) or check the "
-            "teacher's weights; resuming repeats the same steps")
 
 
 def _run(cfg: Stage1Config, info: DistInfo, resume: bool, kill_after: int | None) -> RunResult:
@@ -149,7 +136,8 @@ def _run(cfg: Stage1Config, info: DistInfo, resume: bool, kill_after: int | None
                   "seconds": round(time.perf_counter() - tic, 4)}
         if main:
             log.write(record)
-        check_finite(record, result.checkpoint, cfg)
+        checkpoint.check_finite(record, result.checkpoint, f"lower the learning rates (lr_generator "
+                                f"{cfg.lr_generator:g}, lr_fake {cfg.lr_fake:g}) or check the teacher's weights")
         result.records.append(record)
         result.step = step + 1
         progress.update(1)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import signal
 import time
@@ -191,11 +190,8 @@ def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None
         record["seconds"] = round(time.perf_counter() - tic, 4)
         if main:
             log.write(record)
-        bad = {k: v for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
-        if bad:
-            kept = f"{result.checkpoint.name} stays latest" if result.checkpoint else "no checkpoint was written"
-            raise checkpoint.DivergedError(f"step {step + 1}: {bad}; the run stopped and {kept}",
-                                           "lower the learning rates; resuming repeats the same steps")
+        checkpoint.check_finite(record, result.checkpoint, f"lower the learning rates (lr_generator "
+                                f"{cfg.lr_generator:g}, lr_mlp {cfg.lr_mlp:g}, lr_discriminator {cfg.lr_discriminator:g})")
         result.records.append(record)
         result.step = step + 1
         progress.update(1)
@@ -285,7 +281,7 @@ def _iteration(cfg: Stage2Config, parts: Parts, what: str, cond: Conditioning, l
     split, disc = parts.split, parts.disc
     if what == "d":
         with torch.no_grad():
-            fake = parts.vae(cached_latents(split, _plain(cond), latent, seeds, cfg.eta))
+            fake = parts.vae(cached_latents(split, cond, latent, seeds, cfg.eta))
             real_images = parts.vae(real.latents(step, cond, seeds, rows))
         loss = d_loss(disc.levels(real_images), disc.levels(fake), cfg.real_label)
         parts.opts["discriminator"].zero_grad(set_to_none=True)
@@ -297,12 +293,12 @@ def _iteration(cfg: Stage2Config, parts: Parts, what: str, cond: Conditioning, l
     # In the MLP warm-up the student's gradients are computed and dropped rather than switched off: FSDP2 keeps
     # the requires_grad state its units had when first run, so toggling it loses the student's later gradients.
     train_student = what == "g"
-    fake = parts.vae(cached_latents(split, _plain(cond), latent, seeds, cfg.eta))
+    fake = parts.vae(cached_latents(split, cond, latent, seeds, cfg.eta))
     loss_gan = g_loss(disc.levels(fake), cfg.real_label)
     loss = cfg.gan_weight * loss_gan
     terms = {"loss_g": loss_gan.item()}
     if cfg.kd_feature or cfg.kd_output:
-        state = step_two(split, _plain(cond), latent, seeds, cfg.eta)
+        state = step_two(split, cond, latent, seeds, cfg.eta)
         if cfg.kd_feature:
             kd = feature_kd(split, state)
             loss = loss + cfg.kd_feature * kd
@@ -324,11 +320,6 @@ def _iteration(cfg: Stage2Config, parts: Parts, what: str, cond: Conditioning, l
     parts.opts["mlp"].step()
     _maybe_sample(cfg, fake.detach(), step, info)
     return terms
-
-
-def _plain(cond: Conditioning) -> Conditioning:
-    """The conditional half only: the student and the MLP run without CFG."""
-    return Conditioning(cond.text, cond.pooled)
 
 
 def _average_grads(params: list[torch.nn.Parameter], info: DistInfo) -> None:

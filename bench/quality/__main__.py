@@ -43,7 +43,7 @@ from onex_export.probe.run import DEFAULT_PROMPTS, read_prompts
 
 from bench.report import write_results
 
-from .generation import QualityConfig, Renderer, schedules
+from .generation import QualityConfig, Renderer, Schedule, schedules
 from .metrics import MetricWeights, load_metrics
 from .report import grid, markdown, quality_vs_latency, read_latency
 from .stand_ins import TINY_OPEN_CLIP, TinyFeatures, write_stand_ins
@@ -62,7 +62,7 @@ WEIGHT_OPTIONS = {
 GRID_PROMPTS, THUMBNAIL = 8, 256  # the grid shows the first prompts, each image at most this many pixels
 
 
-def check_request(config: QualityConfig, weights: MetricWeights, random_metrics: bool,
+def check_request(config: QualityConfig, rows: list[Schedule], weights: MetricWeights, random_metrics: bool,
                   latency_ms: dict[str, float] | None) -> None:
     """What can be refused before anything loads: metrics that would have nothing to compare, a latency file
     that names none of the schedules."""
@@ -71,7 +71,6 @@ def check_request(config: QualityConfig, weights: MetricWeights, random_metrics:
                          "compare", "pass --seeds 4 (the paper's), or leave out --lpips-backbone")
     if len(config.prompts) * config.seeds < 2 and (weights.fid_weights is not None or random_metrics):
         raise UsageError("FID needs 2 images or more per schedule", "use more prompts or seeds")
-    rows = schedules(config.student_steps, config.skip, config.mlp is not None, config.guidance, config.teacher_steps)
     if latency_ms is not None and not {r.latency_name for r in rows} & set(latency_ms):
         raise UsageError(f"the latency file names none of the schedules ({', '.join(r.name for r in rows)}); it has "
                          f"{', '.join(latency_ms)}", "pass a bench.latency result of the same skip range and steps")
@@ -91,7 +90,7 @@ def run(config: QualityConfig, weights: MetricWeights, random_metrics: bool, lat
     """Generate every schedule's images and measure them; returns the report and the grid's thumbnails."""
     rows = schedules(config.student_steps, config.skip, config.mlp is not None, config.guidance, config.teacher_steps)
     latency_ms = read_latency(latency) if latency is not None else None
-    check_request(config, weights, random_metrics, latency_ms)
+    check_request(config, rows, weights, random_metrics, latency_ms)
     renderer = Renderer(config, log)  # checks the model, the skip range and the resolution; loads nothing yet
     given = weights
     with tempfile.TemporaryDirectory(prefix="onex-quality-") as tmp:

@@ -25,7 +25,7 @@ from onex_export.fileio import to_uint8
 from onex_export.models import DEFAULT_MODEL, SplitSD3Transformer, load_compensation, load_transformer
 from onex_export.models.vae import LatentDecoder
 from onex_export.models.weights import transformer_source
-from onex_export.probe.run import DEFAULT_PROMPTS
+from onex_export.probe.run import DEFAULT_PROMPTS, encode_prompts
 from onex_export.runtime import Conditioning, TorchDenoiser, sample
 from onex_export.schedule import SamplingPlan
 
@@ -126,37 +126,20 @@ class Renderer:
         self._loaded: tuple[str, torch.nn.Module] | None = None
 
     def prepare(self) -> None:
-        """Encode the prompts (the text encoders are dropped after) and load the VAE onto the device."""
-        if self.config.random_components:
-            self.text, vae = self._random_components()
+        """Encode the prompts and, last, the empty prompt (the teacher's unconditional branch, as SD3's pipeline
+        has it; the text encoders are dropped after), then load the VAE onto the device."""
+        start = time.perf_counter()
+        random = self.config.random_components
+        self.text = encode_prompts(self.config.model, self.cfg, (*self.config.prompts, ""), random)
+        if random:
+            from bench.random_weights import random_vae
+
+            vae = LatentDecoder(random_vae()).eval()
             self.log(f"text      random embeddings ({REAL_TEXT_LEN} tokens) and a random SD3 VAE: the images are noise")
         else:
-            self.text, vae = self._components()
+            vae = load_components(self.config.model, self.cfg, ("vae",)).load("vae")
+            self.log(f"text      {len(self.config.prompts)} prompt(s) encoded in {time.perf_counter() - start:.1f} s")
         self.vae = vae.to(self.config.device)
-
-    def _components(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], LatentDecoder]:
-        """(text (1, T, D), pooled (1, P)) per prompt and for the empty prompt last (the teacher's unconditional
-        branch, as SD3's pipeline has it), and the VAE decoder."""
-        components = load_components(self.config.model, self.cfg, ("text", "vae"))
-        start = time.perf_counter()
-        encoder = components.load("text")
-        text = []
-        with torch.no_grad():
-            for prompt in (*self.config.prompts, ""):
-                tok = components.tokenizers([prompt])
-                embeds, pooled = encoder(tok.ids_l, tok.ids_g, tok.ids_t5)
-                text.append((embeds.float(), pooled.float()))
-        del encoder
-        self.log(f"text      {len(self.config.prompts)} prompt(s) encoded in {time.perf_counter() - start:.1f} s")
-        return text, components.load("vae")
-
-    def _random_components(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], LatentDecoder]:
-        from bench.random_weights import random_vae
-
-        g = torch.Generator().manual_seed(0)
-        text = [(torch.randn(1, REAL_TEXT_LEN, self.cfg.joint_attention_dim, generator=g),
-                 torch.randn(1, self.cfg.pooled_projection_dim, generator=g)) for _ in range(len(self.config.prompts) + 1)]
-        return text, LatentDecoder(random_vae()).eval()
 
     def _transformer(self, spec: str) -> torch.nn.Module:
         """The transformer of ``spec``, in the configured precision; the previous one is dropped first."""

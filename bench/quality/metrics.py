@@ -64,6 +64,18 @@ def _chw(images: torch.Tensor) -> torch.Tensor:
     return images.movedim(-1, -3).float() / 255
 
 
+class _MeanScore:
+    """A metric that is the mean of a score per image: subclasses append (S,) tensors to ``scores``."""
+
+    scores: list[torch.Tensor]
+
+    def reset(self) -> None:
+        self.scores = []
+
+    def compute(self) -> float:
+        return float(torch.cat(self.scores).mean())
+
+
 class FID:
     """FID against reference images (the teacher's), added first with :meth:`add_reference`.
 
@@ -107,7 +119,7 @@ class FID:
         return float(self.fid.compute())
 
 
-class CLIPScorer:
+class CLIPScorer(_MeanScore):
     """Mean image-prompt cosine of a CLIP model (a transformers folder with its tokenizer and image processor);
     ``scaled``: times the model's logit scale (PickScore's definition)."""
 
@@ -126,7 +138,7 @@ class CLIPScorer:
             raise UsageError(f"cannot load a CLIP model for {name} from {folder}: {exc}",
                              "pass a transformers CLIP folder (config.json, weights, tokenizer and "
                              "preprocessor_config.json)") from exc
-        self.scores: list[torch.Tensor] = []
+        self.reset()
 
     @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
@@ -144,16 +156,10 @@ class CLIPScorer:
                                                 attention_mask=ids["attention_mask"].to(self.device)).pooler_output
         return nn.functional.normalize(features.float(), dim=-1)
 
-    def reset(self) -> None:
-        self.scores = []
-
     def update(self, images: torch.Tensor, prompt: str) -> None:
         cosine = self.image_embeddings(images) @ self.text_embedding(prompt).T
         scale = self.model.logit_scale.exp().item() if self.scaled else 1.0
         self.scores.append(scale * cosine.squeeze(-1).cpu())
-
-    def compute(self) -> float:
-        return float(torch.cat(self.scores).mean())
 
 
 class LPIPSDiversity:
@@ -202,7 +208,7 @@ class LPIPSDiversity:
         return sum(self.per_prompt) / len(self.per_prompt)
 
 
-class AestheticScorer:
+class AestheticScorer(_MeanScore):
     """The LAION aesthetic predictor: a stack of linear layers (``layers.<i>.weight``/``bias``; no activations
     between them, as released) on the unit CLIP ViT-L/14 image embedding of ``clip`` (a transformers folder)."""
 
@@ -224,20 +230,14 @@ class AestheticScorer:
         if layers[0].in_features != width:
             raise UsageError(f"the aesthetic head takes {layers[0].in_features}-d embeddings, {clip} gives {width}",
                              "pair the head with the CLIP it was trained on (ViT-L/14: 768)")
-        self.scores: list[torch.Tensor] = []
-
-    def reset(self) -> None:
-        self.scores = []
+        self.reset()
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, prompt: str) -> None:
         self.scores.append(self.head(self.clip.image_embeddings(images)).squeeze(-1).cpu())
 
-    def compute(self) -> float:
-        return float(torch.cat(self.scores).mean())
 
-
-class HPSv2:
+class HPSv2(_MeanScore):
     """HPSv2: 100 x the cosine between the image and prompt embeddings of open_clip's ViT-H-14 carrying the
     HPS_v2 checkpoint (``HPS_v2_compressed.pt`` or ``HPS_v2.1_compressed.pt``: a ``state_dict`` entry), images
     preprocessed as open_clip does for validation (resize, centre crop, OpenAI CLIP mean/std)."""
@@ -259,10 +259,7 @@ class HPSv2:
         self.device = device
         self.preprocess = open_clip.image_transform(self.model.visual.image_size, is_train=False)
         self.tokenizer = open_clip.get_tokenizer(arch)  # its BPE vocabulary ships with open_clip
-        self.scores: list[torch.Tensor] = []
-
-    def reset(self) -> None:
-        self.scores = []
+        self.reset()
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, prompt: str) -> None:
@@ -272,9 +269,6 @@ class HPSv2:
         image = self.model.encode_image(pixels.to(self.device), normalize=True)
         text = self.model.encode_text(self.tokenizer([prompt]).to(self.device), normalize=True)
         self.scores.append(100 * (image @ text.T).squeeze(-1).cpu())
-
-    def compute(self) -> float:
-        return float(torch.cat(self.scores).mean())
 
 
 def _torch_load(path: Path, option: str) -> dict:

@@ -85,10 +85,11 @@ def read_prompts(path: Path, max_prompts: int | None = None) -> tuple[str, ...]:
     return prompts[:max_prompts] if max_prompts else prompts
 
 
-def _conditioning(model: str, config, prompts: tuple[str, ...], random_text: bool
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def encode_prompts(model: str, config, prompts: tuple[str, ...], random_text: bool
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(text (1, T, D), pooled (1, P)) per prompt, from the model's own text encoders, which are then dropped; or
-    seeded random embeddings of SD3's shapes (77 + 256 tokens) with ``random_text``."""
+    seeded random embeddings of SD3's shapes (77 + 256 tokens) with ``random_text``. ``config``: the
+    transformer's (its text widths)."""
     if random_text:
         g = torch.Generator().manual_seed(0)
         return [(torch.randn(1, REAL_TEXT_LEN, config.joint_attention_dim, generator=g),
@@ -140,7 +141,7 @@ def run(config: ProbeConfig, progress: Callable[[int], Callable[[int], None]] | 
     if config.lengths is not None and not wanted <= set(config.lengths):
         raise UsageError(f"the target NFEs need ranges of {sorted(wanted)} blocks, which --lengths leaves out",
                          f"add --lengths {','.join(map(str, sorted(wanted | set(config.lengths))))}")
-    conditioning = _conditioning(config.model, cfg, config.prompts, config.random_text)
+    conditioning = encode_prompts(config.model, cfg, config.prompts, config.random_text)
     log(f"text      {len(conditioning)} " + ("random embedding(s) (--random-text)" if config.random_text else
                                              f"prompt(s) encoded in {time.perf_counter() - start:.1f} s"))
     dtype = PRECISIONS[config.dtype]
