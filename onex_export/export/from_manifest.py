@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import SkipRange
+from ..contract import ManifestError
 from ..models.weights import WeightSource, transformer_source
 from ..models.split import SplitSD3Transformer
 from .build import split_on_meta
 from .components import load_components
-from .graphs import GraphDef
+from .graphs import GraphDef, graph_spec
 from .precision import Fp32Blocks, PrecisionPolicy
 from .shapes import DimRange, ShapeConfig
 
@@ -26,6 +27,23 @@ def reference_split(manifest: dict) -> tuple[SplitSD3Transformer, WeightSource]:
 def manifest_defs(manifest: dict) -> list[GraphDef]:
     """The transformer graph definitions a manifest records, in plan order."""
     return [GraphDef.from_json(n, g["def"]) for n, g in manifest["graphs"].items() if g.get("def")]
+
+
+def checked_defs(manifest: dict, split: SplitSD3Transformer) -> list[GraphDef]:
+    """:func:`manifest_defs`, whose inputs and outputs, as this version derives them for ``split`` (the build's
+    model), must be those the build recorded: a build made by a version whose graphs differed (a cut segment's
+    last graph used to take ``I_n`` as ``img_in`` / ``ctx_in``) cannot be re-checked or run as PyTorch graphs,
+    and is refused with the fix."""
+    defs = manifest_defs(manifest)
+    for d in defs:
+        spec, recorded = graph_spec(split, d, PrecisionPolicy("fp32")), manifest["graphs"][d.name]
+        derived = [t.name for t in (*spec.inputs, *spec.outputs)]
+        built = [t["name"] for t in (*recorded["inputs"], *recorded["outputs"])]
+        if derived != built:
+            raise ManifestError(f"graph {d.name!r} of this build has inputs and outputs {built}, where this version of "
+                                f"onex-export makes {derived}: the build was made by another version",
+                                "rebuild it with `onex-export build` (the same options)")
+    return defs
 
 
 def manifest_components(manifest: dict, transformer_config):

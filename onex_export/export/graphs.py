@@ -2,16 +2,26 @@
 
 Four roles, each weight in exactly one graph:
 - ``head``: embedders and the blocks before the skip range -> ``img_out``, ``ctx_out``, ``temb``
-- ``segment``: the skipped blocks; its last graph also emits ``delta_img`` / ``delta_ctx`` (``O_m - I_n``)
+- ``segment``: the skipped blocks, also emitting ``delta_img`` / ``delta_ctx`` (``O_m - I_n``)
 - ``reuse``: the compensation MLP, ``I_n + f(delta)`` for both streams
 - ``tail``: the blocks after the range, final norm, projection and unpatchify -> ``velocity``
 
 full = head, segment, tail; skipping = head, reuse, tail. A role whose weights exceed the build's
 per-graph budget is cut at block boundaries into several graphs (``tail_1``, ``tail_2``, ...), so that no
 engine build has to hold more than the budget: the plans are data and simply list more steps. The
-last segment graph then also takes ``img_in`` / ``ctx_in`` (``I_n``) to form the deltas. The projecting
-graph reads ``hidden_states`` only for its height and width (the token count alone cannot tell a
-non-square latent's shape).
+projecting graph reads ``hidden_states`` only for its height and width (the token count alone cannot tell
+a non-square latent's shape).
+
+A cut segment forms its deltas piece by piece: each piece subtracts its own input streams from its output
+streams inside its graph and adds the sum of the pieces before (inputs ``delta_img_in`` / ``delta_ctx_in``,
+float32 between pieces), so the last piece emits ``O_m - I_n``, rounded once to the working precision,
+without ever subtracting two streams that crossed a graph boundary. A backend may carry the streams more
+precisely inside a graph than between graphs: ONNX Runtime's CPU provider has no fp16 kernels for the
+element-wise ops and runs an fp16 graph's residual stream in float32 from its inputs to its outputs.
+Subtracting ``I_n`` from an ``O_m`` rounded to fp16 at every cut gave the deltas the streams' rounding error
+(half an fp16 ulp of streams about 100x larger than the deltas): 4e-2 relative error instead of 5e-4 on a
+random 24-block fp16 model whose segment was cut in four. Where every op rounds (TensorRT's strongly typed
+fp16, PyTorch fp16) a cut changes nothing either way.
 """
 from __future__ import annotations
 
@@ -33,8 +43,8 @@ DEFAULT_GRAPH_BYTES = 2 * 1024**3  # an engine build needs about 3x its graph's 
 @dataclass(frozen=True)
 class GraphDef:
     """One transformer subgraph: diffusers blocks ``start..stop-1`` (0-based) of ``role``, plus the embedders
-    (``embed``), the output projection (``project``), the deltas (``delta``, with ``I_n`` as extra inputs when
-    ``delta_inputs``) or the MLP (role ``reuse``)."""
+    (``embed``), the output projection (``project``), the deltas (``delta``: every segment graph, with the
+    deltas of the segment graphs before it as extra inputs when ``delta_inputs``) or the MLP (role ``reuse``)."""
 
     name: str
     role: str
@@ -115,8 +125,7 @@ def plan_graphs(split: SplitSD3Transformer, max_graph_bytes: int = DEFAULT_GRAPH
     out_bytes = module_bytes(split, list(OUTPUT_MODULES))
     tail = _chunks(s.stop0, L, lambda i: cost(i) + (out_bytes if i == L - 1 else 0), max_graph_bytes)
     defs = [GraphDef(n, "head", a, b, embed=k == 0) for k, (n, (a, b)) in enumerate(zip(names("head", head), head))]
-    last = len(segment) - 1
-    defs += [GraphDef(n, "segment", a, b, delta=k == last, delta_inputs=k == last and last > 0)
+    defs += [GraphDef(n, "segment", a, b, delta=True, delta_inputs=k > 0)
              for k, (n, (a, b)) in enumerate(zip(names("segment", segment), segment))]
     defs.append(GraphDef("reuse", "reuse", s.start0, s.stop0))
     last = len(tail) - 1
@@ -134,7 +143,8 @@ def stream_dtype(policy: PrecisionPolicy, boundary: int) -> str:
 def graph_spec(split: SplitSD3Transformer, d: GraphDef, policy: PrecisionPolicy) -> GraphSpec:
     """The inputs and outputs of graph ``d``. ``timestep`` stays float32 at every precision (fp16 cannot hold
     teacher timesteps such as 987.38 exactly, and diffusers embeds it in float32 anyway); ``temb`` and the
-    deltas are in the working precision; the streams take :func:`stream_dtype` at each boundary."""
+    deltas are in the working precision, except the deltas' partial sums between segment graphs (float32:
+    the sum is rounded once, as in an uncut segment); the streams take :func:`stream_dtype` at each boundary."""
     cfg = split.transformer.config
     D, Dc, work = split.transformer.inner_dim, cfg.caption_projection_dim, policy.onnx_dtype
     lat = (B, cfg.in_channels, H, W)
@@ -144,9 +154,12 @@ def graph_spec(split: SplitSD3Transformer, d: GraphDef, policy: PrecisionPolicy)
         return TensorSpec(f"img{suffix}", (B, N, D), dt), TensorSpec(f"ctx{suffix}", (B, T, Dc), dt)
 
     temb, hidden = TensorSpec("temb", (B, D), work), TensorSpec("hidden_states", lat, work)
-    deltas = (TensorSpec("delta_img", (B, N, D), work), TensorSpec("delta_ctx", (B, T, Dc), work))
+
+    def deltas(suffix: str = "", dtype: str = work) -> tuple[TensorSpec, TensorSpec]:
+        return TensorSpec(f"delta_img{suffix}", (B, N, D), dtype), TensorSpec(f"delta_ctx{suffix}", (B, T, Dc), dtype)
+
     if d.role == "reuse":
-        return GraphSpec(d.name, (*streams(d.start), *deltas), streams(d.stop, "_out"))
+        return GraphSpec(d.name, (*streams(d.start), *deltas()), streams(d.stop, "_out"))
     if d.embed:
         inputs = (hidden, TensorSpec("encoder_hidden_states", (B, T, cfg.joint_attention_dim), work),
                   TensorSpec("pooled_projections", (B, cfg.pooled_projection_dim), work),
@@ -154,11 +167,13 @@ def graph_spec(split: SplitSD3Transformer, d: GraphDef, policy: PrecisionPolicy)
     else:
         inputs = (*streams(d.start), temb)
     if d.delta_inputs:
-        inputs += streams(split.skip.start0, "_in")
+        inputs += deltas("_in", "float32")
     if d.project:
         velocity = TensorSpec("velocity", lat, stream_dtype(policy, split.num_layers))
         return GraphSpec(d.name, (*inputs, hidden), (velocity,))
-    outputs = streams(d.stop, "_out") + ((temb,) if d.embed else ()) + (deltas if d.delta else ())
+    outputs = streams(d.stop, "_out") + ((temb,) if d.embed else ())
+    if d.delta:
+        outputs += deltas(dtype=work if d.stop == split.skip.stop0 else "float32")
     return GraphSpec(d.name, inputs, outputs)
 
 
@@ -182,14 +197,17 @@ class SubgraphModule(nn.Module):
                                          x["timestep"])
             else:
                 img, ctx, temb = x["img"], x["ctx"], x["temb"]
-            img_in, ctx_in = (x["img_in"], x["ctx_in"]) if d.delta_inputs else (img, ctx)
+            img_in, ctx_in = img, ctx  # a segment graph's deltas start from its own inputs
             img, ctx = s.run_blocks(img, ctx, temb, d.start, d.stop)
             if d.project:
                 out = {"velocity": s.project_out(img, temb, x["hidden_states"].shape[-2], x["hidden_states"].shape[-1])}
             else:
                 out = {"img_out": img, "ctx_out": ctx, "temb": temb}
-                if d.delta:
+                if d.delta:  # this graph's part of O_m - I_n, formed inside the graph (see the module's notes)
                     out["delta_img"], out["delta_ctx"] = img - img_in, ctx - ctx_in
+                if d.delta_inputs:
+                    out["delta_img"] = out["delta_img"] + x["delta_img_in"]
+                    out["delta_ctx"] = out["delta_ctx"] + x["delta_ctx_in"]
         return tuple(_cast(out[t.name], TORCH_DTYPES[t.dtype]) for t in self.spec.outputs)
 
 
@@ -204,7 +222,7 @@ def build_plans(defs: list[GraphDef]) -> dict:
     transformer_inputs = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
     temb = f"{by_role['head'][0].name}.temb"
 
-    def chain(graphs: list[GraphDef], prev: str | None, extra=lambda d: {}) -> tuple[list[dict], str]:
+    def chain(graphs: list[GraphDef], prev: str | None, extra=lambda d, prev: {}) -> tuple[list[dict], str]:
         steps = []
         for d in graphs:
             if d.embed:
@@ -213,14 +231,14 @@ def build_plans(defs: list[GraphDef]) -> dict:
                 bind = {"img": f"{prev}.img_out", "ctx": f"{prev}.ctx_out", "temb": temb}
             if d.project:
                 bind["hidden_states"] = "inputs.hidden_states"
-            steps.append({"graph": d.name, "bind": {**bind, **extra(d)}})
+            steps.append({"graph": d.name, "bind": {**bind, **extra(d, prev)}})
             prev = d.name
         return steps, prev
 
     last_head = by_role["head"][-1].name
     head, prev = chain(by_role["head"], None)
-    segment, last_segment = chain(by_role["segment"], prev, lambda d: (
-        {"img_in": f"{last_head}.img_out", "ctx_in": f"{last_head}.ctx_out"} if d.delta_inputs else {}))
+    segment, last_segment = chain(by_role["segment"], prev, lambda d, prev: (  # the deltas of the pieces before
+        {"delta_img_in": f"{prev}.delta_img", "delta_ctx_in": f"{prev}.delta_ctx"} if d.delta_inputs else {}))
     tail_full, last_tail = chain(by_role["tail"], last_segment)
     reuse = {"graph": "reuse", "bind": {"img": f"{last_head}.img_out", "ctx": f"{last_head}.ctx_out",
                                         "delta_img": "inputs.delta_img", "delta_ctx": "inputs.delta_ctx"}}

@@ -9,7 +9,7 @@ from ..errors import OnexError, UsageError
 from ..runtime.graphs import OrtGraph
 from ..runtime.tensorrt_runner import require_gpu
 from . import manifest as mf
-from .from_manifest import manifest_components, manifest_defs, manifest_policy, manifest_shapes, reference_split
+from .from_manifest import checked_defs, manifest_components, manifest_policy, manifest_shapes, reference_split
 from .gate import GateConfig, run_gate
 from ..locks import build_lock
 from .install import recover
@@ -66,7 +66,7 @@ def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool, mod
         def load(name):
             return OrtGraph(folder / graphs[name]["onnx"]["file"], low_memory=True)
     verification = run_gate(
-        split, source, manifest_defs(manifest), manifest["plans"], load, artifact="engine" if engines else "onnx",
+        split, source, checked_defs(manifest, split), manifest["plans"], load, artifact="engine" if engines else "onnx",
         backend=manifest["trt"] if engines else backend, candidate_device="cuda" if engines else "cpu",
         policy=manifest_policy(manifest), shapes=manifest_shapes(manifest), gate=gate,
         eta=manifest["schedule"]["eta"], components=manifest_components(reference, split.transformer.config), log=log)

@@ -132,7 +132,7 @@ class BuildPipeline:
     def _graphs(self) -> dict:
         if self.backend != "torch":
             return load_build_graphs(self.folder, self.manifest, self.backend, self.spin)
-        from ..export.from_manifest import manifest_components, manifest_defs
+        from ..export.from_manifest import checked_defs, manifest_components
         from ..export.components import component_graphs
         from ..export.graphs import SubgraphModule, graph_spec
         from ..export.precision import PrecisionPolicy
@@ -145,7 +145,7 @@ class BuildPipeline:
         split = SplitSD3Transformer(transformer, SkipRange(self.manifest["skip"]["first"], self.manifest["skip"]["last"]),
                                     mlp).to(self.device)
         graphs = {}
-        for d in manifest_defs(self.manifest):
+        for d in checked_defs(self.manifest, split):
             spec = graph_spec(split, d, fp32)
             graphs[d.name] = TorchGraph(SubgraphModule(split, d, spec), spec)
         for name, (module, spec) in component_graphs(manifest_components(self.manifest, transformer.config)).items():
