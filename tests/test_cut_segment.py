@@ -1,5 +1,6 @@
 """A skipped segment cut across graphs (a role past --max-graph-gib, as SD3.5-Large's 3-10) forms its cached deltas
-as precisely as an uncut segment, and the skipping pass that consumes them loses nothing either.
+as precisely as an uncut segment, and the skipping pass that consumes them loses nothing either; a gate that fails
+names the likely cause and a failed build still prints its figures.
 
 The model is random, like the SD3.5-Large run that failed the gate: 12 blocks of width 128 with PyTorch's default
 initialisation, weights halved, saved in fp16 the way releases are. Its skipped blocks 3-10 change the streams by
@@ -8,22 +9,27 @@ percent of the deltas. The MLP is trained-looking (fc2 weights of std 0.2): its 
 their relative error reaches the skipping pass whole.
 """
 import json
+import re
 import shutil
 
 import pytest
 import torch
+from click.testing import CliRunner
 from diffusers import SD3Transformer2DModel
 
 from onex_export import parity
+from onex_export.cli import main
 from onex_export.config import SkipRange
 from onex_export.contract import ManifestError
 from onex_export.export.build import BuildConfig, build
-from onex_export.export.graphs import module_bytes
-from onex_export.export.shapes import DimRange
+from onex_export.export.gate import GateConfig, failure_summary, run_gate
+from onex_export.export.graphs import SubgraphModule, build_plans, module_bytes, transformer_graphs
+from onex_export.export.precision import Fp32Blocks, PrecisionPolicy, apply_precision
+from onex_export.export.shapes import DimRange, ShapeConfig
 from onex_export.export.verify import verify
 from onex_export.models import CompensationMLP, SplitSD3Transformer, load_compensation, save_compensation
-from onex_export.models.weights import load_transformer, meta_transformer
-from onex_export.runtime.graphs import PlanDenoiser, load_build_graphs
+from onex_export.models.weights import load_transformer, meta_transformer, transformer_source
+from onex_export.runtime.graphs import PlanDenoiser, TorchGraph, load_build_graphs
 
 CONFIG = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=12, attention_head_dim=64, num_attention_heads=2,
               joint_attention_dim=128, caption_projection_dim=128, pooled_projection_dim=128, out_channels=16,
@@ -107,6 +113,63 @@ def test_the_skipping_pass_loses_nothing_on_a_cut_segment_s_deltas(folder, build
     assert errors["uncut"] < 2e-3 and errors["cut"] <= 1.5 * errors["uncut"]
     blind = plans.skipping(*x, t2, torch.zeros_like(c_img), torch.zeros_like(c_ctx))
     assert float((blind - want).abs().max() / want.abs().max()) > 25 * TOL
+
+
+def fp16_torch_gate(folder, policy: PrecisionPolicy, budget: int) -> tuple[dict, list]:
+    """The gate on PyTorch fp16 graphs of the cut model: every op rounds to fp16, as in TensorRT's strongly typed
+    engines (judged by their tolerance), where ONNX Runtime's CPU provider computes inside a graph in float32."""
+    config, source = transformer_source(str(folder / "model"))
+    transformer = load_transformer(str(folder / "model"), torch.float16)
+    candidate = apply_precision(SplitSD3Transformer(
+        transformer, SKIP, load_compensation(folder / "mlp.safetensors", transformer)).eval(), policy)
+    defs, specs = transformer_graphs(candidate, policy, budget)
+    reference = SplitSD3Transformer(meta := meta_transformer(config), SKIP, load_compensation(folder / "mlp.safetensors", meta))
+    verification = run_gate(
+        reference, source, defs, build_plans(defs),
+        lambda n: TorchGraph(SubgraphModule(candidate, next(d for d in defs if d.name == n), specs[n]), specs[n]),
+        artifact="torch-fp16", backend="tensorrt", candidate_device="cpu", policy=policy,
+        shapes=ShapeConfig(DimRange(1, 1, 1), DimRange(64, 64, 64), DimRange(16, 16, 16)), gate=GateConfig())
+    return verification, defs
+
+
+def test_a_gate_failing_on_fp16_rounding_of_the_deltas_names_the_cut_segment_and_the_fix(folder):
+    """Where every op rounds to fp16, the deltas (differences of streams 100x larger) carry the streams' rounding,
+    cut or not: 8.0e-2 relative for segment_1 alone, 8.2e-2 chained, and step two's velocity, through the MLP, 6.9e-2,
+    while every graph's streams pass (9.9e-4 at worst). The hint says so and gives --fp32-blocks 3-10; with those
+    blocks in float32 the same gate passes (deltas 5.1e-4, step two 1.3e-3)."""
+    verification, defs = fp16_torch_gate(folder, PrecisionPolicy("fp16"), block_budget(folder, 2.5))
+    failing = [r for r in verification["rows"] if not r["passed"]]
+    assert verification["status"] == "failed"
+    assert {r["output"] for r in failing if r["case"].startswith("graph ")} == {"delta_img", "delta_ctx"}
+    assert max(r["max_rel"] for r in failing) > 2 * TOL
+    assert worst(dict(verifications=[verification]), ("velocity",), "1.x-nfe step 2") > TOL
+    what, hint = failure_summary(verification, defs)
+    assert "first graph segment_1 b1 64px t16 / delta_img" in what
+    assert "every graph's streams pass, but the deltas fail, first in graph segment_1 (blocks 3-4)" in hint
+    assert "cut into 4 graphs (segment_1, segment_2, segment_3, segment_4" in hint
+    assert "a few fp16 roundings of the streams" in hint and "--fp32-blocks 3-10" in hint
+    kept, _ = fp16_torch_gate(folder, PrecisionPolicy("fp16", Fp32Blocks(3, 10)), block_budget(folder, 2.5))
+    assert kept["status"] == "passed", failure_summary(kept, defs)
+    assert worst(dict(verifications=[kept]), ("delta_img", "delta_ctx"), "1.x-nfe step 1") < 2e-3
+
+
+def test_a_failed_build_prints_its_figures_and_the_graph_where_the_error_starts(folder, builds, monkeypatch):
+    """A gate made to fail (fp16 tolerance 1e-4, where the graphs reach 5e-4) exits 1 after the per-graph table, the
+    stages and the parity table, with a hint naming the first graph that fails on its own inputs."""
+    monkeypatch.setitem(parity.TOLERANCES, ("onnxruntime", "fp16"), parity.Tolerance(None, 1e-4, 0.999))
+    result = CliRunner().invoke(main, [
+        "build", "--model", str(folder / "model"), "--mlp", str(folder / "mlp.safetensors"), "--skip", "3-10",
+        "--precision", "fp16", "--trt", "none", "--components", "none", "--batch", "1", "--resolution", "128",
+        "--text-len", "16", "--max-graph-gib", str(block_budget(folder, 2.5) / 2**30), "--out", str(folder / "cut")])
+    out = result.output
+    assert result.exit_code == 1, out
+    assert "export segment_1 (2/7): unchanged, reused" in out  # the ONNX of the passing build, the gate again
+    table = out[out.index("weights MB  export s"):]
+    assert re.search(r"\nsegment_4 +9-10 +2\.4 ", table) and re.search(r"stages: .* gate [0-9.]+ s \(peak", table)
+    assert "graph head b1 128px t16" in table and "FAIL" in table
+    assert "hint: graph head (blocks 1-2) already differs on the reference's own inputs" in out
+    assert out.rstrip().endswith("FAILED")
+    assert json.loads((folder / "cut" / "manifest.json").read_text())["status"] == "passed"  # the good build stays
 
 
 def test_verify_refuses_a_build_whose_graphs_this_version_does_not_make(folder, builds, tmp_path):

@@ -109,8 +109,21 @@ def test_gate_pins_a_wrong_graph_and_passes_the_right_ones():
     assert failed["status"] == "failed"
     assert verdict[("graph head", "img_out")] and verdict[("graph segment", "delta_img")]
     assert not verdict[("graph tail", "velocity")] and not verdict[("1.x-nfe schedule", "latents")]
-    what, _ = failure_summary(failed)
+    what, hint = failure_summary(failed, defs)
     assert "graph tail" in what
+    assert hint.startswith("graph tail (blocks 11-24) already differs on the reference's own inputs")
+
+
+def test_a_failure_seen_only_along_the_chain_is_named_so():
+    def row(case, output, passed):
+        return dict(case=f"{case} b1 128px t16", output=output, max_abs=1e-3, mean_abs=1e-4, max_rel=0.05 if not passed
+                    else 1e-3, cosine=0.999, passed=passed)
+
+    rows = [row("graph head", "img_out", True), row("1.x-nfe step 1", "velocity", True),
+            row("1.x-nfe schedule", "latents", False)]
+    what, hint = failure_summary({"rows": rows, "precision": "fp32"})
+    assert what.startswith("1 of 3 outputs differ") and "1.x-nfe schedule b1 128px t16 / latents" in what
+    assert hint.startswith("every graph passes on the reference's own inputs: the error builds up along the chain")
 
 
 def test_gate_config_is_checked():

@@ -477,6 +477,6 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
     failed = out.with_name(out.name + ".failed")
     shutil.rmtree(failed, ignore_errors=True)
     os.replace(tmp, failed)
-    what, hint = failure_summary(verification)
+    what, hint = failure_summary(verification, defs)
     raise ParityFailedError(f"parity gate failed: {what}; the artifacts are kept in {failed} for inspection; "
                             f"any previous build in {out} is untouched", hint, manifest)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -135,8 +136,9 @@ def range_check(max_abs: dict[str, float], policy: PrecisionPolicy, num_layers: 
     return result
 
 
-def failure_summary(verification: dict) -> tuple[str, str]:
-    """(what failed, what to do) for a verification that did not pass."""
+def failure_summary(verification: dict, defs: list[GraphDef] = ()) -> tuple[str, str]:
+    """(what failed, what to do) for a verification that did not pass; ``defs``, the build's transformer graphs,
+    let the hint name the likely cause of failing outputs (a graph, a cut segment, fp16's rounding)."""
     rc = verification.get("range_check") or {}
     if verification.get("reason"):
         return verification["reason"], "check the model's weights (they give inf/NaN in float32 already)"
@@ -145,20 +147,61 @@ def failure_summary(verification: dict) -> tuple[str, str]:
         return (f"{first} overflows fp16 (|value| up to {rc['max_abs'][first]:.3g} > {FP16_MAX:.0f})",
                 "build with --precision bf16 (float32's range) or fp32")
     if first:
-        lo, hi = rc["first_overflow_block"], rc["last_overflow_block"]
-        if verification.get("fp32_blocks"):  # one range only: the fix must keep the blocks already kept
-            kept = [int(b) for b in verification["fp32_blocks"].split("-")]
-            lo, hi = min(lo, kept[0]), max(hi, kept[-1])
+        lo, hi = _keeping_fp32_blocks(verification, rc["first_overflow_block"], rc["last_overflow_block"])
         worst = max(v for k, v in rc["max_abs"].items() if k.startswith("transformer_blocks."))
         return (f"block {rc['first_overflow_block']} (1-based) is the first whose values overflow fp16 (|value| up to "
                 f"{worst:.3g} > {FP16_MAX:.0f}; blocks {rc['first_overflow_block']}-{rc['last_overflow_block']} exceed it)",
                 f"keep those blocks in float32 with --fp32-blocks {lo}-{hi}, or build with --precision bf16")
     failing = [r for r in verification["rows"] if not r["passed"]]
-    worst = failing[0] if failing else None
+    if not failing:
+        return "no output was compared", "rebuild; if it persists, report it with the build's manifest.json"
+    worst = failing[0]
     what = (f"{len(failing)} of {len(verification['rows'])} outputs differ from PyTorch beyond tolerance, first "
-            f"{worst['case']} / {worst['output']} (max rel {worst['max_rel']:.3g}, cosine {worst['cosine']:.6f})"
-            if worst else "no output was compared")
-    return what, "inspect the table above; --allow-parity-failure installs the build anyway (marked failed)"
+            f"{worst['case']} / {worst['output']} (max rel {worst['max_rel']:.3g}, cosine {worst['cosine']:.6f})")
+    return what, f"{likely_cause(failing, verification, list(defs))}; --allow-parity-failure installs the build anyway " \
+                 "(marked failed)"
+
+
+def likely_cause(failing: list[dict], verification: dict, defs: list[GraphDef]) -> str:
+    """Where failing rows point: the first graph that fails on the reference's own inputs (else the chain); and
+    when the graphs' streams pass there and deltas fail, the segment's cut and whether the deltas' error is a few
+    fp16 roundings of the streams they are differences of (often 100x larger than the deltas), with the fix."""
+    alone = [r for r in failing if r["case"].startswith("graph ")]
+    where = None
+    if alone:
+        name = alone[0]["case"].split()[1]
+        d = next((d for d in defs if d.name == name), None)
+        where = f"graph {name}" + (f" (blocks {d.start + 1}-{d.stop})" if d is not None and d.stop > d.start else "")
+    deltas = [r for r in failing if r["output"].startswith("delta_")]
+    segments = [d for d in defs if d.role == "segment"]
+    if not deltas or not segments or any(not r["output"].startswith("delta_") for r in alone):
+        return (f"{where} already differs on the reference's own inputs: the error starts there" if where else
+                "every graph passes on the reference's own inputs: the error builds up along the chained schedule")
+    first, last = segments[0].start + 1, segments[-1].stop  # 1-based, inclusive
+    cause = ("on the reference's own inputs every graph's streams pass, but " +
+             (f"the deltas fail, first in {where}" if where else "the chained schedule's deltas fail"))
+    if len(segments) > 1:
+        cause += (f"; the segment (blocks {first}-{last}) is cut into {len(segments)} graphs "
+                  f"({', '.join(d.name for d in segments)}; --max-graph-gib)")
+    max_abs = (verification.get("range_check") or {}).get("max_abs", {})
+    stream = max((max_abs.get(f"transformer_blocks.{i - 1}", 0.0) for i in range(first, last + 1)), default=0.0)
+    spacing = 2.0 ** (math.floor(math.log2(stream)) - 10) if stream > 0 else 0.0  # between fp16 values near ``stream``
+    error = max(r["max_abs"] for r in deltas)
+    if verification.get("precision") != "fp16" or not 0 < error <= 4 * spacing:
+        return cause
+    size = max(r["max_abs"] / r["max_rel"] for r in deltas if r["max_rel"] > 0)  # the deltas' largest |value|
+    lo, hi = _keeping_fp32_blocks(verification, first, last)
+    return (f"{cause}; their error ({error:.2g}) is a few fp16 roundings of the streams they are differences of "
+            f"(|value| up to {stream:.3g} in those blocks, where fp16's spacing is {spacing:.2g}, while the deltas reach "
+            f"{size:.2g}): keep the skipped blocks in float32 with --fp32-blocks {lo}-{hi}")
+
+
+def _keeping_fp32_blocks(verification: dict, lo: int, hi: int) -> tuple[int, int]:
+    """The one ``--fp32-blocks`` range (1-based) that covers ``lo..hi`` and the blocks the build already keeps."""
+    if verification.get("fp32_blocks"):
+        kept = [int(b) for b in verification["fp32_blocks"].split("-")]
+        lo, hi = min(lo, kept[0]), max(hi, kept[-1])
+    return lo, hi
 
 
 def _timed(graph: Callable, label: str, log: Callable[[str], None]) -> Callable:
