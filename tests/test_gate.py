@@ -1,7 +1,10 @@
 """The gate's parts: the streamed float32 reference, the fp16 range check, shape points, statuses, and a gate
 that really fails when one graph is wrong."""
+import platform
+
 import pytest
 import torch
+from diffusers import SD3Transformer2DModel
 
 from onex_export.config import SkipRange
 from onex_export.export import manifest as mf
@@ -11,8 +14,9 @@ from onex_export.export.gate import (
 from onex_export.export.graphs import SubgraphModule, build_plans, transformer_graphs
 from onex_export.export.precision import Fp32Blocks, PrecisionPolicy
 from onex_export.export.shapes import DimRange, ShapeConfig
+from onex_export.export.stages import rss_bytes
 from onex_export.models import CompensationMLP, SplitSD3Transformer, build_tiny
-from onex_export.models.weights import meta_transformer, transformer_source
+from onex_export.models.weights import StateDictSource, meta_transformer, return_freed_memory, transformer_source
 from onex_export.runtime.graphs import TorchGraph
 
 SKIP = SkipRange(3, 10)
@@ -132,3 +136,29 @@ def test_gate_config_is_checked():
     if not torch.cuda.is_available():
         with pytest.raises(Exception, match="--gate-device cuda needs an NVIDIA GPU"):
             GateConfig("opt", "cuda")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="handing freed memory back needs glibc's malloc_trim")
+def test_a_streamed_reference_hands_back_the_memory_of_each_module_it_drops():
+    """glibc serves allocations below its mmap threshold, which it raises up to 32 MiB after the first large free,
+    from heaps it does not shrink by itself. Four streamed passes of a 4-block width-1024 model at 256 px (its 4-24
+    MiB float32 weights loaded and dropped, block by block) grew the resident memory by 556 MiB without
+    malloc_trim, for 18 MiB of kept outputs; 8 MiB with it."""
+    torch.manual_seed(0)
+    config = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64,
+                  num_attention_heads=16, joint_attention_dim=1024, caption_projection_dim=1024,
+                  pooled_projection_dim=1024, out_channels=16, pos_embed_max_size=32)
+    source = StateDictSource(SD3Transformer2DModel(**config).half().state_dict())
+    split = SplitSD3Transformer(meta_transformer(config), SkipRange(2, 3))
+    reference = StreamedReference(split, source, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 16, 32, 32, generator=g), torch.randn(1, 77, 1024, generator=g),
+         torch.randn(1, 1024, generator=g), torch.full((1,), 1000.0))
+    return_freed_memory()
+    start, kept = rss_bytes(), []
+    with torch.no_grad():
+        for _ in range(4):
+            kept.append(split.full(*x))  # kept, as the gate keeps its records
+    reference.close()
+    held = sum(t.numel() * t.element_size() for out in kept for t in out)
+    assert rss_bytes() - start < held + 64 * 2**20, (rss_bytes() - start) / 2**20

@@ -13,8 +13,10 @@ profile), on seeded inputs:
 
 Memory: the reference never exists whole. Its transformer sits on the ``meta`` device and each module
 (embedders, one block, the output projection) is loaded in float32 from the checkpoint just before it
-runs and dropped just after, on ``device`` ("cuda" with ``--gate-device cuda``). Candidate graphs are
-loaded one at a time. Only the first call of each graph keeps its reference inputs and outputs.
+runs and dropped just after, on ``device`` ("cuda" with ``--gate-device cuda``), and the freed memory is handed
+back to the OS each time (:func:`~onex_export.models.weights.return_freed_memory`). Candidate graphs are loaded
+one at a time. Only the first call of each graph keeps its reference inputs and outputs (per graph, its output
+streams and deltas: 80 MiB for SD3.5-Large at 1024 px; what the reference's memory grows by during the gate).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import torch
 
 from ..errors import OnexError, UsageError
 from ..models.split import SplitSD3Transformer
-from ..models.weights import WeightSource, materialize, release, top_level_prefixes
+from ..models.weights import WeightSource, materialize, release, return_freed_memory, top_level_prefixes
 from ..parity import compare, rows_to_json, tolerance_for
 from ..runtime.graphs import PlanDenoiser, TorchGraph
 from ..runtime.sampler import Conditioning, sample
@@ -243,6 +245,7 @@ class _OneAtATime:
         if name != self.name:
             self.graph = None  # free the previous graph before loading the next
             gc.collect()
+            return_freed_memory()
             self.name, self.graph = name, _timed(_guarded(self.load(name), name, self.artifact),
                                                  f"{self.artifact} {name}", self.log)
         if name not in self.checked and name in self.records:

@@ -14,6 +14,8 @@ at a time from the files, cast to the dtype each module should have, and assigne
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -223,9 +225,33 @@ def materialize(root: nn.Module, prefixes: Iterable[str], source: WeightSource, 
 
 
 def release(root: nn.Module, prefixes: Iterable[str]) -> None:
-    """Drop the tensors of the modules named by ``prefixes`` (back to ``meta``), freeing their memory."""
+    """Drop the tensors of the modules named by ``prefixes`` (back to ``meta``), freeing their memory, and hand
+    that memory back to the operating system (:func:`return_freed_memory`)."""
     for prefix in prefixes:
         root.get_submodule(prefix).to("meta")
+    return_freed_memory()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free memory back to the operating system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    glibc maps a large allocation of its own and unmaps it when freed, but after the first such free it raises
+    that threshold to the freed size (up to 32 MiB): from then on tensors of up to that size (SD3.5-Large's
+    2432 x 2432 float32 weights, 23 MiB; activations) come from its heaps, which it shrinks only from their top.
+    A streamed reference that loads and drops every block so kept its freed memory resident: on SD3.5-Large's blocks
+    at 1024 px the gate's reference grew from 1.0 to 3.4 GiB over 11 blocks, and to 1.9 GiB when trimmed after each
+    module (the rest is what it keeps: 0.85 GiB of records)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @contextlib.contextmanager
