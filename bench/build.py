@@ -3,6 +3,7 @@ monolithic export + engine build of the same checkpoint, in one run.
 
     python -m bench.build --arch sd3-medium                      # fp16, 1024 px, RTX engines, gate at the optimum
     python -m bench.build --arch sd35-large --precision bf16 --gate none
+    python -m bench.build --arch sd35-large --weight-scale 0.5 --trt none --no-naive   # the weights of issue 25
 
 1. Random weights of the real shapes go straight to disk in fp16/bf16, sharded the way published checkpoints
    are (never a float32 copy in memory; see ``bench/random_weights.py``).
@@ -158,12 +159,14 @@ def run(args) -> dict:
               "commit": _commit(),
               "config": {"arch": args.arch, "precision": args.precision, "resolution": args.resolution,
                          "text_len": args.text_len, "skip": args.skip, "trt": args.trt, "gate": args.gate,
+                         "weight_scale": args.weight_scale, "max_graph_gib": args.max_graph_gib,
                          "rss_limit_gib": args.rss_limit_gib}}
     try:
         clock = StageClock()
         checkpoint = work / args.arch
         with clock.stage("write"):
-            write_checkpoint(ARCHS[args.arch], checkpoint, PRECISIONS[args.precision], progress=progress)
+            write_checkpoint(ARCHS[args.arch], checkpoint, PRECISIONS[args.precision], progress=progress,
+                             scale=args.weight_scale)
         files = sorted(checkpoint.glob("*.safetensors"))
         report["checkpoint"] = {"files": len(files), "bytes": sum(f.stat().st_size for f in files),
                                 **clock.records["write"].to_json()}
@@ -173,7 +176,7 @@ def run(args) -> dict:
         argv = [sys.executable, "-m", "onex_export.cli", "build", "--model", str(checkpoint), "--skip", args.skip,
                 "--precision", args.precision, "--components", "none", "--resolution", str(args.resolution),
                 "--text-len", str(args.text_len), "--batch", "1", "--trt", args.trt, "--gate", args.gate,
-                "--out", str(out)]
+                "--max-graph-gib", str(args.max_graph_gib), "--out", str(out)]
         progress("onex-export build ...")
         ours = run_child(argv, limit, work / "build.log")
         manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else None
@@ -236,7 +239,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Build: {c['arch']} {c['precision']} at {c['resolution']} px, {c['trt']} engines, gate {c['gate']}", "",
              f"Machine: {report['machine']['processor']}, {report['machine']['cpus']} threads, "
              f"{report['machine']['memory_gib']} GiB; watchdog at {c['rss_limit_gib']} GiB; commit "
-             f"{report.get('commit') or 'unknown'}. Checkpoint: "
+             f"{report.get('commit') or 'unknown'}. Checkpoint (random weights x{c['weight_scale']:g}): "
              f"{report['checkpoint']['files']} file(s), {report['checkpoint']['bytes'] / GIB:.2f} GiB, written in "
              f"{report['checkpoint']['seconds']:.0f} s.", "",
              "| | stage | seconds | peak RSS GiB |", "|---|---|---|---|"]
@@ -274,6 +277,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip", default="3-10")
     p.add_argument("--trt", choices=["tensorrt-rtx", "tensorrt", "none"], default="tensorrt-rtx")
     p.add_argument("--gate", choices=["opt", "none"], default="opt")
+    p.add_argument("--weight-scale", type=float, default=1.0,
+                   help="scale of the random linear weights (default initialisation x this; 0.5: issue 25's run)")
+    p.add_argument("--max-graph-gib", type=float, default=2.0, help="onex-export build's per-graph weight budget")
     p.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive baseline")
     p.add_argument("--rss-limit-gib", type=float, default=21.0)
     p.add_argument("--workdir", default=None, help="where the checkpoint and builds are written (removed after)")
@@ -285,6 +291,8 @@ def main(argv=None) -> int:
         p.error(f"--resolution {args.resolution} is not a positive multiple of 16")
     if args.rss_limit_gib <= 0:
         p.error("--rss-limit-gib must be positive")
+    if args.weight_scale <= 0 or args.max_graph_gib <= 0:
+        p.error("--weight-scale and --max-graph-gib must be positive")
     if args.naive_worker is not None:
         naive_worker(args.naive_worker, args.precision, args.resolution, args.text_len, args.trt, Path(args.workdir))
         return 0

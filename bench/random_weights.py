@@ -3,8 +3,10 @@
 Latency and build cost do not depend on the weight values, so benchmarks use random weights of the real
 shapes. They are drawn tensor by tensor in the target dtype (never a float32 copy of the model: SD3.5-Large
 is 32 GB in float32) with diffusers' default initialisation (PyTorch's uniform(+-1/sqrt(fan_in)) for linear
-and convolution layers, ones and zeros for norms) and the real sin-cos position table. They can go straight
-into a model (:func:`random_transformer`) or to disk the way published checkpoints are
+and convolution layers' weights and biases, times ``scale``; ones and zeros for norms) and the real sin-cos
+position table. A scale below one shrinks each block's contribution to the residual streams against the
+streams, as in the SD3.5-Large run that found fp16's rounding in a cut segment's deltas (``scale=0.5``). They
+can go straight into a model (:func:`random_transformer`) or to disk the way published checkpoints are
 (:func:`write_checkpoint`: diffusers folder, safetensors shards with an index, the position buffer in float32
 beside half-precision weights).
 """
@@ -45,10 +47,13 @@ SHARD_BYTES = 10 * 10**9  # diffusers' default max_shard_size ("10GB"): SD3-Medi
 
 class RandomSource(WeightSource):
     """A :class:`WeightSource` that draws each tensor of ``config``'s model on request, seeded by its name (the
-    same tensor every time), in ``dtype``; the position table is exact and float32."""
+    same tensor every time), in ``dtype``; linear and convolution weights and biases scaled by ``scale``; the
+    position table is exact and float32."""
 
-    def __init__(self, config: dict, dtype: torch.dtype, seed: int = 0):
-        self.config, self.dtype, self.seed = config, dtype, seed
+    def __init__(self, config: dict, dtype: torch.dtype, seed: int = 0, scale: float = 1.0):
+        if not scale > 0:
+            raise ValueError(f"the weight scale must be positive, got {scale}")
+        self.config, self.dtype, self.seed, self.scale = config, dtype, seed, scale
         model = meta_transformer(config)
         self._make: dict[str, tuple[tuple[int, ...], Callable]] = {}
         for mname, module in model.named_modules():
@@ -63,7 +68,7 @@ class RandomSource(WeightSource):
                 module.proj.out_channels, module.pos_embed_max_size, base_size=module.base_size,
                 interpolation_scale=module.interpolation_scale, output_type="pt").float().unsqueeze(0)
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            bound = 1 / math.sqrt(math.prod(module.weight.shape[1:]))
+            bound = self.scale / math.sqrt(math.prod(module.weight.shape[1:]))
             return lambda g: torch.empty(tuple(p.shape), dtype=self.dtype).uniform_(-bound, bound, generator=g)
         if name == "weight" and p.dim() == 1:  # LayerNorm / RMSNorm scales
             return lambda g: torch.ones(tuple(p.shape), dtype=self.dtype)
@@ -102,14 +107,14 @@ def random_vae(seed: int = 0) -> AutoencoderKL:
 
 
 def write_checkpoint(config: dict, folder: Path, dtype: torch.dtype, seed: int = 0, shard_bytes: int = SHARD_BYTES,
-                     progress: Callable[[str], None] = lambda _: None) -> Path:
-    """Write a diffusers transformer folder of random weights: ``config.json`` and safetensors shards of at most
-    ``shard_bytes`` (with ``diffusion_pytorch_model.safetensors.index.json`` when there are several). Memory:
-    one shard."""
+                     progress: Callable[[str], None] = lambda _: None, scale: float = 1.0) -> Path:
+    """Write a diffusers transformer folder of random weights (:class:`RandomSource`, ``scale``): ``config.json`` and
+    safetensors shards of at most ``shard_bytes`` (with ``diffusion_pytorch_model.safetensors.index.json`` when
+    there are several). Memory: one shard."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta_transformer(config).save_config(str(folder))
-    source = RandomSource(config, dtype, seed)
+    source = RandomSource(config, dtype, seed, scale)
     # Plan the shards from the shapes first (the file names carry their count), then draw and write one at a time.
     shards, size = [[]], 0
     for key in source.keys():

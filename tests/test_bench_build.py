@@ -38,12 +38,18 @@ def test_random_checkpoint_is_written_like_a_published_one(tmp_path):
     w = source.get("transformer_blocks.3.ff.net.0.proj.weight").float()
     assert 0.9 / 16**0.5 < w.abs().max() <= 1 / 16**0.5 and w.std() > 0.3 / 16**0.5
     assert not torch.equal(source.get("transformer_blocks.3.attn.to_q.weight"), source.get("transformer_blocks.4.attn.to_q.weight"))
+    # --weight-scale: the same draws of linear weights and biases, scaled (fp16 rounding apart); the position table
+    full, half = RandomSource(MINI, torch.float16), RandomSource(MINI, torch.float16, scale=0.5)
+    for key in ("transformer_blocks.3.ff.net.0.proj.weight", "transformer_blocks.3.attn.to_q.bias"):
+        w, w_half = full.get(key).float(), half.get(key).float()
+        assert (w_half - 0.5 * w).abs().max() < 1e-3 and 0.45 / 16**0.5 < w_half.abs().max() <= 0.5 / 16**0.5
+    assert torch.equal(half.get("pos_embed.pos_embed"), full.get("pos_embed.pos_embed"))
 
 
 def test_build_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(random_weights.ARCHS, "sd3-medium", MINI)  # the children read the checkpoint from disk
     code = bench_build.main(["--arch", "sd3-medium", "--resolution", "64", "--text-len", "16", "--trt", "none",
-                             "--out", str(tmp_path / "r"), "--workdir", str(tmp_path)])
+                             "--weight-scale", "0.5", "--out", str(tmp_path / "r"), "--workdir", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "r" / "build.json").read_text())
     ours, naive = report["onex_export"], report["naive"]
@@ -53,8 +59,9 @@ def test_build_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     assert list(ours["graphs"]) == ["head", "segment", "reuse", "tail"] and ours["gate"]["status"] == "passed"
     assert naive["exit_code"] == 0 and set(naive["stages"]) == {"load", "export"}
     assert report["checkpoint"]["files"] == 1 and report["checkpoint"]["bytes"] > 0
+    assert report["config"]["weight_scale"] == 0.5 and report["config"]["max_graph_gib"] == 2.0
     table = (tmp_path / "r" / "build.md").read_text()
-    assert "| onex-export | export |" in table and "| naive | export |" in table
+    assert "| onex-export | export |" in table and "| naive | export |" in table and "random weights x0.5" in table
     assert list(tmp_path.glob("onex-bench-build-*")) == []  # the work folder is removed
 
 
