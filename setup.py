@@ -12,6 +12,8 @@ SERVE = ["nvidia-pytriton>=0.7,<0.8", "tritonclient[http,grpc]>=2.73,<3"]
 # bench.quality: FID (torchmetrics over torch-fidelity's Inception), LPIPS, CLIP-based scores, HPSv2 (open_clip)
 QUALITY = ["torchmetrics>=1.9,<2", "torch-fidelity>=0.4,<0.5", "lpips>=0.1.4,<0.2", "open-clip-torch>=3.3,<4",
            "torchvision>=0.29,<1", "scipy>=1.17,<2"]
+# the toy world (bench.toy, train/toy): scikit-learn's bundled handwritten digits
+TOY = ["scikit-learn>=1.9,<2"]
 RTX = ["tensorrt-rtx-cu13-bindings>=1.7.1,<1.8", "tensorrt-rtx-cu13-libs>=1.7.1,<1.8"]
 
 setup(
@@ -20,7 +22,7 @@ setup(
     description="Export 1.x-Distill SD3/SD3.5 models (two-step, cache-skipping) to ONNX and TensorRT",
     python_requires=">=3.10",
     packages=find_packages(include=["onex_export", "onex_export.*"]),
-    package_data={"onex_export": ["schemas/*.json"]},
+    package_data={"onex_export": ["schemas/*.json", "models/embedded/*/*", "models/embedded/*/*/*"]},
     install_requires=[
         "torch>=2.13,<3",
         "diffusers>=0.42,<1",
@@ -38,15 +40,15 @@ setup(
         "tensorrt-rtx": RTX,
         # Full TensorRT for data-centre GPUs; its libs package downloads from NVIDIA at install time.
         "tensorrt": ["tensorrt-cu13-bindings>=11.4,<11.5", "tensorrt-cu13-libs>=11.4,<11.5"],
-        "bench": ["matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2", *QUALITY],  # cache-dit: a training-free peer
+        "bench": ["matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2", *QUALITY, *TOY],  # cache-dit: a training-free peer
         # Stage II: LoRA through peft, the discriminator's OpenCLIP ConvNeXt tower through open-clip-torch
-        "train": ["PyYAML>=6,<7", "peft>=0.21.2,<1", "open-clip-torch>=3.3,<4"],
+        "train": ["PyYAML>=6,<7", "peft>=0.21.2,<1", "open-clip-torch>=3.3,<4", *TOY],
         # `onex-export serve`: PyTriton carries a real Triton Inference Server; tritonclient talks to it
         "serve": SERVE,
         # jsonschema: the tests validate real manifests against onex_export/schemas/manifest.schema.json
         "test": ["pytest>=9.2,<10", "matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2", "PyYAML>=6,<7", "peft>=0.21.2,<1",
                  "jsonschema>=4.26,<5",
-                 *RTX, *SERVE, *QUALITY],
+                 *RTX, *SERVE, *QUALITY, *TOY],
     },
     entry_points={"console_scripts": ["onex-export=onex_export.cli:main"]},
 )

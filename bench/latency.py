@@ -28,7 +28,8 @@ from diffusers import SD3Transformer2DModel
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError
 from onex_export.fileio import check_destination
-from onex_export.export.build import REAL_TEXT_LEN, BuildConfig, build
+from onex_export.export.build import BuildConfig, build
+from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.export.components import component_graphs, load_components
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.shapes import VAE_SCALE, DimRange
@@ -237,7 +238,7 @@ def run(args) -> dict:
     cfg = transformer.config
     resolution = args.resolution or cfg.sample_size * VAE_SCALE
     latent = (cfg.in_channels, resolution // VAE_SCALE, resolution // VAE_SCALE)
-    text_len = REAL_TEXT_LEN if args.arch in ARCHS else TINY_TEXT_LEN
+    text_len = SD3_TEXT_LENGTH if args.arch in ARCHS else TINY_TEXT_LEN
     comps = load_components(args.arch, cfg, ("text", "vae")) if args.arch not in ARCHS else None
     with tempfile.TemporaryDirectory(prefix="onex-bench-") as tmp:  # ONNX graphs live only for the run
         dens = denoisers(args, transformer, resolution, Path(tmp))

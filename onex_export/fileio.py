@@ -128,6 +128,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path``; on success it is renamed to ``path`` (so the folder appears
+    complete or not at all), on error removed. An existing ``path`` is never replaced: ``FileExistsError``."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(f"{path} exists")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of this pid's earlier, killed attempt
+    try:
+        with writing(path):
+            tmp.mkdir(parents=True)
+            yield tmp
+            os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """The sha256 hex digest of a file, read in chunks (a multi-GB graph is never whole in memory)."""
     h = hashlib.sha256()

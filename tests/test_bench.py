@@ -15,7 +15,8 @@ from bench.random_weights import random_transformer
 from bench.timing import measure_interleaved
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError
-from onex_export.export.build import REAL_TEXT_LEN, BuildConfig
+from onex_export.export.build import BuildConfig
+from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.export.shapes import DimRange
 from onex_export.models import SplitSD3Transformer, build_tiny
 from onex_export.runtime.sampler import TorchDenoiser
@@ -77,7 +78,7 @@ def test_random_weight_architecture_is_built_from_a_saved_folder(tmp_path, monke
     assert set(dens) == {"3-8", "3-10"} and (tmp_path / "mini-real" / "config.json").is_file()
     assert not (tmp_path / "skip3-10" / "text.onnx").exists()  # no text encoders for a bare transformer
     g = torch.Generator().manual_seed(1)
-    x, text = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, REAL_TEXT_LEN, 24, generator=g)
+    x, text = torch.randn(1, 16, 8, 8, generator=g), torch.randn(1, SD3_TEXT_LENGTH, 24, generator=g)
     pooled, ts = torch.randn(1, 12, generator=g), torch.full((1,), 500.0)
     for den, split in dens.values():
         want = TorchDenoiser(split).full(x, text, pooled, ts)

@@ -117,7 +117,7 @@ class EncoderSpec:
 
 def encoder_spec(kind: str, model: str, transformer_config, t5_length: int, device: torch.device) -> EncoderSpec:
     """``kind``: auto (tiny for embedded models, sd3 for folders), tiny, sd3 or diffusers."""
-    from onex_export.models.zoo import TINY_MODELS
+    from onex_export.models.zoo import TINY_MODELS, model_path
 
     if kind == "auto":
         kind = "tiny" if model in TINY_MODELS else "sd3"
@@ -134,7 +134,7 @@ def encoder_spec(kind: str, model: str, transformer_config, t5_length: int, devi
     if model in TINY_MODELS:
         raise DataError(f"text_encoder {kind} needs a pipeline folder, but model is the embedded {model}",
                         "use text_encoder: tiny (or auto)")
-    folder = Path(model).resolve()
+    folder = model_path(model).resolve()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if kind == "sd3":
         fingerprint = f"onex-sd3-text:{folder}:t5={t5_length}"

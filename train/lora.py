@@ -8,9 +8,7 @@ the merged model is a plain diffusers transformer again, so the build needs noth
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from torch import nn
 
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError, UsageError
+from onex_export.fileio import atomic_folder
 from onex_export.models.compensation import CompensationMLP, save_compensation
 
 # Module-name suffixes that get an adapter (SD3's last block has no context output projection or feed-forward:
@@ -82,14 +81,9 @@ def save_outputs(transformer: SD3Transformer2DModel, mlp: CompensationMLP, folde
     if bad or not all(torch.isfinite(t).all() for t in mlp.state_dict().values()):
         raise OnexError(f"the trained weights are not finite ({', '.join(bad[:3]) or 'the MLP'}): nothing was written",
                         "resume from an earlier checkpoint with lower learning rates")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    try:
+    with atomic_folder(folder) as tmp:  # the student and its MLP appear together or not at all
         transformer.save_pretrained(tmp / "student", safe_serialization=True)
         save_compensation(mlp, tmp / "mlp.safetensors")
         (tmp / OUTPUTS).write_text(json.dumps({"skip": str(skip), **(made_from or {})}, indent=1) + "\n")
-        os.rename(tmp, folder)  # the student and its MLP appear together or not at all
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     student, mlp_path = folder / "student", folder / "mlp.safetensors"
     return student, mlp_path, build_command(student, mlp_path, skip)

@@ -68,7 +68,9 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None
 def make_decoder(model: str, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]: the pipeline folder's VAE if there is one,
     else :func:`latents_to_rgb`."""
-    folder = Path(model)
+    from onex_export.models.zoo import model_path
+
+    folder = model_path(model)
     if not (folder / "vae" / "config.json").is_file():
         return latents_to_rgb
     from onex_export.models.vae import LatentDecoder, load_vae

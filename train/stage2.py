@@ -77,10 +77,10 @@ class Parts:
 
 def phase(cfg: Stage2Config, step: int) -> str:
     """What iteration ``step`` (0-based) updates: "d" (the discriminator), "mlp" (the MLP alone, the student
-    frozen: the MLP warm-up) or "g" (student and MLP)."""
+    frozen: the MLP warm-up) or "g" (student and MLP). Without ``train_mlp`` there is no MLP warm-up."""
     if step < cfg.d_warmup or (step - cfg.d_warmup) % cfg.g_every:
         return "d"
-    return "mlp" if step < cfg.mlp_warmup else "g"
+    return "mlp" if step < cfg.mlp_warmup and cfg.train_mlp else "g"
 
 
 def run(cfg: Stage2Config, resume: bool = True, kill_after: int | None = None) -> RunResult:
@@ -131,7 +131,7 @@ def _load(cfg: Stage2Config, info: DistInfo, tconfig, ckpt: Path | None) -> Part
     mlp = load_compensation(cfg.mlp_init, student) if cfg.mlp_init else CompensationMLP.for_transformer(student)
     student = place(student.train())
     student_params = [p for p in student.parameters() if p.requires_grad]  # after sharding: its parameters
-    split = SplitSD3Transformer(student, skip, mlp.requires_grad_(True).to(info.device))
+    split = SplitSD3Transformer(student, skip, mlp.requires_grad_(cfg.train_mlp).to(info.device))
     real = SplitSD3Transformer(place(load_transformer(cfg.real_model or cfg.model).requires_grad_(False).eval()), skip)
     pipeline = cfg.pipeline or cfg.model
     vae = load_components(pipeline, tconfig, ("vae",)).load("vae").requires_grad_(False).to(info.device)
@@ -316,8 +316,9 @@ def _iteration(cfg: Stage2Config, parts: Parts, what: str, cond: Conditioning, l
         terms["grad_norm_student"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         parts.opts["student"].step()
     parts.opts["student"].zero_grad(set_to_none=True)
-    _average_grads(list(split.mlp.parameters()), info)
-    parts.opts["mlp"].step()
+    if cfg.train_mlp:
+        _average_grads(list(split.mlp.parameters()), info)
+        parts.opts["mlp"].step()
     _maybe_sample(cfg, fake.detach(), step, info)
     return terms
 

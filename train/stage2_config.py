@@ -28,6 +28,7 @@ class Stage2Config(YamlConfig):
     real_cache: str = ""  # a folder of pre-generated real latents (--pregenerate); "" = made online
     skip: str = "3-10"  # the cached block range, 1-based and inclusive
     mlp_init: str = ""  # a compensation MLP to start from ("" = untrained: plain reuse)
+    train_mlp: bool = True  # False: Distill-Cache co-Training without the MLP (Table 5): f stays as it starts
     resolution: int = 1024
     precision: str = "bf16"  # bf16: autocast; trained weights stay fp32
     gradient_checkpointing: bool = False

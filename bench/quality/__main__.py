@@ -36,7 +36,7 @@ from onex_export.config import SkipRange
 from onex_export.errors import OnexError, UsageError
 from onex_export.export.precision import PRECISIONS
 from onex_export.fileio import check_destination
-from onex_export.models import DEFAULT_MODEL, TINY_MODELS
+from onex_export.models import DEFAULT_MODEL
 from onex_export.models.weights import transformer_source
 from onex_export.export.shapes import VAE_SCALE
 from onex_export.probe.run import DEFAULT_PROMPTS, read_prompts
@@ -47,6 +47,7 @@ from .generation import QualityConfig, Renderer, Schedule, schedules
 from .metrics import MetricWeights, load_metrics
 from .report import grid, markdown, quality_vs_latency, read_latency
 from .stand_ins import TINY_OPEN_CLIP, TinyFeatures, write_stand_ins
+from .toy_judge import check_prompts, load_judge, toy_metrics
 
 WEIGHT_OPTIONS = {
     "fid_weights": "torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth)",
@@ -85,8 +86,13 @@ def _thumbnail(image: torch.Tensor) -> np.ndarray:
     return np.asarray(picture)
 
 
+def _has_reference(metric) -> bool:
+    """A metric measured against the teacher's images (FID and the toy judge's FID)."""
+    return hasattr(metric, "add_reference")
+
+
 def run(config: QualityConfig, weights: MetricWeights, random_metrics: bool, latency: Path | None,
-        log=print) -> tuple[dict, dict]:
+        log=print, toy_judge: Path | None = None) -> tuple[dict, dict]:
     """Generate every schedule's images and measure them; returns the report and the grid's thumbnails."""
     rows = schedules(config.student_steps, config.skip, config.mlp is not None, config.guidance, config.teacher_steps)
     latency_ms = read_latency(latency) if latency is not None else None
@@ -102,7 +108,8 @@ def run(config: QualityConfig, weights: MetricWeights, random_metrics: bool, lat
             weights = MetricWeights(**{k: v if v is not None else getattr(stand_in, k)
                                        for k, v in asdict(weights).items()})
         metrics, skipped = load_metrics(weights, fid_features, hpsv2_arch, config.device)
-        fid = next((m for m in metrics if m.name == "fid"), None)
+        if toy_judge is not None:
+            metrics += toy_metrics(toy_judge)
         renderer.prepare()  # text embeddings, then the VAE
         results, thumbnails = {}, {}
         steps = sum(len(schedule.plan.sigmas) for schedule in rows) * len(config.prompts)
@@ -115,8 +122,8 @@ def run(config: QualityConfig, weights: MetricWeights, random_metrics: bool, lat
             bar.set_postfix_str(schedule.name)
             for prompt, images in renderer.render(schedule, on_step=lambda *_: bar.update()):
                 for metric in metrics:
-                    if metric is fid and schedule.teacher:
-                        fid.add_reference(images)  # the teacher's images are FID's reference
+                    if schedule.teacher and _has_reference(metric):
+                        metric.add_reference(images)  # the teacher's images are the FIDs' reference
                     else:
                         metric.update(images, prompt)
                 if len(thumbnails[schedule.name]) < GRID_PROMPTS:
@@ -124,7 +131,7 @@ def run(config: QualityConfig, weights: MetricWeights, random_metrics: bool, lat
             row = {"nfe": schedule.plan.nfe(renderer.cfg.num_layers, config.skip),
                    "seconds": time.perf_counter() - start}
             for metric in metrics:
-                value = None if (metric is fid and schedule.teacher) else metric.compute()
+                value = None if (schedule.teacher and _has_reference(metric)) else metric.compute()
                 if value is not None and not math.isfinite(value):
                     raise OnexError(f"{metric.name} of {schedule.name} is {value}: nothing was written",
                                     "check the metric's weights and the model's")
@@ -171,6 +178,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32")
     for name, what in WEIGHT_OPTIONS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=Path, default=None, help=what)
+    p.add_argument("--toy-judge", type=Path, default=None,
+                   help="a toy-world judge folder (bench/toy/judge): adds toy_correct, toy_coverage and toy_fid for "
+                        "toy-world models and prompts (python -m bench.toy trains it)")
     p.add_argument("--random-metrics", action="store_true",
                    help="seeded random stand-ins for the metrics given no weights (plumbing; this run's ranking only)")
     p.add_argument("--random-components", action="store_true",
@@ -198,12 +208,15 @@ def main(argv=None) -> int:
                            student_steps=args.student_steps, teacher_steps=args.teacher_steps, guidance=args.guidance,
                            resolution=args.resolution, dtype=args.dtype, device=args.device,
                            random_components=args.random_components)
-    name = args.model if args.model in TINY_MODELS else Path(args.model).name
+    name = Path(args.model).name
     pixels = args.resolution or transformer_source(args.model)[0]["sample_size"] * VAE_SCALE
     out = args.out or Path("bench/results") / f"quality-{name}-{pixels}px"
     for name in ("quality.json", "quality.md", "grid.png", "quality-vs-latency.png"):
         check_destination(out / name)  # before the work, not after it
-    report, thumbnails = run(config, weights, args.random_metrics, args.latency)
+    if args.toy_judge is not None:
+        check_prompts(config.prompts)
+        load_judge(args.toy_judge)  # refused before any model loads
+    report, thumbnails = run(config, weights, args.random_metrics, args.latency, toy_judge=args.toy_judge)
     # the figures first: the results files, written last, say that the run is complete
     out.mkdir(parents=True, exist_ok=True)
     written = [grid(thumbnails, config.prompts[:GRID_PROMPTS], out / "grid.png")]

@@ -17,7 +17,7 @@ import torch
 
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError, UsageError
-from onex_export.export.build import REAL_TEXT_LEN
+from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.export.components import available, load_components
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.shapes import VAE_SCALE
@@ -135,7 +135,7 @@ class Renderer:
             from bench.random_weights import random_vae
 
             vae = LatentDecoder(random_vae()).eval()
-            self.log(f"text      random embeddings ({REAL_TEXT_LEN} tokens) and a random SD3 VAE: the images are noise")
+            self.log(f"text      random embeddings ({SD3_TEXT_LENGTH} tokens) and a random SD3 VAE: the images are noise")
         else:
             vae = load_components(self.config.model, self.cfg, ("vae",)).load("vae")
             self.log(f"text      {len(self.config.prompts)} prompt(s) encoded in {time.perf_counter() - start:.1f} s")

@@ -17,7 +17,8 @@ from ..errors import OnexError, UsageError
 from ..export.precision import PRECISIONS
 from ..export.shapes import DimRange
 from ..fileio import as_disk_error
-from ..models import TINY_MODELS
+from ..models import DEFAULT_MODEL, TINY_MODELS
+from ..models.zoo import TRAINED_MODELS
 
 DTYPES = PRECISIONS  # --dtype names, the same as the build's precisions
 
@@ -96,9 +97,12 @@ def main():
 
 @main.command()
 def models():
-    """List the embedded models (built in code, no downloads)."""
+    """List the embedded models (trained ones shipped with the package, random ones built in code; no downloads)."""
+    for name, trained in TRAINED_MODELS.items():
+        default = " (the default)" if name == DEFAULT_MODEL else ""
+        click.echo(f"{name:18s} trained{default}: {trained.description}")
     for name, spec in TINY_MODELS.items():
-        click.echo(f"{name:18s} {spec.description}")
+        click.echo(f"{name:18s} random weights: {spec.description}")
     click.echo("Real models: --model PATH, a local SD3/SD3.5 diffusers folder (or its transformer/ subfolder).")
 
 

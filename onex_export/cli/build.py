@@ -10,6 +10,7 @@ import click
 
 from ..errors import UsageError
 from ..models import DEFAULT_MODEL
+from ..models.zoo import default_mlp_for
 from ..export.components import COMPONENTS
 from ..export.build import TRT_CHOICES, BuildConfig, ParityFailedError, build
 from ..export.gate import GATE_MODES, GateConfig, failure_summary
@@ -89,7 +90,8 @@ def _echo_build(manifest: dict) -> None:
 @main.command(name="build")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Embedded model name or a local diffusers SD3/SD3.5 folder (fp16/bf16/fp32, one file or shards).")
-@click.option("--mlp", type=click.Path(path_type=Path), default=None, help="Compensation MLP weights.")
+@click.option("--mlp", type=click.Path(path_type=Path), default=None,
+              help="Compensation MLP weights. Default: an embedded trained model's own when --skip is its range.")
 @click.option("--skip", default="3-10", show_default=True, callback=_parse_build_skip,
               help="Blocks skipped in step two: 1-based, inclusive (3-10 = blocks[2..9]); or auto:NFE (e.g. "
                    "auto:1.667) for the range a probe (--probe) recommends for that effective NFE.")
@@ -150,6 +152,9 @@ def build_cmd(model, mlp, skip, probe_path, out, precision, fp32_blocks, trt, ba
     elif probe_path is not None:
         raise UsageError("--probe goes with --skip auto:NFE", "drop --probe, or pass e.g. --skip auto:1.667")
     out = out or Path("engines") / f"{Path(model).name}-skip{skip}-{precision}"
+    if mlp is None and default_mlp_for(model, skip) is not None:
+        mlp = default_mlp_for(model, skip)
+        click.echo(f"mlp       {model}'s own compensation MLP, trained for skip {skip}")
     config = BuildConfig(skip=skip, skip_source=skip_source, out=out, model=model, mlp=mlp, precision=precision, fp32_blocks=fp32_blocks,
                          trt=trt, batch=batch, resolution=resolution, text_len=text_len, dynamic_shapes=dynamic_shapes,
                          opset=opset, optimization_level=opt_level, compute_capabilities=tuple(compute_capabilities),

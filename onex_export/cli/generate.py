@@ -12,8 +12,9 @@ from tqdm import tqdm
 from ..errors import OnexError, UsageError
 from ..fileio import check_destination, save_png, save_tensors_atomic
 from ..models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
-from ..models.zoo import TINY_TEXT_LEN
-from ..export.build import REAL_TEXT_LEN, check_text_len
+from ..models.zoo import TINY_TEXT_LEN, default_mlp_for
+from ..export.build import check_text_len
+from ..models.text import SD3_TEXT_LENGTH, text_length
 from ..export.shapes import VAE_SCALE
 from ..runtime import Conditioning, TorchDenoiser, sample
 from ..runtime.pipeline import BACKENDS, BuildPipeline
@@ -26,7 +27,8 @@ from . import DTYPES, _parse_skip, main
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Embedded model name (see `onex-export models`) or a local diffusers SD3/SD3.5 folder.")
 @click.option("--mlp", type=click.Path(path_type=Path), default=None,
-              help="Compensation MLP weights (onex or reference-release layout). Default: untrained (plain reuse).")
+              help="Compensation MLP weights (onex or reference-release layout). Default: an embedded trained model's "
+                   "own MLP when --skip is its range, else untrained (plain reuse).")
 @click.option("--skip", default="3-10", show_default=True, callback=_parse_skip,
               help="Blocks skipped in step two: 1-based, inclusive, as in the paper (3-10 = blocks[2..9]).")
 @click.option("--mode", type=click.Choice(["1x", "student", "teacher"]), default="1x", show_default=True,
@@ -42,7 +44,8 @@ from . import DTYPES, _parse_skip, main
 @click.option("--resolution", type=click.IntRange(16, 4096), default=None,
               help="Image size in pixels (latents are 1/8). Default: the model's native size.")
 @click.option("--text-len", type=click.IntRange(1, 1024), default=None,
-              help=f"Text tokens (default {TINY_TEXT_LEN} for embedded models, {REAL_TEXT_LEN} for real ones).")
+              help=f"Text tokens. Default: what the model's text encoders give ({TINY_TEXT_LEN} for the tiny "
+                   f"models, {SD3_TEXT_LENGTH} for SD3).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -57,6 +60,7 @@ def sample_cmd(model, mlp, skip, mode, steps, guidance, eta, seed, batch, resolu
     out = out or Path("samples") / f"{Path(model).name}-{mode}-seed{seed}.safetensors"
     check_destination(out)  # before the work, not after it
     transformer = load_transformer(model, torch_dtype)
+    mlp = mlp or default_mlp_for(model, skip)
     mlp_module = load_compensation(mlp, transformer) if mlp is not None else None
     split = SplitSD3Transformer(transformer, skip, mlp_module).to(device=device, dtype=torch_dtype)
     cfg = transformer.config
@@ -75,7 +79,7 @@ def sample_cmd(model, mlp, skip, mode, steps, guidance, eta, seed, batch, resolu
             f"--resolution {size} is not a multiple of {VAE_SCALE * cfg.patch_size}",
             f"use e.g. {size // (VAE_SCALE * cfg.patch_size) * VAE_SCALE * cfg.patch_size}",
         )
-    tokens = text_len or (TINY_TEXT_LEN if model in TINY_MODELS else REAL_TEXT_LEN)
+    tokens = text_len or text_length(model)
     check_text_len(model, tokens, str(tokens))
     gen = torch.Generator().manual_seed(seed + 1)  # embeddings from another stream than the noise
     cond = Conditioning(

@@ -38,7 +38,8 @@ from ..models import DEFAULT_MODEL, CompensationMLP, SplitSD3Transformer, load_c
 from ..models.weights import (
     WeightSource, check_keys, materialized, meta_transformer, release, top_level_prefixes, transformer_source,
 )
-from ..models.zoo import TINY_MODELS, TINY_TEXT_LEN, model_source
+from ..models.text import SD3_MAX_TEXT_LENGTH, text_length
+from ..models.zoo import model_source
 from ..runtime.graphs import OrtGraph
 from ..schedule import SHIFT, SamplingPlan, timestep_from_sigma
 from . import manifest as mf
@@ -53,18 +54,16 @@ from .stages import StageClock
 from .tensorrt import EngineBuildOptions, build_engine, choose_trt, flavour_version, load_trt
 
 TRT_CHOICES = ("auto", "tensorrt-rtx", "tensorrt", "none")
-REAL_TEXT_LEN = 333  # CLIP 77 + T5 256 tokens
-MAX_REAL_TEXT_LEN = 77 + 512  # the most SD3's encoders give: CLIP 77 + T5 at diffusers' max_sequence_length 512
 MAX_BATCH = 256
 
 
 def check_text_len(model: str, tokens: int, given: str) -> None:
     """Refuse ``--text-len`` (``given``, reaching ``tokens``) past the most tokens ``model``'s text encoders can
-    give the transformer: CLIP 77 + T5 512 for real models, exactly 16 for the embedded ones."""
-    limit = TINY_TEXT_LEN if model in TINY_MODELS else MAX_REAL_TEXT_LEN
+    give the transformer: CLIP 77 + T5 512 for SD3's, exactly 16 for the embedded tiny ones."""
+    limit = text_length(model, t5_length=None)
     if tokens > limit:
         raise UsageError(f"--text-len {given} goes past the {limit} tokens the text encoders of {model} can give",
-                         f"use at most {limit}" + ("" if model in TINY_MODELS else " (CLIP 77 + T5 512)"))
+                         f"use at most {limit}" + (" (CLIP 77 + T5 512)" if limit == SD3_MAX_TEXT_LENGTH else ""))
 
 
 class ParityFailedError(OnexError):
@@ -189,7 +188,7 @@ def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer, encoder_toke
     the text encoders' token count when they are built, must lie in the text-length range."""
     cfg = split.transformer.config
     native = cfg.sample_size * VAE_SCALE
-    text = encoder_tokens or (TINY_TEXT_LEN if config.model in TINY_MODELS else REAL_TEXT_LEN)
+    text = encoder_tokens or text_length(config.model)
     step = VAE_SCALE * cfg.patch_size
     if config.dynamic_shapes:
         res = DimRange(max(step, native // 2 // step * step), native, min(2 * native, cfg.pos_embed_max_size * VAE_SCALE))

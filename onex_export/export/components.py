@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..models.text import build_tiny_text, load_text_encoder, load_tokenizers
 from ..runtime.tokenizers import SD3Tokenizers
 from ..models.vae import LatentDecoder, build_tiny_vae, load_vae
-from ..models.zoo import TINY_MODELS
+from ..models.zoo import TINY_MODELS, model_path
 from . import manifest as mf
 from ..contract import IH, IW, B, H, W, GraphSpec, TensorSpec
 
@@ -44,9 +44,9 @@ class Components:
         cfg, tiny = self.transformer_config, self.model in TINY_MODELS
         if name == "text":
             return (build_tiny_text(cfg.joint_attention_dim, cfg.pooled_projection_dim)[0] if tiny
-                    else load_text_encoder(Path(self.model)))
+                    else load_text_encoder(model_path(self.model)))
         if name == "vae":
-            return LatentDecoder(build_tiny_vae(cfg.in_channels) if tiny else load_vae(Path(self.model))).eval()
+            return LatentDecoder(build_tiny_vae(cfg.in_channels) if tiny else load_vae(model_path(self.model))).eval()
         raise ValueError(f"unknown component {name!r}")
 
     def spec(self, name: str) -> GraphSpec:
@@ -73,8 +73,9 @@ class Components:
                 h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
             return h.hexdigest()
         for folder in _FOLDERS[name]:
-            for file in sorted(p for p in (Path(self.model) / folder).rglob("*") if p.is_file()):
-                h.update(f"{file.relative_to(self.model)}:{file.stat().st_size}".encode())
+            root = model_path(self.model)
+            for file in sorted(p for p in (root / folder).rglob("*") if p.is_file()):
+                h.update(f"{file.relative_to(root)}:{file.stat().st_size}".encode())
                 h.update(mf.sha256_file(file).encode())
         return h.hexdigest()
 
@@ -84,7 +85,7 @@ class Components:
         if self.model in TINY_MODELS:
             return sum(t.numel() * 4 for t in self.load(name).state_dict().values())
         return 2 * sum(p.stat().st_size for folder in _FOLDERS[name]
-                       for p in (Path(self.model) / folder).rglob("*.safetensors") if p.is_file())
+                       for p in (model_path(self.model) / folder).rglob("*.safetensors") if p.is_file())
 
     def inputs(self, name: str, batch: int, latent: int, seed: int = 0) -> dict[str, torch.Tensor]:
         """Seeded example inputs of component ``name``, by input name."""
@@ -102,7 +103,7 @@ class Components:
 
 def available(model: str) -> bool:
     """Whether ``model`` carries text encoders and a VAE (embedded models and pipeline folders do)."""
-    return model in TINY_MODELS or (Path(model) / "text_encoder").is_dir()
+    return model in TINY_MODELS or (model_path(model) / "text_encoder").is_dir()
 
 
 def load_components(model: str, transformer_config, wanted: tuple[str, ...]) -> Components:
@@ -116,7 +117,7 @@ def load_components(model: str, transformer_config, wanted: tuple[str, ...]) -> 
     tokenizers = None
     if "text" in wanted:
         tokenizers = (build_tiny_text(transformer_config.joint_attention_dim, transformer_config.pooled_projection_dim)[1]
-                      if model in TINY_MODELS else load_tokenizers(Path(model)))
+                      if model in TINY_MODELS else load_tokenizers(model_path(model)))
     return Components(model, transformer_config, tuple(n for n in COMPONENTS if n in wanted), tokenizers)
 
 

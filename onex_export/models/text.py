@@ -55,8 +55,12 @@ def byte_tokenizer(max_length: int, clip_style: bool):
                                    model_max_length=max_length)
 
 
-def build_tiny_text(joint_dim: int, pooled_dim: int, seed: int = 0) -> tuple[SD3TextEncoder, SD3Tokenizers]:
-    """Tiny CLIP-L/CLIP-G/T5 whose outputs fit a tiny transformer (``joint_dim``, ``pooled_dim``)."""
+def tiny_text_encoder(joint_dim: int, pooled_dim: int, vocab_size: int = 259, clip_len: int = TINY_CLIP_LEN,
+                      special: tuple[int, int, int] = (0, 1, 2), seed: int = 0) -> SD3TextEncoder:
+    """Tiny CLIP-L/CLIP-G/T5 (2 layers each, seeded random weights) whose outputs fit a tiny transformer
+    (``joint_dim``, ``pooled_dim``). ``special``: the pad, bos and eos token ids. (An eos id of 2 makes
+    transformers' CLIP pool at the highest token id rather than at eos, its legacy behaviour.)"""
+    pad, bos, eos = special
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     width_l = pooled_dim * 2 // 5  # split the pooled width 2:3, like SD3's 768 + 1280
@@ -67,14 +71,20 @@ def build_tiny_text(joint_dim: int, pooled_dim: int, seed: int = 0) -> tuple[SD3
         torch.manual_seed(seed)
         clips = [
             CLIPTextModelWithProjection(CLIPTextConfig(
-                vocab_size=259, hidden_size=w, intermediate_size=2 * w, projection_dim=w, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=TINY_CLIP_LEN, bos_token_id=1, eos_token_id=2,
-                pad_token_id=0, hidden_act="quick_gelu"))
+                vocab_size=vocab_size, hidden_size=w, intermediate_size=2 * w, projection_dim=w, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=clip_len, bos_token_id=bos, eos_token_id=eos,
+                pad_token_id=pad, hidden_act="quick_gelu"))
             for w in widths
         ]
-        t5 = T5EncoderModel(T5Config(vocab_size=259, d_model=joint_dim, d_kv=8, d_ff=2 * joint_dim, num_layers=2,
-                                     num_heads=4, pad_token_id=0, eos_token_id=2))
-    encoder = SD3TextEncoder(*clips, t5).eval()
+        t5 = T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=joint_dim, d_kv=8, d_ff=2 * joint_dim,
+                                     num_layers=2, num_heads=4, pad_token_id=pad, eos_token_id=eos))
+    return SD3TextEncoder(*clips, t5).eval()
+
+
+def build_tiny_text(joint_dim: int, pooled_dim: int, seed: int = 0) -> tuple[SD3TextEncoder, SD3Tokenizers]:
+    """Tiny CLIP-L/CLIP-G/T5 whose outputs fit a tiny transformer (``joint_dim``, ``pooled_dim``), with
+    byte-level tokenizers."""
+    encoder = tiny_text_encoder(joint_dim, pooled_dim, seed=seed)
     tokenizers = SD3Tokenizers(byte_tokenizer(TINY_CLIP_LEN, True), byte_tokenizer(TINY_CLIP_LEN, True),
                                byte_tokenizer(TINY_T5_LEN, False))
     return encoder, tokenizers
@@ -105,7 +115,8 @@ def load_text_encoder(folder: Path) -> SD3TextEncoder:
 
 
 def load_tokenizers(folder: Path, t5_length: int = 256) -> SD3Tokenizers:
-    """The three tokenizers of an SD3/SD3.5 diffusers pipeline folder (T5 cut at ``t5_length``, as SD3 does)."""
+    """The three tokenizers of an SD3/SD3.5 diffusers pipeline folder (T5 cut at ``t5_length``, as SD3 does, or at
+    the tokenizer's own maximum when that is shorter: a small model's T5 may take fewer tokens)."""
     from transformers import AutoTokenizer
 
     _check_text_folders(folder)
@@ -113,10 +124,31 @@ def load_tokenizers(folder: Path, t5_length: int = 256) -> SD3Tokenizers:
         toks = [AutoTokenizer.from_pretrained(folder / d, use_fast=True) for d in ("tokenizer", "tokenizer_2", "tokenizer_3")]
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the tokenizers in {folder}: {exc}") from exc
-    toks[2].model_max_length = t5_length
+    toks[2].model_max_length = min(t5_length, toks[2].model_max_length)
     return SD3Tokenizers(*toks)
 
 
 def load_text(folder: Path, t5_length: int = 256) -> tuple[SD3TextEncoder, SD3Tokenizers]:
     """The encoders and tokenizers of an SD3/SD3.5 diffusers pipeline folder."""
     return load_text_encoder(folder), load_tokenizers(folder, t5_length)
+
+
+SD3_T5_LENGTH = 256  # T5 tokens SD3's pipeline uses by default (its tokenizer allows 512)
+SD3_TEXT_LENGTH = 77 + SD3_T5_LENGTH  # what the transformer sees from a real SD3 pipeline
+SD3_MAX_TEXT_LENGTH = 77 + 512  # the most SD3's encoders give: T5 at diffusers' max_sequence_length 512
+
+
+def text_length(model: str, t5_length: int | None = SD3_T5_LENGTH) -> int:
+    """Text tokens ``model``'s encoders give its transformer: CLIP's maximum plus T5's, T5 cut at ``t5_length`` (None:
+    at its tokenizer's own maximum, the most it can give). Embedded tiny models give 16; a pipeline folder says it
+    with its tokenizers; a folder holding only a transformer is assumed to be SD3's (333, or 77 + 512)."""
+    from .zoo import TINY_MODELS, TINY_TEXT_LEN, model_path
+
+    if model in TINY_MODELS:
+        return TINY_TEXT_LEN
+    folder = model_path(model)
+    if not all((folder / d).is_dir() for d in ("tokenizer", "tokenizer_3")):
+        return SD3_TEXT_LENGTH if t5_length is not None else SD3_MAX_TEXT_LENGTH
+    toks = load_tokenizers(folder, t5_length if t5_length is not None else 10**9)
+    return toks.clip_l.model_max_length + toks.t5.model_max_length
+

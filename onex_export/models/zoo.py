@@ -56,14 +56,51 @@ TINY_MODELS: dict[str, TinySpec] = {
         "SD3.5-Large topology: 38 joint blocks, qk RMSNorm, width 32", _tiny_config(38, qk_norm="rms_norm")
     ),
 }
-DEFAULT_MODEL = "tiny-sd3"
 TINY_TEXT_LEN = 16  # text tokens fed to tiny models (the real SD3 encoders give 77 + 256 = 333)
+
+
+@dataclass(frozen=True)
+class TrainedSpec:
+    """An embedded trained model: an SD3 pipeline folder shipped inside the package, its compensation MLP and the
+    range that MLP was trained for, and how it was made."""
+
+    description: str
+    folder: Path
+    mlp: Path
+    skip: str
+
+
+EMBEDDED = Path(__file__).resolve().parent / "embedded"
+TRAINED_MODELS: dict[str, TrainedSpec] = {
+    "digits-sd3": TrainedSpec(
+        "the toy world's 1.x-Distill student: SD3-Medium topology (24 blocks) at width 64, trained on digit scenes "
+        "by `python -m bench.toy` (DCT + MLP, skip 3-10); 64x64 images, prompts like 'a red 7 on the left'",
+        EMBEDDED / "digits-sd3", EMBEDDED / "digits-sd3" / "mlp.safetensors", "3-10"),
+}
+DEFAULT_MODEL = "tiny-sd3"  # becomes digits-sd3 once it ships
+
+
+def is_embedded(spec: str) -> bool:
+    """Whether ``spec`` names a model that ships with the package (built in code or trained)."""
+    return spec in TINY_MODELS or spec in TRAINED_MODELS
+
+
+def model_path(spec: str) -> Path:
+    """The folder a model spec names: an embedded trained model's own, or the path itself."""
+    return TRAINED_MODELS[spec].folder if spec in TRAINED_MODELS else Path(spec)
+
+
+def default_mlp_for(spec: str, skip) -> Path | None:
+    """The compensation MLP that comes with an embedded trained model, when ``skip`` (a SkipRange) is the range it was
+    trained for; None otherwise (an MLP learns one range's contribution)."""
+    trained = TRAINED_MODELS.get(spec)
+    return trained.mlp if trained is not None and str(skip) == trained.skip else None
 
 
 def model_source(spec: str) -> str:
     """How a build or a probe records the model it was made from: an embedded name as is, a folder by its absolute
     path (so that the record means the same from any working folder)."""
-    return spec if spec in TINY_MODELS else os.path.abspath(spec)
+    return spec if is_embedded(spec) else os.path.abspath(spec)
 
 
 def build_tiny(name: str, seed: int = TINY_SEED) -> SD3Transformer2DModel:
@@ -78,11 +115,11 @@ def build_tiny(name: str, seed: int = TINY_SEED) -> SD3Transformer2DModel:
 
 def transformer_folder(spec: str) -> Path:
     """The folder of the SD3/SD3.5 transformer that ``spec`` (a pipeline folder or its ``transformer/``) names."""
-    path = Path(spec)
+    path = model_path(spec)
     if not path.exists():
         raise ModelLoadError(
             f"model {spec!r} is neither an embedded model nor an existing folder",
-            f"use one of {', '.join(TINY_MODELS)}, or the path of a local SD3/SD3.5 diffusers folder",
+            f"use one of {', '.join([*TINY_MODELS, *TRAINED_MODELS])}, or the path of a local SD3/SD3.5 diffusers folder",
         )
     folder = path / "transformer" if (path / "transformer" / "config.json").is_file() else path
     config_file = folder / "config.json"

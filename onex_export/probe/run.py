@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import UsageError
-from ..export.build import REAL_TEXT_LEN
+from ..models.text import SD3_TEXT_LENGTH
 from ..export.components import available, load_components
 from ..export.precision import PRECISIONS
 from ..export.shapes import VAE_SCALE, DimRange, ShapeConfig
@@ -92,7 +92,7 @@ def encode_prompts(model: str, config, prompts: tuple[str, ...], random_text: bo
     transformer's (its text widths)."""
     if random_text:
         g = torch.Generator().manual_seed(0)
-        return [(torch.randn(1, REAL_TEXT_LEN, config.joint_attention_dim, generator=g),
+        return [(torch.randn(1, SD3_TEXT_LENGTH, config.joint_attention_dim, generator=g),
                  torch.randn(1, config.pooled_projection_dim, generator=g)) for _ in prompts]
     if not available(model):
         raise UsageError(f"{model} holds only a transformer: the probe needs its text encoders",

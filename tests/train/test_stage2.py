@@ -46,6 +46,8 @@ def test_the_schedule_is_d_warm_up_then_g_every_third_with_an_mlp_warm_up():
     paper = Stage2Config(run_dir="x", discriminator_weights="w.bin")  # defaults: the release's 50 / 3 / 500
     assert [phase(paper, s) for s in (0, 49, 50, 51, 52, 53, 497, 500, 501, 503)] == [
         "d", "d", "mlp", "d", "d", "mlp", "mlp", "g", "d", "g"]
+    no_mlp = Stage2Config(run_dir="x", discriminator_weights="w.bin", train_mlp=False)  # DCT without the MLP
+    assert [phase(no_mlp, s) for s in (0, 49, 50, 51, 53, 500)] == ["d", "d", "g", "d", "g", "g"]
 
 
 def test_config_refusals():
