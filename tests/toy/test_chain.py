@@ -42,8 +42,10 @@ def test_every_stage_runs_and_the_report_is_written(quick):
         assert 0.0 <= row["correct"]["mean"] <= 1.0 and row["fid_real"]["mean"] >= 0.0
     assert len(report["claims"]) == 5
     assert {c["verdict"] for c in report["claims"]} <= {"reproduced", "not reproduced", "inconclusive"}
-    # the real scenes' row is the judge's ceiling, whatever the models learnt in a few steps
-    assert report["stages"]["evaluation"]["rows"][0]["correct"]["mean"] > 0.9
+    # the real scenes' row: its colour and side are read by the analytic detectors, which need no training (the
+    # digit CNN of --quick has trained 20 steps, so its digit rate means nothing here)
+    real = report["stages"]["evaluation"]["rows"][0]
+    assert real["glyph"]["mean"] == 1.0 and real["colour"]["mean"] > 0.99 and real["side"]["mean"] > 0.99
     for name in ("report.md", "grid.png", "quality-vs-nfe.png"):
         assert (work / "report" / name).stat().st_size > 1000
     teacher = report["stages"]["teacher"]
