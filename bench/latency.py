@@ -33,7 +33,7 @@ from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.export.components import component_graphs, load_components
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.shapes import VAE_SCALE, DimRange
-from onex_export.export.tensorrt import flavour_version
+from onex_export.trt import flavour_version
 from onex_export.models import SplitSD3Transformer, build_tiny
 from onex_export.models.zoo import TINY_TEXT_LEN
 from onex_export.runtime.cuda_graph import CudaGraphDenoiser

@@ -26,7 +26,8 @@ from onex_export.export.build import BuildConfig, build
 from onex_export.export.gate import GateConfig
 from onex_export.export.precision import Fp32Blocks
 from onex_export.export.shapes import DimRange
-from onex_export.export.tensorrt import RTX_DEFAULT_TARGETS, flavour_version
+from onex_export.export.tensorrt import RTX_DEFAULT_TARGETS
+from onex_export.trt import flavour_version
 from onex_export.export.verify import verify
 from onex_export.models import CompensationMLP, SplitSD3Transformer, build_tiny, save_compensation
 from onex_export.runtime.graphs import OrtGraph, PlanDenoiser

@@ -12,9 +12,10 @@ import pytest
 from onex_export.errors import ModelLoadError, OnexError
 from onex_export.export import tensorrt as trt_export
 from onex_export.export.tensorrt import (
-    FLAVOURS, EngineBuildError, EngineBuildOptions, EngineOptionsError, FlavourNotInstalledError, OnnxParseError,
-    ShapeProfile, ShapeProfileError, EngineTensor, build_engine, flavour_version, load_trt,
+    EngineBuildError, EngineBuildOptions, EngineOptionsError, OnnxParseError, ShapeProfile, ShapeProfileError,
+    EngineTensor, build_engine,
 )
+from onex_export.trt import FLAVOURS, FlavourNotInstalledError, flavour_version, load_trt
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx_bindings") is not None
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

@@ -42,6 +42,7 @@ from ..models.text import SD3_MAX_TEXT_LENGTH, text_length
 from ..models.zoo import model_source
 from ..runtime.graphs import OrtGraph
 from ..schedule import SHIFT, SamplingPlan, timestep_from_sigma
+from ..trt import flavour_version, load_trt
 from . import manifest as mf
 from .components import COMPONENTS, Components, available, load_components, save_tokenizers
 from .gate import GateConfig, failure_summary, run_gate
@@ -51,7 +52,7 @@ from .onnx_export import EXPORTER, MIN_OPSET, PROTOBUF_LIMIT, TRACE_DIMS, export
 from .precision import PrecisionPolicy, apply_precision
 from .shapes import VAE_SCALE, DimRange, ShapeConfig
 from .stages import StageClock
-from .tensorrt import EngineBuildOptions, build_engine, choose_trt, flavour_version, load_trt
+from .tensorrt import EngineBuildOptions, build_engine, choose_trt
 
 TRT_CHOICES = ("auto", "tensorrt-rtx", "tensorrt", "none")
 MAX_BATCH = 256

@@ -7,7 +7,6 @@ so no fp16/bf16 builder flags are set. Running an engine needs a GPU; this modul
 """
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import time
@@ -19,29 +18,12 @@ from typing import Callable, Mapping
 from .. import interrupts
 from ..errors import ModelLoadError, OnexError, UsageError
 from ..fileio import atomic_path
+from ..trt import LABELS, EngineOptionsError, check_flavour, flavour_version, load_trt
 
-FLAVOURS = ("tensorrt", "tensorrt-rtx")
-
-_MODULES = {"tensorrt": ("tensorrt",), "tensorrt-rtx": ("tensorrt_rtx_libs", "tensorrt_rtx_bindings")}
-_LABELS = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}
-_INSTALL_HINTS = {
-    "tensorrt-rtx": "pip install -e '.[tensorrt-rtx]' "
-    "(tensorrt-rtx-cu13-bindings==1.7.1.116 tensorrt-rtx-cu13-libs==1.7.1.116)",
-    "tensorrt": "pip install -e '.[tensorrt]' (tensorrt-cu13-bindings==11.4.0.106 tensorrt-cu13-libs==11.4.0.106; "
-    "its libs package downloads from NVIDIA, so it needs a normal network)",
-}
 _DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "FP8": "float8", "FP4": "float4"}
 _CAPABILITY_RE = re.compile(r"\d{1,2}\.\d")
 
 ShapeTriple = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-
-
-class FlavourNotInstalledError(OnexError):
-    """The Python module for the chosen TensorRT flavour cannot be imported."""
-
-
-class EngineOptionsError(UsageError):
-    """An engine build option (flavour, level, compute capability, cache, workspace) is invalid."""
 
 
 class ShapeProfileError(UsageError):
@@ -54,23 +36,6 @@ class OnnxParseError(OnexError):
 
 class EngineBuildError(OnexError):
     """TensorRT parsed the network but could not build an engine from it."""
-
-
-def _check_flavour(flavour: str) -> None:
-    if flavour not in FLAVOURS:
-        raise EngineOptionsError(f"unknown TensorRT flavour {flavour!r}", hint=f"choose one of {', '.join(FLAVOURS)}")
-
-
-def load_trt(flavour: str) -> ModuleType:
-    """Import and return the TensorRT module for ``flavour`` (``tensorrt_rtx_bindings`` for "tensorrt-rtx")."""
-    _check_flavour(flavour)
-    try:
-        return [importlib.import_module(name) for name in _MODULES[flavour]][-1]
-    except (ImportError, OSError) as exc:
-        raise FlavourNotInstalledError(
-            f"{_LABELS[flavour]} is not installed or cannot be loaded ({exc})",
-            hint=f"{_INSTALL_HINTS[flavour]}; or pass --trt none to export ONNX only",
-        ) from exc
 
 
 # TensorRT-RTX targets (its ComputeCapability enum) and the ones it builds for when none are named.
@@ -107,14 +72,6 @@ def choose_trt(requested: str, compute_capabilities: tuple[str, ...] = (), log: 
     return choice
 
 
-def flavour_version(flavour: str) -> str | None:
-    """The installed version of ``flavour``, or None when it is not installed."""
-    try:
-        return load_trt(flavour).__version__
-    except FlavourNotInstalledError:
-        return None
-
-
 @dataclass(frozen=True)
 class EngineBuildOptions:
     """How to build an engine. ``compute_capabilities`` ("8.6", "12.0", ...) is for TensorRT-RTX only
@@ -130,7 +87,7 @@ class EngineBuildOptions:
     tf32: bool = False
 
     def __post_init__(self):
-        _check_flavour(self.flavour)
+        check_flavour(self.flavour)
         level = self.optimization_level
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 5:
             raise EngineOptionsError(f"optimization level {level!r} is not an integer from 0 to 5",
@@ -301,7 +258,7 @@ def _build_serialized(trt: ModuleType, onnx_path: Path, engine_path: Path, profi
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "\n".join(f"  {parser.get_error(i)}" for i in range(parser.num_errors))
-        raise OnnxParseError(f"{_LABELS[options.flavour]} could not parse {onnx_path.name}:\n{errors}",
+        raise OnnxParseError(f"{LABELS[options.flavour]} could not parse {onnx_path.name}:\n{errors}",
                              hint="check the file with onnx.checker.check_model and keep its external data "
                                   "files next to it; re-export it if it is damaged")
 
@@ -332,7 +289,7 @@ def _build_serialized(trt: ModuleType, onnx_path: Path, engine_path: Path, profi
         return None  # leaving the deferred block raises the interrupt
     if serialized is None:
         messages = "\n".join(f"  {m}" for m in logger.messages) or "  (TensorRT logged no warnings or errors)"
-        raise EngineBuildError(f"{_LABELS[options.flavour]} could not build an engine from {onnx_path.name}:\n"
+        raise EngineBuildError(f"{LABELS[options.flavour]} could not build an engine from {onnx_path.name}:\n"
                                f"{messages}", hint="see the TensorRT messages above; a lower optimization level "
                                                     "or other compute capabilities may help")
     with atomic_path(engine_path) as tmp, open(tmp, "wb") as f:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OnexError
-from ..export.tensorrt import load_trt
+from ..trt import load_trt
 
 _TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT64": torch.int64,
           "INT32": torch.int32}
