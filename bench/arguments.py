@@ -50,7 +50,7 @@ def run_main(main) -> int:
     with exit 130 / 143; a user error or a full disk prints its message and hint and exits 1 or 2; only bugs
     keep their traceback."""
     from onex_export import interrupts
-    from onex_export.cli import errors_reported
+    from onex_export.exits import errors_reported
 
     interrupts.install()
     with errors_reported():

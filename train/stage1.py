@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from onex_export import interrupts
-from onex_export.cli import errors_reported
+from onex_export.exits import errors_reported
 from onex_export.export.shapes import VAE_SCALE
 from onex_export.schedule import student_sigmas
 

@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from onex_export import interrupts
-from onex_export.cli import errors_reported
+from onex_export.exits import errors_reported
 from onex_export.errors import UsageError
 from onex_export.export.components import load_components
 from onex_export.export.shapes import VAE_SCALE

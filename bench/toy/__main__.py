@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from onex_export.cli import errors_reported
+from onex_export.exits import errors_reported
 
 from .chain import ToyConfig, done, run_stage
 from .evaluation import evaluation_stage

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
+from ..exits import errors_reported
 from ..runtime.pipeline import BACKENDS
-
-from . import errors_reported, main
+from . import main
 
 
 @main.command(name="serve")
