@@ -58,8 +58,3 @@ def measure_interleaved(fns: dict[str, tuple[Callable[[], object], int]], warmup
         if on_round is not None:
             on_round(i + 1, rounds)
     return {name: _timing(t) for name, t in times.items()}
-
-
-def measure(fn: Callable[[], object], warmup: int, repeats: int, cuda: bool = False) -> Timing:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed."""
-    return measure_interleaved({"fn": (fn, repeats)}, warmup, cuda)["fn"]
