@@ -112,6 +112,7 @@ def naive_worker(folder: Path, precision: str, resolution: int, text_len: int, t
     from onex_export.export.onnx_export import export_graph
     from onex_export.contract import GraphSpec, TensorSpec
     from onex_export.export.tensorrt import EngineBuildOptions, build_engine
+    from onex_export.models.weights import module_nbytes
 
     dtype, clock = PRECISIONS[precision], StageClock()
 
@@ -139,7 +140,7 @@ def naive_worker(folder: Path, precision: str, resolution: int, text_len: int, t
 
     inputs = tuple(torch.randn(*t.shape).to(dtype) for t in spec.inputs[:3]) + (torch.full((1,), 500.0, dtype=dtype),)
     with clock.stage("export"):
-        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        weights = module_nbytes(model)
         export_graph(Whole(model), spec, inputs, out, weights)
     emit("export")
     del model

@@ -36,7 +36,8 @@ from ..fileio import DiskError, free_bytes, sha256_file, writing
 from ..locks import build_lock
 from ..models import DEFAULT_MODEL, CompensationMLP, SplitSD3Transformer, load_compensation
 from ..models.weights import (
-    WeightSource, check_keys, materialized, meta_transformer, release, top_level_prefixes, transformer_source,
+    WeightSource, check_keys, materialized, meta_transformer, module_nbytes, release, tensors_digest, top_level_prefixes,
+    transformer_source,
 )
 from ..models.text import SD3_MAX_TEXT_LENGTH, text_length
 from ..models.zoo import model_source
@@ -130,14 +131,6 @@ def _hash(*parts) -> str:
     return h.hexdigest()
 
 
-def _module_digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
-    return h.hexdigest()
-
-
 def public_config(cfg) -> dict:
     """A diffusers config without its private ``_*`` bookkeeping (whose order is not stable)."""
     return {k: v for k, v in dict(cfg).items() if not k.startswith("_")}
@@ -180,7 +173,7 @@ def load_model(model: str, mlp: Path | None, skip: SkipRange, policy: PrecisionP
     config, source = transformer_source(model)
     split = split_on_meta(config, mlp, skip)
     check_keys(split.transformer, source)
-    mlp_digest = _module_digest(split.mlp)  # as stored, before any cast
+    mlp_digest = tensors_digest(split.mlp.state_dict().items())  # as stored, before any cast
     return LoadedModel(config, source, apply_precision(split, policy), mlp_digest)
 
 
@@ -262,10 +255,6 @@ def _graphs(loaded: LoadedModel, defs: list[GraphDef], specs: dict, comps: Compo
     return out
 
 
-def _module_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
 def export_stage(config: BuildConfig, loaded: LoadedModel, comps: Components, graphs: dict[str, _Graph],
                  previous: dict | None, tmp: Path, versions: dict, log) -> dict[str, dict]:
     """Export each graph (or reuse it), loading only its own weights while it is exported."""
@@ -296,7 +285,7 @@ def export_stage(config: BuildConfig, loaded: LoadedModel, comps: Components, gr
                                    release_weights=lambda: release(split.transformer, g.prefixes))
         else:
             module = comps.load(name)
-            art = export_graph(module, g.spec, inputs, tmp, _module_bytes(module), config.opset,
+            art = export_graph(module, g.spec, inputs, tmp, module_nbytes(module), config.opset,
                                config.external_data_threshold, release_weights=lambda: module.to("meta"))
             del module
         log(f"      {name}.onnx {art.weight_bytes / 1e6:.1f} MB of weights in {art.export_seconds:.1f} s")

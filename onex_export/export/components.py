@@ -20,6 +20,7 @@ from ..errors import UsageError
 from ..models.text import build_tiny_text, load_text_encoder, load_tokenizers
 from ..runtime.tokenizers import SD3Tokenizers
 from ..models.vae import LatentDecoder, build_tiny_vae, load_vae
+from ..models.weights import tensors_digest
 from ..models.zoo import TINY_MODELS, model_path
 from . import manifest as mf
 from ..contract import IH, IW, B, H, W, GraphSpec, TensorSpec
@@ -66,12 +67,9 @@ class Components:
     def digest(self, name: str) -> str:
         """The identity of a component's weights: its folders' files (a pipeline folder), or the weights of the
         module built in code (an embedded model)."""
-        h = hashlib.sha256()
         if self.model in TINY_MODELS:
-            for key, t in self.load(name).state_dict().items():
-                h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-                h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            return h.hexdigest()
+            return tensors_digest(self.load(name).state_dict().items())
+        h = hashlib.sha256()
         for folder in _FOLDERS[name]:
             root = model_path(self.model)
             for file in sorted(p for p in (root / folder).rglob("*") if p.is_file()):

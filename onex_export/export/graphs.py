@@ -32,6 +32,7 @@ from torch import nn
 
 from ..contract import TORCH_DTYPES, B, GraphSpec, H, N, T, TensorSpec, W
 from ..models.split import SplitSD3Transformer
+from ..models.weights import module_nbytes
 from .precision import PrecisionPolicy
 
 ROLES = ("head", "segment", "reuse", "tail")
@@ -86,7 +87,7 @@ def module_bytes(split: SplitSD3Transformer, names: list[str]) -> int:
     total = 0
     for name in names:
         module = split.mlp if name == "mlp" else split.transformer.get_submodule(name)
-        total += sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+        total += module_nbytes(module)
     return total
 
 

@@ -36,6 +36,21 @@ _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "
 DTypeOf = Callable[[str], torch.dtype]  # checkpoint key -> the dtype its tensor should have
 
 
+def tensors_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over the name, dtype, shape and bytes of each ``(name, tensor)`` in order: the identity of those
+    weights (any shapes and dtypes; tensors on any device)."""
+    h = hashlib.sha256()
+    for name, t in tensors:
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def module_nbytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers at their current dtypes (works on the ``meta`` device)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
 class WeightSource:
     """A transformer's tensors by checkpoint key (``transformer_blocks.3.attn.to_q.weight``), as stored."""
 
@@ -61,12 +76,7 @@ class WeightSource:
     def digest(self, prefixes: Iterable[str]) -> str:
         """sha256 over the name, dtype, shape and bytes of every stored tensor under ``prefixes``: the
         identity of those weights, whatever dtype they are later cast to."""
-        h = hashlib.sha256()
-        for key in self.under(prefixes):
-            t = self.get(key).contiguous()
-            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.view(-1).view(torch.uint8).numpy().data)
-        return h.hexdigest()
+        return tensors_digest((key, self.get(key)) for key in self.under(prefixes))
 
     def stored_dtypes(self) -> dict[str, int]:
         """dtype name -> number of tensors stored in it (a mixed checkpoint lists several)."""
