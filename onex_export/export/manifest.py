@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from ..contract import (  # noqa: F401 (the reading side lives in the contract; build and verify use it from here)
-    FILENAME, JSON_SCHEMA, SCHEMA, SCHEMA_VERSION, ManifestError, artifact_entries, check_files, read_manifest,
+    FILENAME, JSON_SCHEMA, SCHEMA, SCHEMA_VERSION, ManifestError, artifact_entries, check_files, derive_status,
+    read_manifest,
 )
 from ..fileio import atomic_path, sha256_file
 
@@ -33,18 +34,6 @@ def is_build_folder(folder: Path) -> bool:
         return json.loads((Path(folder) / FILENAME).read_text()).get("schema") == SCHEMA
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def derive_status(verifications: list[dict]) -> str:
-    """A build's ``status`` from its verifications, taking the latest of each (artifact, backend, device):
-    ``failed`` if any failed, else ``passed`` if any passed, else ``unverified`` (none could run here,
-    e.g. bf16 graphs on a CPU, or ``--gate none``)."""
-    latest = {}
-    for v in verifications:
-        latest[(v["artifact"], v["backend"], v.get("device"))] = v["status"]
-    if "failed" in latest.values():
-        return "failed"
-    return "passed" if "passed" in latest.values() else "unverified"
 
 
 def add_verification(folder: Path, verification: dict) -> dict:
