@@ -151,6 +151,20 @@ class SamplingPlan:
                 raise ValueError(f"step {i + 1} goes to sigma {step['sigma_next']}, but the next step starts at {expected}")
         return cls(str(schedule["name"]), sigmas, tuple(plans[s["plan"]] for s in steps), float(schedule["eta"]))
 
+    def to_manifest(self, num_layers: int, skip: SkipRange) -> dict:
+        """The manifest's ``schedule`` section for this plan, run by a model of ``num_layers`` blocks skipping
+        ``skip``: what :meth:`from_manifest` reads back, with the step rule and NFE spelled out for a service."""
+        steps = [{"sigma": sigma, "sigma_next": self.sigma_after(i), "timestep": timestep_from_sigma(sigma),
+                  "plan": "skipping" if skips else "full"}
+                 for i, (sigma, skips) in enumerate(zip(self.sigmas, self.skips))]
+        return {
+            "name": self.name, "shift": SHIFT, "eta": self.eta, "sigmas": list(self.sigmas), "steps": steps,
+            "effective_nfe": self.nfe(num_layers, skip),
+            "step_rule": "x0 = x - sigma*v; eps = x + (1-sigma)*v; x_next = (1-sigma_next)*x0 + "
+                         "sigma_next*(eta*eps + sqrt(1-eta^2)*noise); x_next = x0 when sigma_next = 0",
+            "initial_latents": "standard normal, shape (batch, in_channels, latent_height, latent_width)",
+        }
+
     @property
     def uses_cfg(self) -> bool:
         return self.guidance_scale > 1.0

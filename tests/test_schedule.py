@@ -102,3 +102,11 @@ def test_plan_validation():
         SamplingPlan("bad", (1.0, 0.75), (False,))
     with pytest.raises(ValueError, match="no skip range"):
         SamplingPlan.one_x().nfe(24, None)
+
+
+def test_a_plan_writes_the_manifest_section_it_reads_back():
+    plan = SamplingPlan.one_x(eta=0.5)
+    section = plan.to_manifest(24, SkipRange(3, 10))
+    assert SamplingPlan.from_manifest(section) == plan
+    assert [s["plan"] for s in section["steps"]] == ["full", "skipping"] and section["sigmas"] == [1.0, 0.75]
+    assert section["effective_nfe"] == pytest.approx(1 + 16 / 24) and section["steps"][1]["sigma_next"] == 0.0

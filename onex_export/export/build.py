@@ -42,7 +42,7 @@ from ..models.weights import (
 from ..models.text import SD3_MAX_TEXT_LENGTH, text_length
 from ..models.zoo import model_source
 from ..runtime.graphs import OrtGraph
-from ..schedule import SHIFT, SamplingPlan, timestep_from_sigma
+from ..schedule import SamplingPlan
 from ..trt import flavour_version, load_trt
 from . import manifest as mf
 from .components import COMPONENTS, Components, available, load_components, save_tokenizers
@@ -195,20 +195,6 @@ def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer, encoder_toke
         raise UsageError(f"--text-len {tl} does not include the text encoders' {text} tokens",
                          f"use --text-len {text}, or --components vae to build without text encoders")
     return shapes.validate_for(cfg.patch_size, cfg.pos_embed_max_size)
-
-
-def schedule_section(plan: SamplingPlan, num_layers: int, skip: SkipRange) -> dict:
-    steps = []
-    for i, (sigma, skips) in enumerate(zip(plan.sigmas, plan.skips)):
-        steps.append({"sigma": sigma, "sigma_next": plan.sigma_after(i), "timestep": timestep_from_sigma(sigma),
-                      "plan": "skipping" if skips else "full"})
-    return {
-        "name": plan.name, "shift": SHIFT, "eta": plan.eta, "sigmas": list(plan.sigmas), "steps": steps,
-        "effective_nfe": plan.nfe(num_layers, skip),
-        "step_rule": "x0 = x - sigma*v; eps = x + (1-sigma)*v; "
-                     "x_next = (1-sigma_next)*x0 + sigma_next*(eta*eps + sqrt(1-eta^2)*noise); x_next = x0 when sigma_next = 0",
-        "initial_latents": "standard normal, shape (batch, in_channels, latent_height, latent_width)",
-    }
 
 
 # -- export and engines -------------------------------------------------------------------------------------
@@ -443,7 +429,7 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
         "trt": trt,
         "shapes": {"ranges": shapes.to_json(), "dims": shapes.dim_ranges(cfg.patch_size),
                    "dynamic": sorted(shapes.dynamic_dims)},
-        "schedule": schedule_section(SamplingPlan.one_x(config.eta), loaded.split.num_layers, config.skip),
+        "schedule": SamplingPlan.one_x(config.eta).to_manifest(loaded.split.num_layers, config.skip),
         "graphs": entries, "plans": plans,
         "weights": {"model_bytes": model_bytes, "graph_bytes": graph_bytes,
                     "duplication_ratio": graph_bytes / model_bytes,
