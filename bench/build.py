@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from onex_export.contract import FILENAME, Manifest, read_manifest
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.stages import StageClock
 
@@ -180,7 +181,7 @@ def run(args) -> dict:
                 "--max-graph-gib", str(args.max_graph_gib), "--out", str(out)]
         progress("onex-export build ...")
         ours = run_child(argv, limit, work / "build.log")
-        manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else None
+        manifest = read_manifest(out) if (out / FILENAME).is_file() else None
         report["onex_export"] = summarize_build(ours, manifest)
         if args.naive:
             progress("naive: from_pretrained + one ONNX traced at full size + one engine ...")
@@ -201,18 +202,19 @@ def run(args) -> dict:
     return report
 
 
-def summarize_build(child: dict, manifest: dict | None) -> dict:
+def summarize_build(child: dict, manifest: Manifest | None) -> dict:
     out = {k: v for k, v in child.items() if k != "events"}
     if manifest is None:
         return out
-    stages = {k: v for k, v in manifest["stages"].items() if k != "per_stage_peak"}
+    stages = {k: v for k, v in manifest.stages.items() if k != "per_stage_peak"}
     # the watchdog samples; the stages' own peaks (VmHWM) catch what falls between two samples
     out["peak_rss_bytes"] = max([out["peak_rss_bytes"], *(r["peak_rss_bytes"] for r in stages.values())])
-    graphs = {n: {"blocks": (g["def"] or {}).get("blocks"), "weight_bytes": g["weight_bytes"],
-                  "export_seconds": g["export_seconds"], "build_seconds": g.get("build_seconds", 0.0),
-                  "engine_bytes": g["engine"]["bytes"] if g["engine"] else None} for n, g in manifest["graphs"].items()}
-    v = manifest["verifications"][-1]
-    out.update(status=manifest["status"], stages=stages, graphs=graphs,
+    graphs = {n: {"blocks": (g.definition or {}).get("blocks"), "weight_bytes": g.weight_bytes,
+                  "export_seconds": g.export_seconds,
+                  "build_seconds": g.build_seconds if g.build_seconds is not None else 0.0,
+                  "engine_bytes": g.engine.bytes if g.engine else None} for n, g in manifest.graphs.items()}
+    v = manifest.verifications[-1]
+    out.update(status=manifest.status, stages=stages, graphs=graphs,
                gate={"status": v["status"], "reason": v.get("reason"), "seconds": v.get("seconds"),
                      "rows": len(v["rows"]), "failed_rows": sum(not r["passed"] for r in v["rows"]),
                      "worst_max_rel": max((r["max_rel"] for r in v["rows"]), default=None),

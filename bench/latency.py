@@ -26,6 +26,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from onex_export.config import SkipRange
+from onex_export.contract import Manifest
 from onex_export.errors import OnexError
 from onex_export.fileio import check_destination
 from onex_export.export.build import BuildConfig, build
@@ -85,16 +86,16 @@ def denoisers(args, transformer, resolution: int, tmp: Path) -> dict:
         progress(f"building the {skip_text} graphs for {args.backend}")
         manifest = checked_build(config)
         graphs = load_build_graphs(folder, manifest, args.backend)
-        out[skip_text] = (PlanDenoiser(graphs, manifest["plans"]), split)
+        out[skip_text] = (PlanDenoiser(graphs, manifest.plans), split)
     return out
 
 
-def checked_build(config: BuildConfig) -> dict:
+def checked_build(config: BuildConfig) -> Manifest:
     """Build for timing. A gate that could not run here is accepted (bf16 graphs are gated only on a GPU,
     with ``onex-export verify --backend tensorrt``); a gate that ran and failed stops the benchmark, since
     the timings would not be of the model."""
     manifest = build(dataclasses.replace(config, allow_parity_failure=True), log=lambda line: None)
-    if manifest["status"] == "failed":
+    if manifest.status == "failed":
         raise OnexError(f"the {config.skip} build does not match PyTorch (its parity gate failed), so timing it "
                         "would not measure the model", "run `onex-export build` with the same options for the table")
     return manifest

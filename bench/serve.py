@@ -189,9 +189,9 @@ def run(args) -> dict:
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine()},
         "backend": args.backend, "device": args.device,
-        "config": {"build": str(args.build), "model": manifest["model"]["source"], "precision": manifest["precision"],
-                   "resolution": manifest["shapes"]["ranges"]["resolution"][1],
-                   "max_batch": manifest["shapes"]["ranges"]["batch"][2], "requests": args.requests,
+        "config": {"build": str(args.build), "model": manifest.model.source, "precision": manifest.precision,
+                   "resolution": manifest.shapes.ranges.resolution.opt,
+                   "max_batch": manifest.shapes.ranges.batch.max, "requests": args.requests,
                    "warmup": args.warmup, "max_queue_delay_us": args.max_queue_delay_us},
         "levels": levels,
     }

@@ -1,5 +1,6 @@
 """What a build writes and a runtime reads: the manifest's schema name and version, its dimension names,
-tensor specs, plan names and how a plan runs, and reading and checking a build folder.
+tensor specs, plan names and how a plan runs, the typed :class:`Manifest`, and reading and checking a build
+folder. Writers construct a :class:`Manifest`; readers use its attributes.
 
 ``export/`` writes this contract and ``runtime/`` only reads it: this module imports neither, nor any
 model or exporter (no diffusers, onnx or TensorRT), so a service that runs a build imports only what
@@ -385,7 +386,7 @@ class Manifest:
         except KeyError as exc:
             raise ManifestError(f"{where} has no {exc} entry where this version needs one",
                                 "rebuild with this version of onex-export") from exc
-        except (TypeError, ValueError) as exc:
+        except (AttributeError, TypeError, ValueError) as exc:
             raise ManifestError(f"{where} is malformed: {exc}", "rebuild with `onex-export build`") from exc
 
     def to_json(self) -> dict:
@@ -410,48 +411,27 @@ class Manifest:
         return out + [f for tokenizer in self.pipeline.tokenizers.values() for f in tokenizer.files]
 
 
-def read_manifest(folder: Path) -> dict:
-    """Load ``folder/manifest.json`` and check its schema, version and plan names."""
+def read_manifest(folder: Path) -> Manifest:
+    """Load ``folder/manifest.json`` and check it (schema, version, plan names, every section)."""
     path = Path(folder) / FILENAME
     if not path.is_file():
         raise ManifestError(f"no {FILENAME} in {folder}", "point at a folder written by `onex-export build`")
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ManifestError(f"cannot read {path}: {exc}", "rebuild with `onex-export build`") from exc
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise ManifestError(f"{path} is not an onex-export build manifest")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ManifestError(f"{path} has schema version {manifest.get('schema_version')}, this tool reads "
-                            f"{SCHEMA_VERSION}", "rebuild with this version of onex-export")
-    unknown = sorted(set(manifest.get("plans", {})) - set(PLANS))
-    if unknown:
-        raise ManifestError(f"{path} has plan(s) {unknown}, which this tool cannot run (it knows {', '.join(PLANS)})",
-                            "rebuild with this version of onex-export")
-    return manifest
+    return Manifest.from_json(data, str(path))
 
 
-def artifact_entries(manifest: dict) -> list[dict]:
-    """Every file entry the manifest lists (ONNX graphs, their external data, engines, tokenizers)."""
-    out = []
-    for graph in manifest["graphs"].values():
-        for kind in ("onnx", "onnx_data", "engine"):
-            if graph.get(kind):
-                out.append(graph[kind])
-    for tokenizer in manifest.get("pipeline", {}).get("tokenizers", {}).values():
-        out.extend(tokenizer["files"])
-    return out
-
-
-def check_files(folder: Path, manifest: dict) -> list[str]:
+def check_files(folder: Path, manifest: Manifest) -> list[str]:
     """Problems with the listed files (missing, size or sha256 mismatch); empty when all match."""
     problems = []
-    for entry in artifact_entries(manifest):
-        path = Path(folder) / entry["file"]
+    for entry in manifest.files():
+        path = Path(folder) / entry.file
         if not path.is_file():
-            problems.append(f"{entry['file']}: missing")
-        elif path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            problems.append(f"{entry['file']}: sha256 does not match the manifest (corrupted or tampered)")
+            problems.append(f"{entry.file}: missing")
+        elif path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+            problems.append(f"{entry.file}: sha256 does not match the manifest (corrupted or tampered)")
     return problems
 
 

@@ -276,7 +276,7 @@ def serve(config: ServeConfig, log: Callable[[str], None] = print, stop: threadi
                     previous[sig] = signal.signal(sig, graceful)
         security = TritonSecurityConfig(access_token=config.access_token)
         with Triton(config=triton_config, security_config=security) as triton:
-            _bind(triton, model, config, pipeline.manifest["shapes"]["ranges"]["batch"][2])
+            _bind(triton, model, config, pipeline.manifest.shapes.ranges.batch.max)
             triton.run()
             log(f"ready     model {MODEL_NAME!r}: HTTP :{config.http_port}, gRPC :{config.grpc_port}, "
                 f"metrics :{config.metrics_port} ({time.perf_counter() - start:.1f} s after start); "

@@ -94,7 +94,7 @@ def test_benchmark_builds_accept_a_gate_that_cannot_run_here_but_not_a_failed_on
     # bf16: ONNX Runtime cannot run the gate on a CPU, which `onex-export build` alone would refuse.
     manifest = latency.checked_build(BuildConfig(skip=SkipRange(3, 10), out=tmp_path / "bf16", precision="bf16",
                                                  trt="none", components=(), batch=DimRange(1, 1, 1)))
-    assert manifest["status"] == "unverified" and manifest["verifications"][0]["status"] == "not-run"
+    assert manifest.status == "unverified" and manifest.verifications[0]["status"] == "not-run"
     assert (tmp_path / "bf16" / "manifest.json").is_file()
     # A real mismatch: an image embedding reaching 1e6 is fine in fp32 and inf in fp16.
     model = build_tiny("tiny-sd3")

@@ -79,8 +79,8 @@ def built(tmp_path_factory):
 
 def test_build_passes_with_fp32_parity_at_every_profile_corner(built):
     _, manifest, _ = built
-    [v] = manifest["verifications"]
-    assert manifest["status"] == "passed" and v["status"] == "passed"
+    [v] = manifest.verifications
+    assert manifest.status == "passed" and v["status"] == "passed"
     assert (v["artifact"], v["backend"], v["device"], v["reference_device"], v["mode"]) == (
         "onnx", "onnxruntime", "cpu", "cpu", "full")
     assert sorted(map(tuple, v["shapes"])) == sorted({(1, 128, 16), *((b, r, t) for b in (1, 3) for r in (64, 128)
@@ -98,17 +98,17 @@ def test_build_passes_with_fp32_parity_at_every_profile_corner(built):
 def test_ort_plans_match_pytorch_independently_of_the_gate(built):
     """Our own run of the manifest's plans at a size the gate did not use (batch 3, 96 px, 12 tokens)."""
     out, manifest, _ = built
-    graphs = {n: OrtGraph(out / g["onnx"]["file"]) for n, g in manifest["graphs"].items()}
+    graphs = {n: OrtGraph(out / g.onnx.file) for n, g in manifest.graphs.items()}
     split = reference()
     g = torch.Generator().manual_seed(11)
     cond = Conditioning(torch.randn(3, 12, 48, generator=g), torch.randn(3, 40, generator=g))
     ref = sample(TorchDenoiser(split), SamplingPlan.one_x(), cond, (16, 12, 12), seed=5)
-    got = sample(PlanDenoiser(graphs, manifest["plans"]), SamplingPlan.one_x(), cond, (16, 12, 12), seed=5)
+    got = sample(PlanDenoiser(graphs, manifest.plans), SamplingPlan.one_x(), cond, (16, 12, 12), seed=5)
     assert torch.allclose(got, ref, atol=FP32_ATOL)
     # negative: the skipping plan fed zero deltas is not the full result
     x = torch.randn(1, 16, 16, 16, generator=g)
     text, pooled, ts = torch.randn(1, 16, 48, generator=g), torch.randn(1, 40, generator=g), torch.full((1,), 750.0)
-    den = PlanDenoiser(graphs, manifest["plans"])
+    den = PlanDenoiser(graphs, manifest.plans)
     v, d_img, d_ctx = den.full(x, text, pooled, ts)
     assert torch.allclose(den.skipping(x, text, pooled, ts, d_img, d_ctx), v, atol=FP32_ATOL)
     assert (den.skipping(x, text, pooled, ts, 0 * d_img, 0 * d_ctx) - v).abs().max() > 1e-3
@@ -116,8 +116,8 @@ def test_ort_plans_match_pytorch_independently_of_the_gate(built):
 
 def test_graphs_are_valid_onnx_with_every_symbolic_dimension_dynamic(built):
     out, manifest, _ = built
-    for name, g in manifest["graphs"].items():
-        model = onnx.load(str(out / g["onnx"]["file"]))
+    for name, g in manifest.graphs.items():
+        model = onnx.load(str(out / g.onnx.file))
         onnx.checker.check_model(model)
         assert model.opset_import[0].version >= 17
         dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
@@ -131,8 +131,8 @@ def test_graphs_are_valid_onnx_with_every_symbolic_dimension_dynamic(built):
 def test_manifest_lists_every_file_with_its_hash_the_schedule_and_each_stage(built):
     out, manifest, _ = built
     on_disk = json.loads((out / "manifest.json").read_text())
-    assert on_disk == json.loads(json.dumps(manifest))
-    assert on_disk["schema_version"] == 2 and mf.check_files(out, on_disk) == []
+    assert on_disk == json.loads(json.dumps(manifest.to_json()))
+    assert on_disk["schema_version"] == 2 and mf.check_files(out, mf.read_manifest(out)) == []
     assert on_disk["skip"] == {"one_based": "3-10", "first": 3, "last": 10, "zero_based": list(range(2, 10)), "count": 8}
     assert on_disk["schedule"]["sigmas"] == [1.0, 0.75]
     assert [s["plan"] for s in on_disk["schedule"]["steps"]] == ["full", "skipping"]
@@ -153,21 +153,21 @@ def test_manifest_lists_every_file_with_its_hash_the_schedule_and_each_stage(bui
 @pytest.mark.skipif(not HAS_RTX, reason=NO_RTX)
 def test_rtx_built_real_engines_for_every_graph(built):
     out, manifest, _ = built
-    for name, g in manifest["graphs"].items():
-        engine = g["engine"]
-        assert engine["flavour"] == "tensorrt-rtx" and engine["file"] == f"{name}.plan"
-        assert engine["target"] == (list(rtx_targets()) or "default")
-        assert (out / engine["file"]).stat().st_size > 100_000  # a real plan, not a stub
-        first_input = g["inputs"][0]["name"]
-        assert g["profile"][first_input][0][0] == 1  # the profile's minimum batch
-    assert manifest["tool"]["tensorrt-rtx"] == flavour_version("tensorrt-rtx")
+    for name, g in manifest.graphs.items():
+        engine = g.engine
+        assert engine.extra["flavour"] == "tensorrt-rtx" and engine.file == f"{name}.plan"
+        assert engine.extra["target"] == (list(rtx_targets()) or "default")
+        assert (out / engine.file).stat().st_size > 100_000  # a real plan, not a stub
+        first_input = g.inputs[0].name
+        assert g.profile[first_input][0][0] == 1  # the profile's minimum batch
+    assert manifest.tool["tensorrt-rtx"] == flavour_version("tensorrt-rtx")
 
 
 def test_weight_duplication_ratio_within_bound(built):
     out, manifest, _ = built
-    w = manifest["weights"]
+    w = manifest.weights
     # the files themselves: weights plus the graph structure (a few hundred kB per graph at this tiny width)
-    files = sum((out / manifest["graphs"][n]["onnx"]["file"]).stat().st_size for n in TRANSFORMER_GRAPHS)
+    files = sum((out / manifest.graphs[n].onnx.file).stat().st_size for n in TRANSFORMER_GRAPHS)
     assert w["graph_bytes"] < files < w["graph_bytes"] + 4 * 500_000
     # the model's own count: every parameter and buffer of the transformer and the MLP, float32
     model = build_tiny("tiny-sd3")
@@ -183,8 +183,8 @@ def test_verify_passes_records_itself_then_catches_tampering(built, tmp_path):
     shutil.copytree(out, good)
     updated, verification = verify(good)
     assert verification["status"] == "passed"
-    assert [v["artifact"] for v in updated["verifications"]] == ["onnx", "onnx"]
-    assert mf.read_manifest(good)["verifications"][-1]["created"] == verification["created"]
+    assert [v["artifact"] for v in updated.verifications] == ["onnx", "onnx"]
+    assert mf.read_manifest(good).verifications[-1]["created"] == verification["created"]
     assert mf.check_files(good, updated) == []  # recording touched only manifest.json
     victim = "segment.plan" if HAS_RTX else "segment.onnx"
     data = bytearray((good / victim).read_bytes())
@@ -199,7 +199,7 @@ def test_verify_passes_records_itself_then_catches_tampering(built, tmp_path):
 def test_verify_on_engines_needs_a_gpu_and_engines(built, tmp_path):
     out, manifest, _ = built
     if HAS_RTX:
-        assert all(g["engine"]["tf32"] is False for g in manifest["graphs"].values())
+        assert all(g.engine.extra["tf32"] is False for g in manifest.graphs.values())
     with pytest.raises(UsageError, match="cannot run backend 'torch'"):
         verify(out, backend="torch")
     if torch.cuda.is_available():
@@ -244,7 +244,7 @@ def test_rebuild_reuses_unchanged_graphs_and_rebuilds_only_what_changed(built, t
     logs.clear()
     changed = build(BuildConfig(**config, mlp=path), log=logs.append)
     assert [line.split()[2] for line in logs if "export" in line and "reused" in line] == ["head", "segment", "tail", "text", "vae"]
-    assert changed["status"] == "passed"
+    assert changed.status == "passed"
     assert tree_digest(again)["reuse.onnx"] != before["reuse.onnx"]
     assert tree_digest(again)["head.onnx"] == before["head.onnx"]
 
@@ -258,7 +258,7 @@ def test_one_changed_weight_in_external_data_rebuilds_that_graph_and_its_engine(
     config = dict(skip=SKIP, out=tmp_path / "b", model=str(tmp_path / "m"), **RTX, components=(),
                   batch=DimRange(1, 1, 1), external_data_threshold=1)
     first = build(BuildConfig(**config))
-    assert all(g["onnx_data"] for g in first["graphs"].values())
+    assert all(g.onnx_data for g in first.graphs.values())
     with torch.no_grad():
         model.transformer_blocks[11].ff.net[2].bias[0] += 0.01
     model.save_pretrained(str(tmp_path / "m"))
@@ -266,9 +266,9 @@ def test_one_changed_weight_in_external_data_rebuilds_that_graph_and_its_engine(
     second = build(BuildConfig(**config), log=logs.append)
     rebuilt = sorted(line.split()[2] for line in logs if line.startswith(("[2/5]", "[3/5]")) and "reused" not in line)
     assert rebuilt == ["tail", "tail"]  # its export and its engine
-    assert second["graphs"]["tail"]["onnx_data"]["sha256"] != first["graphs"]["tail"]["onnx_data"]["sha256"]
-    assert second["graphs"]["tail"]["engine"]["sha256"] != first["graphs"]["tail"]["engine"]["sha256"]
-    assert second["graphs"]["head"]["engine"] == first["graphs"]["head"]["engine"]
+    assert second.graphs["tail"].onnx_data.sha256 != first.graphs["tail"].onnx_data.sha256
+    assert second.graphs["tail"].engine.sha256 != first.graphs["tail"].engine.sha256
+    assert second.graphs["head"].engine == first.graphs["head"].engine
 
 
 @pytest.mark.skipif(not HAS_RTX, reason=NO_RTX)
@@ -282,8 +282,8 @@ def test_a_second_static_resolution_reuses_the_onnx_and_rebuilds_the_engines(tmp
     second = build(BuildConfig(**config, resolution=DimRange(64, 64, 64)), log=logs.append)
     assert sum("export" in line and "reused" in line for line in logs) == 4
     assert sum(line.startswith("[3/5] engine") and "reused" not in line for line in logs) == 4
-    assert second["graphs"]["head"]["profile"]["hidden_states"][1] == [1, 16, 8, 8]
-    assert second["status"] == "passed" and second["verifications"][0]["shapes"] == [[1, 64, 16]]
+    assert second.graphs["head"].profile["hidden_states"][1] == [1, 16, 8, 8]
+    assert second.status == "passed" and second.verifications[0]["shapes"] == [[1, 64, 16]]
 
 
 def test_killed_build_leaves_previous_build_intact(built, tmp_path):
@@ -357,12 +357,12 @@ def test_parity_failure_exits_1_names_the_cause_keeps_artifacts_and_the_good_bui
     assert "Traceback" not in res.output
     assert tree_digest(out) == before
     failed = mf.read_manifest(tmp_path / "big.failed")
-    assert failed["status"] == "failed" and failed["precision"] == "fp16"
-    assert failed["verifications"][0]["range_check"]["first_overflow"] == "pos_embed"
+    assert failed.status == "failed" and failed.precision == "fp16"
+    assert failed.verifications[0]["range_check"]["first_overflow"] == "pos_embed"
     res = run_cli("build", "--model", overflowing_model, "--out", out, "--trt", "none", "--precision", "fp16",
                   "--batch", "1", "--text-len", "16", "--allow-parity-failure")
     assert res.exit_code == 1 and "installed anyway" in res.output
-    assert mf.read_manifest(out)["status"] == "failed"
+    assert mf.read_manifest(out).status == "failed"
     with pytest.raises(mf.ManifestError, match="failed its parity gate"):
         BuildPipeline(out)
 
@@ -392,8 +392,8 @@ def test_a_block_overflowing_fp16_is_named_and_fp32_blocks_fixes_it(block_overfl
     res = run_cli("build", "--out", tmp_path / "b", *common, "--fp32-blocks", "5-5")
     assert res.exit_code == 0, res.output
     manifest = mf.read_manifest(tmp_path / "b")
-    assert manifest["status"] == "passed" and manifest["precision_policy"]["fp32_blocks"] == "5-5"
-    rc = manifest["verifications"][0]["range_check"]
+    assert manifest.status == "passed" and manifest.precision_policy["fp32_blocks"] == "5-5"
+    rc = manifest.verifications[0]["range_check"]
     assert rc["first_overflow"] is None and rc["max_abs"]["transformer_blocks.4"] > 65504  # measured, allowed
     # block 5 sits in the segment graph: its weights are float32 there, every other weight matrix is fp16
     def big_types(graph):
@@ -408,8 +408,8 @@ def test_fp32_blocks_ending_with_the_skip_range_give_float32_deltas_that_match(t
     delta is formed across dtypes in the graph and the stream enters the tail in float32."""
     manifest = build(BuildConfig(skip=SKIP, out=tmp_path / "m", precision="fp16", trt="none", components=(),
                                  batch=DimRange(1, 1, 1), fp32_blocks=Fp32Blocks(9, 10)))
-    assert manifest["status"] == "passed", manifest["verifications"][0]["rows"]
-    dtypes = {(n, t["name"]): t["dtype"] for n, g in manifest["graphs"].items() for t in g["inputs"] + g["outputs"]}
+    assert manifest.status == "passed", manifest.verifications[0]["rows"]
+    dtypes = {(n, t.name): t.dtype for n, g in manifest.graphs.items() for t in g.inputs + g.outputs}
     assert dtypes[("segment", "img")] == "float16" and dtypes[("segment", "img_out")] == "float32"
     assert dtypes[("segment", "delta_img")] == "float16" and dtypes[("tail", "img")] == "float32"
 
@@ -418,7 +418,7 @@ def test_bf16_on_a_cpu_is_installed_unverified_and_usable(tmp_path):
     res = run_cli("build", "--out", tmp_path / "bf", "--precision", "bf16", "--trt", "none", "--batch", "1")
     assert res.exit_code == 0 and "UNVERIFIED" in res.output and "cannot execute bf16" in res.output
     manifest = mf.read_manifest(tmp_path / "bf")
-    assert manifest["status"] == "unverified" and manifest["verifications"][0]["status"] == "not-run"
+    assert manifest.status == "unverified" and manifest.verifications[0]["status"] == "not-run"
     head = onnx.load(str(tmp_path / "bf" / "head.onnx"))
     types = {i.name: i.type.tensor_type.elem_type for i in head.graph.input}
     assert types["hidden_states"] == onnx.TensorProto.BFLOAT16 and types["timestep"] == onnx.TensorProto.FLOAT
@@ -429,8 +429,8 @@ def test_bf16_on_a_cpu_is_installed_unverified_and_usable(tmp_path):
 def test_gate_none_is_recorded(tmp_path):
     manifest = build(BuildConfig(skip=SKIP, out=tmp_path / "n", trt="none", components=(), batch=DimRange(1, 1, 1),
                                  gate=GateConfig("none")))
-    assert manifest["status"] == "unverified"
-    assert manifest["verifications"][0]["status"] == "skipped" and "--gate none" in manifest["verifications"][0]["reason"]
+    assert manifest.status == "unverified"
+    assert manifest.verifications[0]["status"] == "skipped" and "--gate none" in manifest.verifications[0]["reason"]
 
 
 @pytest.mark.parametrize("args, message", [

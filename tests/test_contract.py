@@ -1,5 +1,6 @@
 """The contract between build and runtime: a service that runs a build imports the runtime and the contract,
-never the exporter, the models or a TensorRT builder; and the reader refuses plans it cannot run."""
+never the exporter, the models or a TensorRT builder; and the reader refuses plans it cannot run, and manifests
+it cannot read, with the fix."""
 import json
 import os
 import subprocess
@@ -53,4 +54,21 @@ def test_a_manifest_with_a_plan_the_runtime_does_not_know_is_refused(tiny, tmp_p
     (tmp_path / contract.FILENAME).write_text(json.dumps(manifest))
     with pytest.raises(contract.ManifestError, match=r"plan\(s\) \['half'\], which this tool cannot run"):
         contract.read_manifest(tmp_path)
-    assert contract.read_manifest(tiny)["plans"].keys() == {"full", "skipping"}
+    assert contract.read_manifest(tiny).plans.keys() == {"full", "skipping"}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("stages"), "has no 'stages' entry where this version needs one"),
+    (lambda m: m["graphs"]["head"].pop("onnx_key"), "has no 'onnx_key' entry where this version needs one"),
+    (lambda m: m.update(graphs=[]), "is malformed"),
+    (lambda m: m["skip"].update(zero_based=[3]), "is malformed: skip 3-10 disagrees with its blocks 3-10"),
+])
+def test_a_manifest_this_version_cannot_read_is_refused_with_the_fix(tiny, tmp_path, edit, message):
+    """An older (or hand-edited) manifest of the same schema version: refused, naming what is missing, and how to
+    fix it; never a KeyError from deep inside a reader."""
+    manifest = json.loads((tiny / contract.FILENAME).read_text())
+    edit(manifest)
+    (tmp_path / contract.FILENAME).write_text(json.dumps(manifest))
+    with pytest.raises(contract.ManifestError, match=message) as info:
+        contract.read_manifest(tmp_path)
+    assert info.value.hint.startswith("rebuild")

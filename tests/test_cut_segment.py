@@ -74,8 +74,8 @@ def builds(folder):
     return out
 
 
-def worst(manifest: dict, outputs: tuple[str, ...], case: str) -> float:
-    return max(r["max_rel"] for r in manifest["verifications"][-1]["rows"]
+def worst(verification: dict, outputs: tuple[str, ...], case: str) -> float:
+    return max(r["max_rel"] for r in verification["rows"]
                if r["output"] in outputs and r["case"].startswith(case))
 
 
@@ -83,12 +83,13 @@ def test_a_cut_segment_forms_its_deltas_as_precisely_as_an_uncut_one(builds):
     """Measured: uncut 5.6e-4 (each graph) and 5.1e-4 (chained); cut 4.1e-4 and 5.1e-4. Before the pieces formed
     their own deltas, the last piece subtracted I_n from an O_m rounded to fp16 at every cut: 2.4e-2 and 3.4e-2."""
     uncut, cut = builds["uncut"], builds["cut"]
-    assert [n for n in cut["graphs"] if n.startswith("segment")] == ["segment_1", "segment_2", "segment_3", "segment_4"]
-    assert list(uncut["graphs"]) == ["head", "segment", "reuse", "tail"]
+    assert [n for n in cut.graphs if n.startswith("segment")] == ["segment_1", "segment_2", "segment_3", "segment_4"]
+    assert list(uncut.graphs) == ["head", "segment", "reuse", "tail"]
+    uncut_v, cut_v = uncut.verifications[-1], cut.verifications[-1]
     for case in ("graph segment", "1.x-nfe step 1"):
-        assert worst(uncut, ("delta_img", "delta_ctx"), case) < 1e-3
-        assert worst(cut, ("delta_img", "delta_ctx"), case) <= 1.5 * worst(uncut, ("delta_img", "delta_ctx"), case)
-    assert uncut["status"] == cut["status"] == "passed"
+        assert worst(uncut_v, ("delta_img", "delta_ctx"), case) < 1e-3
+        assert worst(cut_v, ("delta_img", "delta_ctx"), case) <= 1.5 * worst(uncut_v, ("delta_img", "delta_ctx"), case)
+    assert uncut.status == cut.status == "passed"
 
 
 def test_the_skipping_pass_loses_nothing_on_a_cut_segment_s_deltas(folder, builds):
@@ -105,7 +106,7 @@ def test_the_skipping_pass_loses_nothing_on_a_cut_segment_s_deltas(folder, build
         want = ref.skipping(*x, t2, d_img, d_ctx)
     errors = {}
     for name in ("uncut", "cut"):
-        plans = PlanDenoiser(load_build_graphs(folder / name, builds[name], "onnxruntime"), builds[name]["plans"])
+        plans = PlanDenoiser(load_build_graphs(folder / name, builds[name], "onnxruntime"), builds[name].plans)
         _, c_img, c_ctx = plans.full(*x, t1)
         assert c_img.dtype == torch.float16
         got = plans.skipping(*x, t2, c_img, c_ctx)
@@ -142,7 +143,7 @@ def test_a_gate_failing_on_fp16_rounding_of_the_deltas_names_the_cut_segment_and
     assert verification["status"] == "failed"
     assert {r["output"] for r in failing if r["case"].startswith("graph ")} == {"delta_img", "delta_ctx"}
     assert max(r["max_rel"] for r in failing) > 2 * TOL
-    assert worst(dict(verifications=[verification]), ("velocity",), "1.x-nfe step 2") > TOL
+    assert worst(verification, ("velocity",), "1.x-nfe step 2") > TOL
     what, hint = failure_summary(verification, defs)
     assert "first graph segment_1 b1 64px t16 / delta_img" in what
     assert "every graph's streams pass, but the deltas fail, first in graph segment_1 (blocks 3-4)" in hint
@@ -150,7 +151,7 @@ def test_a_gate_failing_on_fp16_rounding_of_the_deltas_names_the_cut_segment_and
     assert "a few fp16 roundings of the streams" in hint and "--fp32-blocks 3-10" in hint
     kept, _ = fp16_torch_gate(folder, PrecisionPolicy("fp16", Fp32Blocks(3, 10)), block_budget(folder, 2.5))
     assert kept["status"] == "passed", failure_summary(kept, defs)
-    assert worst(dict(verifications=[kept]), ("delta_img", "delta_ctx"), "1.x-nfe step 1") < 2e-3
+    assert worst(kept, ("delta_img", "delta_ctx"), "1.x-nfe step 1") < 2e-3
 
 
 def test_a_failed_build_prints_its_figures_and_the_graph_where_the_error_starts(folder, builds, monkeypatch):

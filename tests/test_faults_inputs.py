@@ -4,6 +4,7 @@ nothing is written or deleted. Run in-process through click's runner and the ben
 faults that need real processes and signals are in ``test_faults_processes.py``."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -151,8 +152,8 @@ def _with_inf_vae(src: Path, dst: Path) -> Path:
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * float("inf"), init.name))
     onnx.save(model, str(dst / "vae.onnx"))
     manifest = mf.read_manifest(dst)
-    manifest["graphs"]["vae"]["onnx"] = mf.file_entry(dst, dst / "vae.onnx")
-    mf.write_manifest(dst, manifest)
+    vae = dataclasses.replace(manifest.graphs["vae"], onnx=mf.file_entry(dst, dst / "vae.onnx"))
+    mf.write_manifest(dst, dataclasses.replace(manifest, graphs={**manifest.graphs, "vae": vae}))
     return dst
 
 

@@ -100,7 +100,7 @@ def test_a_second_build_into_the_same_folder_is_refused_while_the_first_runs(tmp
     assert first.wait() == 0 and "PASSED build" in rest
     assert second.returncode == 1 and "is being written by another onex-export process" in second.stderr
     assert f"pid {first.pid}" in second.stderr and "PASSED" not in second.stdout
-    assert mf.read_manifest(out)["status"] == "passed" and hidden(tmp_path) == []
+    assert mf.read_manifest(out).status == "passed" and hidden(tmp_path) == []
 
 
 def test_a_build_killed_between_its_two_renames_is_restored_then_replaced(tmp_path):

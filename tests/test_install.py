@@ -1,4 +1,5 @@
 """Installing a build folder: one atomic swap, the fallback's recovery, and only our own folders replaced."""
+import json
 import os
 import subprocess
 import sys
@@ -11,9 +12,14 @@ from onex_export.export import manifest as mf
 
 
 def fake_build(folder, tag):
+    """A folder that passes for a build of ours (only the manifest's schema is looked at), tagged."""
     folder.mkdir(parents=True)
-    mf.write_manifest(folder, {"schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION, "tag": tag})
+    (folder / mf.FILENAME).write_text(json.dumps({"schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION, "tag": tag}))
     return folder
+
+
+def tag(folder) -> str:
+    return json.loads((folder / mf.FILENAME).read_text())["tag"]
 
 
 def dead_pid() -> str:
@@ -31,10 +37,10 @@ def test_install_replaces_an_old_build_and_leaves_nothing_behind(tmp_path, monke
     dest = fake_build(tmp_path / "b", "old")
     tmp = fake_build(inst.temp_name(dest), "new")
     inst.install(tmp, dest)
-    assert mf.read_manifest(dest)["tag"] == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert tag(dest) == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
     assert calls == ([True] if exchange else [])
     inst.install(fake_build(tmp_path / "t2", "first"), tmp_path / "fresh")  # no previous build: a plain rename
-    assert mf.read_manifest(tmp_path / "fresh")["tag"] == "first"
+    assert tag(tmp_path / "fresh") == "first"
 
 
 def test_recover_restores_a_build_whose_replacement_never_arrived(tmp_path):
@@ -44,7 +50,7 @@ def test_recover_restores_a_build_whose_replacement_never_arrived(tmp_path):
     fake_build(tmp_path / f".b.old-{pid}-ffffffff", "old")
     fake_build(tmp_path / f".b.tmp-{pid}-12345678", "half-done")
     done = inst.recover(tmp_path / "b")
-    assert mf.read_manifest(tmp_path / "b")["tag"] == "old"  # the newest, not the first by name
+    assert tag(tmp_path / "b") == "old"  # the newest, not the first by name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and len(done) == 3
 
 
@@ -59,7 +65,7 @@ def test_a_failed_fallback_install_puts_the_previous_build_back(tmp_path, monkey
     dest = fake_build(tmp_path / "b", "old")
     with pytest.raises(OSError):
         inst.install(tmp_path / "missing-tmp", dest)
-    assert mf.read_manifest(dest)["tag"] == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert tag(dest) == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
 def test_recover_keeps_what_a_live_build_is_writing(tmp_path):

@@ -7,6 +7,7 @@ server keeps serving; SIGTERM must let queued requests finish and exit 0.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ import pytest
 
 from bench.serve import free_ports
 from onex_export.config import SkipRange
+from onex_export.contract import Range
 from onex_export.errors import UsageError
 from onex_export.export.build import BuildConfig, build
 from onex_export.export.shapes import DimRange
@@ -307,8 +309,9 @@ def test_serve_config_refuses_bad_values(kwargs, message):
 
 def test_a_resolution_must_be_a_multiple_of_the_latent_patch_inside_the_range(build_dir):
     pipe = BuildPipeline(build_dir)
-    pipe.manifest = {**pipe.manifest, "shapes": {"ranges": {**pipe.manifest["shapes"]["ranges"],
-                                                            "resolution": [64, 128, 256]}}}
+    shapes = pipe.manifest.shapes
+    pipe.manifest = dataclasses.replace(pipe.manifest, shapes=dataclasses.replace(
+        shapes, ranges=dataclasses.replace(shapes.ranges, resolution=Range(64, 128, 256))))
     assert pipe.check_request(Request(("a",), resolution=144)) == 144
     assert pipe.check_request(Request(("a",))) == 128  # the optimum when none is asked for
     for bad in (136, 48, 272):

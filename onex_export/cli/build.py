@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..contract import Manifest
 from ..errors import UsageError
 from ..models import DEFAULT_MODEL
 from ..models.zoo import default_mlp_for
@@ -69,22 +70,22 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def _echo_build(manifest: dict) -> None:
+def _echo_build(manifest: Manifest) -> None:
     """A build's figures, passed or failed: per graph (blocks, weights, times), weights, stages, then the gate."""
     click.echo(f"\n{'graph':10s} {'blocks':>7s} {'weights MB':>11s} {'export s':>9s} {'engine MB':>10s} {'build s':>8s}")
-    for name, g in manifest["graphs"].items():
-        engine, blocks = g["engine"], (g["def"] or {}).get("blocks") or "-"
-        click.echo(f"{name:10s} {blocks:>7s} {g['weight_bytes'] / 1e6:11.1f} {g['export_seconds']:9.2f} "
-                   f"{(engine['bytes'] / 1e6 if engine else 0):10.1f} {g.get('build_seconds', 0):8.2f}")
-    w = manifest["weights"]
+    for name, g in manifest.graphs.items():
+        blocks = (g.definition or {}).get("blocks") or "-"
+        click.echo(f"{name:10s} {blocks:>7s} {g.weight_bytes / 1e6:11.1f} {g.export_seconds:9.2f} "
+                   f"{(g.engine.bytes / 1e6 if g.engine else 0):10.1f} {g.build_seconds or 0:8.2f}")
+    w = manifest.weights
     click.echo(f"weights: graphs {w['graph_bytes'] / 1e6:.1f} MB / model {w['model_bytes'] / 1e6:.1f} MB "
                f"= duplication ratio {w['duplication_ratio']:.4f} (goal <= 1.02)")
-    stages = manifest["stages"]
+    stages = manifest.stages
     click.echo("stages:  " + ", ".join(f"{n} {r['seconds']:.1f} s (peak {_gib(r['peak_rss_bytes'])} GiB)"
                                       for n, r in stages.items() if n != "per_stage_peak"))
-    click.echo(f"skip {manifest['skip']['one_based']} -> effective NFE {manifest['schedule']['effective_nfe']:.3f}; "
-               f"engines: {manifest['trt']}; shapes {manifest['shapes']['ranges']}\n")
-    _echo_parity(manifest["verifications"][-1])
+    click.echo(f"skip {manifest.skip.one_based} -> effective NFE {manifest.schedule['effective_nfe']:.3f}; "
+               f"engines: {manifest.trt}; shapes {manifest.shapes.ranges.to_json()}\n")
+    _echo_parity(manifest.verifications[-1])
 
 
 @main.command(name="build")
@@ -169,8 +170,8 @@ def build_cmd(model, mlp, skip, probe_path, out, precision, fp32_blocks, trt, ba
         raise
     elapsed = time.perf_counter() - start
     _echo_build(manifest)
-    verification = manifest["verifications"][-1]
-    status = manifest["status"]
+    verification = manifest.verifications[-1]
+    status = manifest.status
     if status == "unverified":
         click.echo(f"PASSED build: {out} in {elapsed:.1f} s, UNVERIFIED ({verification.get('reason', '')})")
     else:
@@ -204,5 +205,5 @@ def verify_cmd(folder, backend, gate_mode, gate_device, model, mlp):
         click.echo(f"{what}\n  hint: {hint}")
     ran = "engines executed" if backend == "tensorrt" else "ONNX graphs on ONNX Runtime; engines need --backend tensorrt"
     click.echo(f"{'PASSED' if passed else 'FAILED'} verify: {folder} ({len(verification['rows'])} checks, "
-               f"{time.perf_counter() - start:.1f} s; {ran}); build status now {manifest['status']!r}")
+               f"{time.perf_counter() - start:.1f} s; {ran}); build status now {manifest.status!r}")
     sys.exit(0 if passed else 1)

@@ -154,7 +154,7 @@ def generate_cmd(build_dir, prompts, seed, images_per_prompt, resolution, backen
         save_png(image, path)
     stages = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in result.seconds.items())
     click.echo(f"stages    {stages}")
-    if pipe.manifest["model"]["source"] in TINY_MODELS:
+    if pipe.manifest.model.source in TINY_MODELS:
         click.echo("note      the embedded model has random weights: its images are noise by design")
     h, w = result.images.shape[-2:]
     click.echo(f"PASSED generate: {len(paths)} image(s) of {w}x{h} with {backend} -> {', '.join(map(str, paths))} "

@@ -21,7 +21,8 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,7 @@ import torch
 
 from .. import __version__
 from ..config import BlockRange, SkipRange
+from ..contract import GraphEntry, Manifest, ModelInfo, Pipeline, Range, ShapeRanges, Shapes, SkipInfo
 from ..errors import OnexError, UsageError
 from ..fileio import DiskError, free_bytes, sha256_file, writing
 from ..locks import build_lock
@@ -71,7 +73,7 @@ def check_text_len(model: str, tokens: int, given: str) -> None:
 class ParityFailedError(OnexError):
     """The built graphs do not match the PyTorch reference within tolerance; ``manifest`` says how."""
 
-    def __init__(self, message: str, hint: str, manifest: dict):
+    def __init__(self, message: str, hint: str, manifest: Manifest):
         super().__init__(message, hint)
         self.manifest = manifest
 
@@ -199,23 +201,23 @@ def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer, encoder_toke
 
 # -- export and engines -------------------------------------------------------------------------------------
 
-def _reuse(previous: dict | None, prev_dir: Path, graph: str, kind: str, key: str, tmp: Path) -> dict | None:
-    """Copy an artifact from the previous build if its key matches and its files are intact."""
-    if not previous:
+def _reuse(previous: Manifest | None, prev_dir: Path, graph: str, kind: str, key: str,
+           tmp: Path) -> GraphEntry | None:
+    """Copy an artifact (``kind``: "onnx" or "engine") from the previous build if its key matches and its files
+    are intact; returns the previous build's entry for the graph."""
+    entry = previous.graphs.get(graph) if previous else None
+    if entry is None or getattr(entry, f"{kind}_key") != key or getattr(entry, kind) is None:
         return None
-    entry = previous.get("graphs", {}).get(graph, {})
-    if entry.get(f"{kind}_key") != key or not entry.get(kind):
-        return None
-    files = [entry[kind]] + ([entry["onnx_data"]] if kind == "onnx" and entry.get("onnx_data") else [])
+    files = [entry.onnx, *([entry.onnx_data] if entry.onnx_data else [])] if kind == "onnx" else [entry.engine]
     for f in files:
-        src = prev_dir / f["file"]
-        if not src.is_file() or src.stat().st_size != f["bytes"] or sha256_file(src) != f["sha256"]:
+        src = prev_dir / f.file
+        if not src.is_file() or src.stat().st_size != f.bytes or sha256_file(src) != f.sha256:
             return None
     for f in files:
         try:
-            os.link(prev_dir / f["file"], tmp / f["file"])  # no second copy of gigabytes (the old folder goes)
+            os.link(prev_dir / f.file, tmp / f.file)  # no second copy of gigabytes (the old folder goes)
         except OSError:
-            shutil.copy2(prev_dir / f["file"], tmp / f["file"])
+            shutil.copy2(prev_dir / f.file, tmp / f.file)
     return entry
 
 
@@ -242,7 +244,7 @@ def _graphs(loaded: LoadedModel, defs: list[GraphDef], specs: dict, comps: Compo
 
 
 def export_stage(config: BuildConfig, loaded: LoadedModel, comps: Components, graphs: dict[str, _Graph],
-                 previous: dict | None, tmp: Path, versions: dict, log) -> dict[str, dict]:
+                 previous: Manifest | None, tmp: Path, versions: dict, log) -> dict[str, GraphEntry]:
     """Export each graph (or reuse it), loading only its own weights while it is exported."""
     split, policy, L = loaded.split, config.policy, loaded.split.num_layers
     tool = {"opset": config.opset, "exporter": EXPORTER, "trace": TRACE_DIMS,
@@ -253,14 +255,11 @@ def export_stage(config: BuildConfig, loaded: LoadedModel, comps: Components, gr
     for i, (name, g) in enumerate(graphs.items(), 1):
         # a component's key leaves out the transformer's settings: a new --skip or --precision keeps T5's export
         key = _hash(tool, transformer if g.d else None, asdict(g.spec), g.d.to_json() if g.d else name, g.weight_key)
-        entry = {"def": g.d.to_json() if g.d else None, "onnx_key": key, "inputs": [asdict(t) for t in g.spec.inputs],
-                 "outputs": [asdict(t) for t in g.spec.outputs]}
+        entry = partial(GraphEntry, g.d.to_json() if g.d else None, key, g.spec.inputs, g.spec.outputs)
         reused = _reuse(previous, Path(config.out), name, "onnx", key, tmp)
         if reused:
             log(f"[2/5] export {name} ({i}/{len(graphs)}): unchanged, reused")
-            entry.update(weight_bytes=reused["weight_bytes"], export_seconds=0.0, onnx=reused["onnx"],
-                         onnx_data=reused.get("onnx_data"))
-            entries[name] = entry
+            entries[name] = entry(reused.weight_bytes, 0.0, reused.onnx, reused.onnx_data)
             continue
         log(f"[2/5] export {name} ({i}/{len(graphs)}) ...")
         inputs = trace_inputs(g.spec, split.transformer.config.patch_size)
@@ -276,10 +275,8 @@ def export_stage(config: BuildConfig, loaded: LoadedModel, comps: Components, gr
             del module
         log(f"      {name}.onnx {art.weight_bytes / 1e6:.1f} MB of weights in {art.export_seconds:.1f} s")
         data = tmp / f"{name}.onnx.data"
-        entry.update(weight_bytes=art.weight_bytes, export_seconds=round(art.export_seconds, 3),
-                     onnx=mf.file_entry(tmp, tmp / f"{name}.onnx"),
-                     onnx_data=mf.file_entry(tmp, data) if data.is_file() else None)
-        entries[name] = entry
+        entries[name] = entry(art.weight_bytes, round(art.export_seconds, 3), mf.file_entry(tmp, tmp / f"{name}.onnx"),
+                              mf.file_entry(tmp, data) if data.is_file() else None)
     return entries
 
 
@@ -288,33 +285,33 @@ def _engine_options(config: BuildConfig, trt: str) -> EngineBuildOptions:
     return EngineBuildOptions(trt, config.optimization_level, config.compute_capabilities, cache, tf32=config.tf32)
 
 
-def engine_stage(config: BuildConfig, trt: str, entries: dict, specs: dict, shapes: ShapeConfig, patch_size: int,
-                 previous: dict | None, tmp: Path, versions: dict, log) -> None:
-    """Build one engine per graph from its ONNX file alone (or reuse it); fills the entries in place."""
+def engine_stage(config: BuildConfig, trt: str, entries: dict[str, GraphEntry], specs: dict, shapes: ShapeConfig,
+                 patch_size: int, previous: Manifest | None, tmp: Path, versions: dict, log) -> dict[str, GraphEntry]:
+    """Build one engine per graph from its ONNX file alone (or reuse it); returns the entries with their engines."""
     if trt == "none":
-        for entry in entries.values():
-            entry["engine"] = None
-        return
+        return entries
     options = _engine_options(config, trt)
     target = (torch.cuda.get_device_name() if torch.cuda.is_available() else None) if trt == "tensorrt" \
         else (list(options.compute_capabilities) or "default")
+    out = {}
     for i, (name, entry) in enumerate(entries.items(), 1):
         profile = shapes.profile(specs[name], patch_size)
-        onnx_files = [entry["onnx"]["sha256"]] + ([entry["onnx_data"]["sha256"]] if entry["onnx_data"] else [])
+        onnx_files = [f.sha256 for f in (entry.onnx, entry.onnx_data) if f]
         opts = {k: v for k, v in asdict(options).items() if k != "timing_cache"}
         key = _hash(onnx_files, profile, opts, trt, versions[trt], target)
-        entry.update(engine_key=key, profile={k: [list(s) for s in v] for k, v in profile.items()})
+        engine = partial(replace, entry, engine_key=key, profile={k: [list(s) for s in v] for k, v in profile.items()})
         reused = _reuse(previous, Path(config.out), name, "engine", key, tmp)
         if reused:
             log(f"[3/5] engine {name} ({i}/{len(entries)}): unchanged, reused")
-            entry.update(build_seconds=0.0, engine=reused["engine"])
+            out[name] = engine(build_seconds=0.0, engine=reused.engine)
             continue
         log(f"[3/5] engine {name} ({i}/{len(entries)}) with {trt} ...")
         report = build_engine(tmp / f"{name}.onnx", tmp / f"{name}.plan", profile, options)
-        entry["build_seconds"] = round(report.build_seconds, 3)
         log(f"      {name}.plan {report.size_bytes / 1e6:.1f} MB in {report.build_seconds:.1f} s")
-        entry["engine"] = dict(mf.file_entry(tmp, tmp / f"{name}.plan"), flavour=trt, target=target,
-                               compute_capabilities=list(options.compute_capabilities) or "default", tf32=options.tf32)
+        out[name] = engine(build_seconds=round(report.build_seconds, 3), engine=mf.file_entry(
+            tmp, tmp / f"{name}.plan", flavour=trt, target=target,
+            compute_capabilities=list(options.compute_capabilities) or "default", tf32=options.tf32))
+    return out
 
 
 # -- the gate ----------------------------------------------------------------------------------------------
@@ -330,7 +327,7 @@ def gate_stage(config: BuildConfig, loaded: LoadedModel, defs: list[GraphDef], p
 
 # -- the whole build -----------------------------------------------------------------------------------------
 
-def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> dict:
+def build(config: BuildConfig, log: Callable[[str], None] = lambda _: None) -> Manifest:
     """Run a whole build and return its manifest. Raises :class:`ParityFailedError` (after keeping
     the artifacts in ``<out>.failed``) when the gate fails and failures are not allowed, and
     :class:`~..locks.BusyError` when another process is writing the same folder."""
@@ -359,7 +356,7 @@ def _space_needed(loaded: LoadedModel, comps: Components, trt: str) -> int:
     return int(weights * (2 if trt != "none" else 1) * 1.05)
 
 
-def _build(config: BuildConfig, out: Path, log) -> dict:
+def _build(config: BuildConfig, out: Path, log) -> Manifest:
     trt = choose_trt(config.trt, config.compute_capabilities, log)
     if trt != "none":  # a missing flavour or a bad option stops here, not after minutes of export
         load_trt(trt)
@@ -400,7 +397,8 @@ def _build(config: BuildConfig, out: Path, log) -> dict:
 
 
 def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, trt: str, defs, specs, plans, graphs,
-                 shapes: ShapeConfig, previous: dict | None, tmp: Path, versions: dict, clock: StageClock, log) -> dict:
+                 shapes: ShapeConfig, previous: Manifest | None, tmp: Path, versions: dict, clock: StageClock,
+                 log) -> Manifest:
     """Export, build engines, gate and write the manifest into ``tmp``, then install it (or keep it as
     ``<out>.failed``)."""
     out, cfg = Path(config.out), loaded.split.transformer.config
@@ -408,45 +406,37 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
     with clock.stage("export"):
         entries = export_stage(config, loaded, comps, graphs, previous, tmp, versions, log)
     with clock.stage("engines"):
-        engine_stage(config, trt, entries, specs, shapes, cfg.patch_size, previous, tmp, versions, log)
+        entries = engine_stage(config, trt, entries, specs, shapes, cfg.patch_size, previous, tmp, versions, log)
     with clock.stage("gate"):
         log(f"[4/5] parity gate ({config.gate.mode}): ONNX Runtime vs PyTorch float32 on {config.gate.device}"
             + (" (engines run only on a GPU: onex-export verify --backend tensorrt)" if trt != "none" else ""))
         verification = gate_stage(config, loaded, defs, plans, shapes, comps, tmp, log)
-    graph_bytes = sum(entries[d.name]["weight_bytes"] for d in defs)
+    graph_bytes = sum(entries[d.name].weight_bytes for d in defs)
     model_bytes = module_bytes(loaded.split, [*top_level_prefixes(loaded.split.transformer), "mlp"])
-    manifest = {
-        "schema": mf.SCHEMA, "schema_version": mf.SCHEMA_VERSION, "name": out.name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "status": mf.derive_status([verification]), "tool": versions,
-        "model": {"source": model_source(config.model),
-                  "mlp": os.path.abspath(config.mlp) if config.mlp else None,  # absolute: verify runs from anywhere
-                  "num_layers": loaded.split.num_layers, "config": public_config(cfg)},
-        "skip": {"one_based": str(config.skip), "first": config.skip.first, "last": config.skip.last,
-                 "zero_based": list(config.skip.indices0), "count": config.skip.count,
-                 **({"source": config.skip_source} if config.skip_source else {})},
-        "precision": config.precision, "precision_policy": config.policy.to_json(), "opset": config.opset,
-        "trt": trt,
-        "shapes": {"ranges": shapes.to_json(), "dims": shapes.dim_ranges(cfg.patch_size),
-                   "dynamic": sorted(shapes.dynamic_dims)},
-        "schedule": SamplingPlan.one_x(config.eta).to_manifest(loaded.split.num_layers, config.skip),
-        "graphs": entries, "plans": plans,
-        "weights": {"model_bytes": model_bytes, "graph_bytes": graph_bytes,
-                    "duplication_ratio": graph_bytes / model_bytes,
-                    "max_graph_bytes": config.max_graph_bytes},
-        "verifications": [verification],
-        "pipeline": {
-            "components": list(comps.names),
-            "tokenizers": save_tokenizers(comps.tokenizers, tmp) if comps.tokenizers else {},
-            "text_graph": "text" if "text" in comps.names else None,
-            "vae_graph": "vae" if "vae" in comps.names else None,
-            "vae_scale_factor": VAE_SCALE, "image_range": [0.0, 1.0], "component_precision": "fp32",
-        },
-    }
-    manifest["stages"] = clock.to_json()
+    manifest = Manifest(
+        name=out.name, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        status=mf.derive_status([verification]), tool=versions,
+        model=ModelInfo(model_source(config.model),
+                        os.path.abspath(config.mlp) if config.mlp else None,  # absolute: verify runs from anywhere
+                        loaded.split.num_layers, public_config(cfg)),
+        skip=SkipInfo.of(config.skip, config.skip_source), precision=config.precision,
+        precision_policy=config.policy.to_json(), opset=config.opset, trt=trt,
+        shapes=Shapes(ShapeRanges.from_json(shapes.to_json()),
+                      {k: Range(*v) for k, v in shapes.dim_ranges(cfg.patch_size).items()},
+                      tuple(sorted(shapes.dynamic_dims))),
+        schedule=SamplingPlan.one_x(config.eta).to_manifest(loaded.split.num_layers, config.skip),
+        graphs=entries, plans=plans,
+        weights={"model_bytes": model_bytes, "graph_bytes": graph_bytes, "duplication_ratio": graph_bytes / model_bytes,
+                 "max_graph_bytes": config.max_graph_bytes},
+        verifications=(verification,),
+        pipeline=Pipeline(tuple(comps.names), save_tokenizers(comps.tokenizers, tmp) if comps.tokenizers else {},
+                          "text" if "text" in comps.names else None, "vae" if "vae" in comps.names else None,
+                          VAE_SCALE, (0.0, 1.0), "fp32"),
+        stages=clock.to_json(),
+    )
     log("[5/5] manifest")
     mf.write_manifest(tmp, manifest)
-    if manifest["status"] != "failed" or config.allow_parity_failure:
+    if manifest.status != "failed" or config.allow_parity_failure:
         install(tmp, out)
         return manifest
     failed = out.with_name(out.name + ".failed")

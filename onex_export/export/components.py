@@ -23,7 +23,7 @@ from ..models.vae import LatentDecoder, build_tiny_vae, load_vae
 from ..models.weights import tensors_digest
 from ..models.zoo import TINY_MODELS, model_path
 from . import manifest as mf
-from ..contract import IH, IW, B, H, W, GraphSpec, TensorSpec
+from ..contract import IH, IW, B, H, W, GraphSpec, TensorSpec, TokenizerEntry
 
 COMPONENTS = ("text", "vae")
 _FOLDERS = {"text": ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"),
@@ -124,13 +124,12 @@ def component_graphs(components: Components) -> dict[str, tuple[nn.Module, Graph
     return {name: (components.load(name), components.spec(name)) for name in components.names}
 
 
-def save_tokenizers(tokenizers: SD3Tokenizers, folder: Path) -> dict:
+def save_tokenizers(tokenizers: SD3Tokenizers, folder: Path) -> dict[str, TokenizerEntry]:
     """Write ``tokenizers/<name>/`` under the build ``folder``; the manifest's ``pipeline.tokenizers``."""
     out = {}
     for name, tok in tokenizers.items():
         target = folder / "tokenizers" / name
         tok.save_pretrained(str(target))
-        out[name] = {"dir": f"tokenizers/{name}", "max_length": tok.model_max_length,
-                     "padding": "max_length", "truncation": True,
-                     "files": [mf.file_entry(folder, p) for p in sorted(target.iterdir())]}
+        out[name] = TokenizerEntry(f"tokenizers/{name}", tok.model_max_length, "max_length", True,
+                                   tuple(mf.file_entry(folder, p) for p in sorted(target.iterdir())))
     return out

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import SkipRange
-from ..contract import ManifestError
+from ..contract import Manifest, ManifestError
 from ..models.weights import WeightSource, transformer_source
 from ..models.split import SplitSD3Transformer
 from .build import split_on_meta
@@ -16,29 +15,28 @@ from .precision import Fp32Blocks, PrecisionPolicy
 from .shapes import DimRange, ShapeConfig
 
 
-def reference_split(manifest: dict) -> tuple[SplitSD3Transformer, WeightSource]:
+def reference_split(manifest: Manifest) -> tuple[SplitSD3Transformer, WeightSource]:
     """The float32 reference a build was made from, on ``meta`` (for the streamed gate), and its checkpoint."""
-    model = manifest["model"]
-    config, source = transformer_source(model["source"])
-    skip = SkipRange(manifest["skip"]["first"], manifest["skip"]["last"])
-    return split_on_meta(config, Path(model["mlp"]) if model["mlp"] else None, skip), source
+    model = manifest.model
+    config, source = transformer_source(model.source)
+    return split_on_meta(config, Path(model.mlp) if model.mlp else None, manifest.skip.range), source
 
 
-def manifest_defs(manifest: dict) -> list[GraphDef]:
+def manifest_defs(manifest: Manifest) -> list[GraphDef]:
     """The transformer graph definitions a manifest records, in plan order."""
-    return [GraphDef.from_json(n, g["def"]) for n, g in manifest["graphs"].items() if g.get("def")]
+    return [GraphDef.from_json(n, g.definition) for n, g in manifest.graphs.items() if g.definition]
 
 
-def checked_defs(manifest: dict, split: SplitSD3Transformer) -> list[GraphDef]:
+def checked_defs(manifest: Manifest, split: SplitSD3Transformer) -> list[GraphDef]:
     """:func:`manifest_defs`, whose inputs and outputs, as this version derives them for ``split`` (the build's
     model), must be those the build recorded: a build made by a version whose graphs differed (a cut segment's
     last graph used to take ``I_n`` as ``img_in`` / ``ctx_in``) cannot be re-checked or run as PyTorch graphs,
     and is refused with the fix."""
     defs = manifest_defs(manifest)
     for d in defs:
-        spec, recorded = graph_spec(split, d, PrecisionPolicy("fp32")), manifest["graphs"][d.name]
+        spec, recorded = graph_spec(split, d, PrecisionPolicy("fp32")), manifest.graphs[d.name]
         derived = [t.name for t in (*spec.inputs, *spec.outputs)]
-        built = [t["name"] for t in (*recorded["inputs"], *recorded["outputs"])]
+        built = [t.name for t in (*recorded.inputs, *recorded.outputs)]
         if derived != built:
             raise ManifestError(f"graph {d.name!r} of this build has inputs and outputs {built}, where this version of "
                                 f"onex-export makes {derived}: the build was made by another version",
@@ -46,16 +44,19 @@ def checked_defs(manifest: dict, split: SplitSD3Transformer) -> list[GraphDef]:
     return defs
 
 
-def manifest_components(manifest: dict, transformer_config):
-    return load_components(manifest["model"]["source"], transformer_config, tuple(manifest["pipeline"]["components"]))
+def manifest_components(manifest: Manifest, transformer_config):
+    """The text encoders and VAE the build carries, loaded from the model it was made from."""
+    return load_components(manifest.model.source, transformer_config, manifest.pipeline.components)
 
 
-def manifest_policy(manifest: dict) -> PrecisionPolicy:
-    blocks = manifest["precision_policy"]["fp32_blocks"]
-    return PrecisionPolicy(manifest["precision"], Fp32Blocks.parse(blocks) if blocks else None)
+def manifest_policy(manifest: Manifest) -> PrecisionPolicy:
+    """The precision policy the build was exported with."""
+    blocks = manifest.precision_policy["fp32_blocks"]
+    return PrecisionPolicy(manifest.precision, Fp32Blocks.parse(blocks) if blocks else None)
 
 
-def manifest_shapes(manifest: dict) -> ShapeConfig:
-    ranges = manifest["shapes"]["ranges"]
-    return ShapeConfig(*(DimRange(*ranges[k]) for k in ("batch", "resolution", "text_len")))
+def manifest_shapes(manifest: Manifest) -> ShapeConfig:
+    """The shape ranges the build runs."""
+    r = manifest.shapes.ranges
+    return ShapeConfig(DimRange(*r.batch), DimRange(*r.resolution), DimRange(*r.text_len))
 

@@ -1,5 +1,6 @@
 """``manifest.json``, the writing side: what a service needs to run the 1.x-NFE schedule from a build folder
-alone. Reading and checking it is :mod:`onex_export.contract`'s, which the runtime uses.
+alone. The typed :class:`~onex_export.contract.Manifest`, reading and checking it are the contract's, which the
+runtime uses.
 
 The schema is documented in ``engines/README.md`` and versioned by ``schema_version``; a reader
 rejects a major version it does not know. Files are listed with sha256 so that a tampered or
@@ -11,20 +12,20 @@ import json
 from pathlib import Path
 
 from ..contract import (  # noqa: F401 (the reading side lives in the contract; build and verify use it from here)
-    FILENAME, JSON_SCHEMA, SCHEMA, SCHEMA_VERSION, ManifestError, artifact_entries, check_files, derive_status,
+    FILENAME, JSON_SCHEMA, SCHEMA, SCHEMA_VERSION, FileEntry, Manifest, ManifestError, check_files, derive_status,
     read_manifest,
 )
 from ..fileio import atomic_path, sha256_file
 
 
-def file_entry(folder: Path, path: Path) -> dict:
-    """``{"file", "bytes", "sha256"}`` of ``path``, relative to the build ``folder``."""
-    return {"file": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+def file_entry(folder: Path, path: Path, **extra) -> FileEntry:
+    """``path``'s entry (relative to the build ``folder``, size, sha256); ``extra``: how an engine was built."""
+    return FileEntry(path.relative_to(folder).as_posix(), path.stat().st_size, sha256_file(path), extra)
 
 
-def write_manifest(folder: Path, manifest: dict) -> Path:
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
     with atomic_path(Path(folder) / FILENAME) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=False) + "\n")
     return Path(folder) / FILENAME
 
 
@@ -36,10 +37,8 @@ def is_build_folder(folder: Path) -> bool:
         return False
 
 
-def add_verification(folder: Path, verification: dict) -> dict:
+def add_verification(folder: Path, verification: dict) -> Manifest:
     """Append ``verification`` to ``folder``'s manifest, re-derive ``status`` and rewrite it atomically."""
-    manifest = read_manifest(folder)
-    manifest["verifications"].append(verification)
-    manifest["status"] = derive_status(manifest["verifications"])
+    manifest = read_manifest(folder).with_verification(verification)
     write_manifest(folder, manifest)
     return manifest

@@ -2,6 +2,7 @@
 on its ONNX graphs (ONNX Runtime) or its engines (TensorRT, GPU), and record the result in the manifest."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +18,7 @@ from .install import recover
 
 def verify(folder: Path, log: Callable[[str], None] = lambda _: None, backend: str = "onnxruntime",
            gate: GateConfig = GateConfig(), record: bool = True, model: str | None = None,
-           mlp: Path | None = None) -> tuple[dict, dict]:
+           mlp: Path | None = None) -> tuple[mf.Manifest, dict]:
     """Return ``(manifest, verification)``; raises :class:`~manifest.ManifestError` on a file mismatch.
 
     ``backend`` runs the build's ONNX graphs ("onnxruntime", CPU) or its engines ("tensorrt", GPU only).
@@ -39,37 +40,37 @@ def verify(folder: Path, log: Callable[[str], None] = lambda _: None, backend: s
 
 
 def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool, model: str | None,
-            mlp: Path | None) -> tuple[dict, dict]:
+            mlp: Path | None) -> tuple[mf.Manifest, dict]:
     for line in recover(folder):
         log(line)
     manifest = mf.read_manifest(folder)
-    log(f"checking {len(mf.artifact_entries(manifest))} files against their sha256")
+    log(f"checking {len(manifest.files())} files against their sha256")
     problems = mf.check_files(folder, manifest)
     if problems:
         raise mf.ManifestError(f"{folder} does not match its manifest:\n    " + "\n    ".join(problems),
                                "rebuild with `onex-export build`; never edit a build by hand")
     engines = backend == "tensorrt"
-    if engines and manifest["trt"] == "none":
+    if engines and manifest.trt == "none":
         raise OnexError(f"{folder} has no engines (built with --trt none)",
                         "rebuild with --trt tensorrt or tensorrt-rtx, or verify with --backend onnxruntime")
-    reference = {**manifest, "model": {**manifest["model"], **({"source": str(model)} if model else {}),
-                                       **({"mlp": str(mlp)} if mlp else {})}}
-    log(f"loading the reference {reference['model']['source']} (float32, one module at a time on {gate.device})")
+    reference = replace(manifest, model=replace(manifest.model, **({"source": str(model)} if model else {}),
+                                                **({"mlp": str(mlp)} if mlp else {})))
+    log(f"loading the reference {reference.model.source} (float32, one module at a time on {gate.device})")
     split, source = reference_split(reference)
-    graphs = manifest["graphs"]
+    graphs = manifest.graphs
     if engines:
         from ..runtime.tensorrt_runner import TrtGraph
 
         def load(name):
-            return TrtGraph(folder / graphs[name]["engine"]["file"], manifest["trt"])
+            return TrtGraph(folder / graphs[name].engine.file, manifest.trt)
     else:
         def load(name):
-            return OrtGraph(folder / graphs[name]["onnx"]["file"], low_memory=True)
+            return OrtGraph(folder / graphs[name].onnx.file, low_memory=True)
     verification = run_gate(
-        split, source, checked_defs(manifest, split), manifest["plans"], load, artifact="engine" if engines else "onnx",
-        backend=manifest["trt"] if engines else backend, candidate_device="cuda" if engines else "cpu",
+        split, source, checked_defs(manifest, split), manifest.plans, load, artifact="engine" if engines else "onnx",
+        backend=manifest.trt if engines else backend, candidate_device="cuda" if engines else "cpu",
         policy=manifest_policy(manifest), shapes=manifest_shapes(manifest), gate=gate,
-        eta=manifest["schedule"]["eta"], components=manifest_components(reference, split.transformer.config), log=log)
+        eta=manifest.schedule["eta"], components=manifest_components(reference, split.transformer.config), log=log)
     if record:
         manifest = mf.add_verification(folder, verification)
     return manifest, verification

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import OnexError
-from ..contract import TORCH_DTYPES, GraphSpec, run_plan
+from ..contract import TORCH_DTYPES, GraphSpec, Manifest, run_plan
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -79,18 +79,18 @@ class OrtGraph:
         return {name: torch.from_numpy(np.asarray(o)) for name, o in zip(self.output_names, outs)}
 
 
-def load_build_graphs(folder: Path, manifest: dict, backend: str, spin: bool = True) -> dict:
+def load_build_graphs(folder: Path, manifest: Manifest, backend: str, spin: bool = True) -> dict:
     """A build folder's graphs as runners: its ONNX files in ONNX Runtime (``spin``: see :class:`OrtGraph`), or its
     engines ("tensorrt", GPU only)."""
     if backend == "onnxruntime":
-        return {n: OrtGraph(folder / g["onnx"]["file"], spin=spin) for n, g in manifest["graphs"].items()}
+        return {n: OrtGraph(folder / g.onnx.file, spin=spin) for n, g in manifest.graphs.items()}
     from .tensorrt_runner import TrtGraph, require_gpu
 
     require_gpu()
-    if manifest["trt"] == "none":
+    if manifest.trt == "none":
         raise OnexError(f"{folder} has no engines (built with --trt none)",
                         "rebuild with --trt tensorrt or tensorrt-rtx, or use --backend onnxruntime")
-    return {n: TrtGraph(folder / g["engine"]["file"], manifest["trt"]) for n, g in manifest["graphs"].items()}
+    return {n: TrtGraph(folder / g.engine.file, manifest.trt) for n, g in manifest.graphs.items()}
 
 
 class PlanDenoiser:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import SkipRange
 from ..errors import OnexError, UsageError
 from ..fileio import to_uint8
 from .. import contract
@@ -58,17 +57,17 @@ class Generation:
         return to_uint8(self.images).numpy()
 
 
-def _plan(folder: Path, manifest: dict) -> SamplingPlan:
+def _plan(folder: Path, manifest: contract.Manifest) -> SamplingPlan:
     """The schedule the manifest records (sigmas, each step's plan, eta), checked against the build's plans."""
     try:
-        plan = SamplingPlan.from_manifest(manifest["schedule"])
+        plan = SamplingPlan.from_manifest(manifest.schedule)
     except (KeyError, TypeError, ValueError) as exc:
         raise contract.ManifestError(f"the schedule in {folder / contract.FILENAME} cannot be run: {exc!s}",
                                "rebuild with `onex-export build`") from exc
-    missing = {"skipping" if s else "full" for s in plan.skips} - set(manifest["plans"])
+    missing = {"skipping" if s else "full" for s in plan.skips} - set(manifest.plans)
     if missing:
         raise contract.ManifestError(f"the schedule in {folder / contract.FILENAME} uses plan(s) {sorted(missing)}, which the "
-                               f"build does not have ({', '.join(manifest['plans'])})", "rebuild with `onex-export build`")
+                               f"build does not have ({', '.join(manifest.plans)})", "rebuild with `onex-export build`")
     return plan
 
 
@@ -102,20 +101,20 @@ class BuildPipeline:
         if check_files and (problems := contract.check_files(self.folder, m)):
             raise contract.ManifestError(f"{self.folder} does not match its manifest:\n    " + "\n    ".join(problems),
                                    "rebuild with `onex-export build`")
-        if m["status"] == "failed":
+        if m.status == "failed":
             raise contract.ManifestError(f"{self.folder} failed its parity gate: its outputs do not match PyTorch",
                                    "rebuild it, or inspect it with `onex-export verify`")
         # "unverified" (no backend could check it where it was built, e.g. bf16 on a CPU) is usable: callers
         # see it in self.verified and `onex-export verify --backend tensorrt` on a GPU settles it.
-        self.verified = m["status"] == "passed"
-        missing = {"text", "vae"} - set(m["pipeline"]["components"])
+        self.verified = m.status == "passed"
+        missing = {"text", "vae"} - set(m.pipeline.components)
         if missing:
             raise OnexError(f"{self.folder} has no {' and no '.join(sorted(missing))} graph, so it cannot go from text "
                             "to image", "rebuild with the text encoders and VAE (--components text,vae)")
         self.backend, self.device, self.spin = backend, device, spin
         self.tokenizers = load_build_tokenizers(self.folder, m)
         self.graphs = self._graphs()
-        self.denoiser = PlanDenoiser(self.graphs, m["plans"])
+        self.denoiser = PlanDenoiser(self.graphs, m.plans)
         if cuda_graph:  # captured per batch size and resolution on first use
             self.denoiser = CudaGraphDenoiser(self.denoiser)
         self.plan = _plan(self.folder, m)
@@ -124,9 +123,8 @@ class BuildPipeline:
     def warm_up(self, batch: int | None = None, resolution: int | None = None) -> float:
         """Run one request at ``batch`` x ``resolution`` (default: the build's optimum shape) so that sessions,
         engines' first-run tuning and CUDA-graph capture happen now, not in a user's request; returns seconds."""
-        ranges = self.manifest["shapes"]["ranges"]
         start = time.perf_counter()
-        self.generate(["warm-up"] * (batch or ranges["batch"][1]), seed=0, resolution=resolution)
+        self.generate(["warm-up"] * (batch or self.manifest.shapes.ranges.batch.opt), seed=0, resolution=resolution)
         return time.perf_counter() - start
 
     def _graphs(self) -> dict:
@@ -139,11 +137,10 @@ class BuildPipeline:
         from ..models import SplitSD3Transformer, load_compensation, load_transformer
 
         # The float32 reference, whole in memory (SD3.5-Large: 32 GB): a reference backend, not a fast one.
-        model, fp32 = self.manifest["model"], PrecisionPolicy("fp32")
-        transformer = load_transformer(model["source"], device=self.device)
-        mlp = load_compensation(model["mlp"], transformer) if model["mlp"] else None
-        split = SplitSD3Transformer(transformer, SkipRange(self.manifest["skip"]["first"], self.manifest["skip"]["last"]),
-                                    mlp).to(self.device)
+        model, fp32 = self.manifest.model, PrecisionPolicy("fp32")
+        transformer = load_transformer(model.source, device=self.device)
+        mlp = load_compensation(model.mlp, transformer) if model.mlp else None
+        split = SplitSD3Transformer(transformer, self.manifest.skip.range, mlp).to(self.device)
         graphs = {}
         for d in checked_defs(self.manifest, split):
             spec = graph_spec(split, d, fp32)
@@ -154,20 +151,20 @@ class BuildPipeline:
 
     def check_request(self, request: Request) -> int:
         """Raise :class:`UsageError` naming what this build cannot run in ``request``; returns its resolution."""
-        r = self.manifest["shapes"]["ranges"]
+        r = self.manifest.shapes.ranges
         if not request.prompts:
             raise UsageError("no prompt given", 'pass --prompt "..." (repeatable)')
         if request.images_per_prompt < 1:
             raise UsageError(f"images_per_prompt must be at least 1, not {request.images_per_prompt}")
-        if not r["batch"][0] <= request.rows <= r["batch"][2]:
+        if not r.batch.min <= request.rows <= r.batch.max:
             raise UsageError(f"{request.rows} images per call is outside this build's batch range "
-                             f"{r['batch'][0]}-{r['batch'][2]}",
+                             f"{r.batch.min}-{r.batch.max}",
                              "split the prompts into smaller calls, or rebuild with a larger --batch")
-        resolution = r["resolution"][1] if request.resolution is None else request.resolution
-        step = self.manifest["pipeline"]["vae_scale_factor"] * self.manifest["model"]["config"]["patch_size"]
-        if not r["resolution"][0] <= resolution <= r["resolution"][2] or resolution % step:
+        resolution = r.resolution.opt if request.resolution is None else request.resolution
+        step = self.manifest.pipeline.vae_scale_factor * self.manifest.model.config["patch_size"]
+        if not r.resolution.min <= resolution <= r.resolution.max or resolution % step:
             raise UsageError(f"resolution {resolution} is not one this build runs: a multiple of {step} in "
-                             f"{r['resolution'][0]}-{r['resolution'][2]}",
+                             f"{r.resolution.min}-{r.resolution.max}",
                              "ask for one of those, or rebuild with --resolution MIN:OPT:MAX")
         return resolution
 
@@ -183,7 +180,7 @@ class BuildPipeline:
         """Several requests, one result each in order. Requests of the same resolution run together in batches
         of up to the build's largest batch, each with its own seed: a request's images are the ones it gets
         alone. Each result's ``seconds`` are those of the batch it ran in. Safe to call from several threads."""
-        ranges = self.manifest["shapes"]["ranges"]
+        max_batch = self.manifest.shapes.ranges.batch.max
         sized = [(self.check_request(r), r) for r in requests]
         results: list[Generation | None] = [None] * len(requests)
         with self._lock, torch.no_grad():
@@ -193,7 +190,7 @@ class BuildPipeline:
                 for i, (res, r) in enumerate(sized):
                     if res != resolution:
                         continue
-                    if pack and rows + r.rows > ranges["batch"][2]:
+                    if pack and rows + r.rows > max_batch:
                         self._run_pack(requests, pack, resolution, results)
                         pack, rows = [], 0
                     pack.append(i)
@@ -227,8 +224,8 @@ class BuildPipeline:
         tok = stage("tokenize", lambda: self.tokenizers(prompts))
         text = stage("text", lambda: self.graphs["text"](ids_l=tok.ids_l, ids_g=tok.ids_g, ids_t5=tok.ids_t5))
         cond = Conditioning(text["encoder_hidden_states"].float(), text["pooled_projections"].float())
-        channels = self.manifest["model"]["config"]["in_channels"]
-        latent = resolution // self.manifest["pipeline"]["vae_scale_factor"]
+        channels = self.manifest.model.config["in_channels"]
+        latent = resolution // self.manifest.pipeline.vae_scale_factor
         device = "cuda" if self.backend == "tensorrt" else self.device
         latents = stage("transformer", lambda: sample(self.denoiser, self.plan, cond, (channels, latent, latent), seeds,
                                                       device=device))

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ..contract import Manifest
+
 
 @dataclass(frozen=True)
 class Tokenized:
@@ -41,13 +43,13 @@ class SD3Tokenizers:
         return Tokenized(ids["clip_l"], ids["clip_g"], ids["t5"], tuple(truncated))
 
 
-def load_build_tokenizers(folder: Path, manifest: dict) -> SD3Tokenizers:
+def load_build_tokenizers(folder: Path, manifest: Manifest) -> SD3Tokenizers:
     """The tokenizers a build folder carries, as its manifest lists them."""
     from transformers import PreTrainedTokenizerFast
 
     toks = {}
-    for name, entry in manifest["pipeline"]["tokenizers"].items():
-        tok = PreTrainedTokenizerFast.from_pretrained(str(folder / entry["dir"]))
-        tok.model_max_length = entry["max_length"]
+    for name, entry in manifest.pipeline.tokenizers.items():
+        tok = PreTrainedTokenizerFast.from_pretrained(str(folder / entry.dir))
+        tok.model_max_length = entry.max_length
         toks[name] = tok
     return SD3Tokenizers(toks["clip_l"], toks["clip_g"], toks["t5"])

@@ -93,10 +93,10 @@ def test_tensorrt_engines_pass_the_gate_and_generate(tmp_path):
                     "(TensorRT-RTX skips SM 9.0; install '.[tensorrt]')")
     out = tmp_path / "engines"
     manifest = build(BuildConfig(skip=SKIP, out=out, trt=flavour, batch=DimRange(1, 1, 2)))
-    assert manifest["status"] == "passed"
+    assert manifest.status == "passed"
     manifest, verification = verify(out, backend="tensorrt")
     assert verification["status"] == "passed", verification["rows"]
-    assert [v["artifact"] for v in manifest["verifications"]] == ["onnx", "engine"]  # the engine row is recorded
+    assert [v["artifact"] for v in manifest.verifications] == ["onnx", "engine"]  # the engine row is recorded
     eager = BuildPipeline(out, "tensorrt").generate(["a red cube", "a blue ball"], seed=0)
     graphed = BuildPipeline(out, "tensorrt", cuda_graph=True).generate(["a red cube", "a blue ball"], seed=0)
     reference = BuildPipeline(out, "torch").generate(["a red cube", "a blue ball"], seed=0)
@@ -129,7 +129,7 @@ def test_gate_with_the_reference_on_the_gpu(tmp_path):
     for device in ("cpu", "cuda"):
         manifest = build(BuildConfig(skip=SKIP, out=tmp_path / device, trt="none", precision="fp16", components=(),
                                      batch=DimRange(1, 1, 1), gate=GateConfig("opt", device)))
-        v = manifest["verifications"][0]
+        v = manifest.verifications[0]
         assert v["status"] == "passed" and v["reference_device"] == device
         rows[device] = {(r["case"], r["output"]): r["max_rel"] for r in v["rows"]}
     assert rows["cpu"].keys() == rows["cuda"].keys()
