@@ -75,19 +75,21 @@ class Range(NamedTuple):
 
     @classmethod
     def of(cls, values, what: str) -> "Range":
-        r = cls(*values)
-        _check(all(isinstance(v, int) and v >= 1 for v in r) and r.min <= r.opt <= r.max,
+        """``values`` as a range, checked: three sizes, ``1 <= min <= opt <= max`` (``what`` names it)."""
+        _check(len(values) == 3 and all(isinstance(v, int) and v >= 1 for v in values)
+               and values[0] <= values[1] <= values[2],
                f"{what} must be [min, opt, max] with 1 <= min <= opt <= max, not {list(values)}")
-        return r
+        return cls(*values)
 
 
-def tensor_spec_from_json(data: dict) -> TensorSpec:
-    """A graph input or output as a manifest lists it."""
-    spec = TensorSpec(data["name"], tuple(data["shape"]), data["dtype"])
+def _tensor_from_json(data: dict) -> TensorSpec:
+    return TensorSpec(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+def _check_tensor(spec: TensorSpec) -> None:
     _check(spec.dtype in TORCH_DTYPES, f"tensor {spec.name!r} has dtype {spec.dtype!r}, not one of {list(TORCH_DTYPES)}")
     _check(all(d in DIMS if isinstance(d, str) else d >= 1 for d in spec.shape),
            f"tensor {spec.name!r} has shape {list(spec.shape)}: a dimension is a size or one of {list(DIMS)}")
-    return spec
 
 
 def _tensor_json(spec: TensorSpec) -> dict:
@@ -143,11 +145,13 @@ class GraphEntry:
 
     def __post_init__(self) -> None:
         _check(bool(self.inputs) and bool(self.outputs), "a graph needs inputs and outputs")
+        for spec in (*self.inputs, *self.outputs):
+            _check_tensor(spec)
 
     @classmethod
     def from_json(cls, data: dict) -> "GraphEntry":
-        return cls(data["def"], data["onnx_key"], tuple(map(tensor_spec_from_json, data["inputs"])),
-                   tuple(map(tensor_spec_from_json, data["outputs"])), data["weight_bytes"], data["export_seconds"],
+        return cls(data["def"], data["onnx_key"], tuple(map(_tensor_from_json, data["inputs"])),
+                   tuple(map(_tensor_from_json, data["outputs"])), data["weight_bytes"], data["export_seconds"],
                    FileEntry.from_json(data["onnx"]), _file_or_none(data["onnx_data"]), _file_or_none(data["engine"]),
                    data.get("engine_key"), data.get("profile"), data.get("build_seconds"))
 
@@ -234,6 +238,10 @@ class ShapeRanges:
     resolution: Range
     text_len: Range
 
+    def __post_init__(self) -> None:
+        for name in ("batch", "resolution", "text_len"):
+            Range.of(getattr(self, name), f"shapes.ranges.{name}")
+
     @classmethod
     def from_json(cls, data: dict) -> "ShapeRanges":
         return cls(*(Range.of(data[k], f"shapes.ranges.{k}") for k in ("batch", "resolution", "text_len")))
@@ -253,6 +261,8 @@ class Shapes:
     def __post_init__(self) -> None:
         _check(set(self.dims) <= set(DIMS) and set(self.dynamic) <= set(DIMS),
                f"shapes name dimensions outside {list(DIMS)}")
+        for name, r in self.dims.items():
+            Range.of(r, f"shapes.dims.{name}")
 
     @classmethod
     def from_json(cls, data: dict) -> "Shapes":

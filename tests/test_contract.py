@@ -1,6 +1,7 @@
 """The contract between build and runtime: a service that runs a build imports the runtime and the contract,
 never the exporter, the models or a TensorRT builder; and the reader refuses plans it cannot run, and manifests
 it cannot read, with the fix."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -72,3 +73,18 @@ def test_a_manifest_this_version_cannot_read_is_refused_with_the_fix(tiny, tmp_p
     with pytest.raises(contract.ManifestError, match=message) as info:
         contract.read_manifest(tmp_path)
     assert info.value.hint.startswith("rebuild")
+
+
+def test_a_manifest_is_checked_when_it_is_made_not_only_when_it_is_read(tiny):
+    """A writer's bug (a value the schema refuses) fails where the manifest is constructed, as a ValueError."""
+    manifest = contract.read_manifest(tiny)
+    head = manifest.graphs["head"]
+    bad_tensor = dataclasses.replace(head.inputs[0], dtype="float64")
+    for make in (lambda: dataclasses.replace(manifest, status="ok"),
+                 lambda: dataclasses.replace(manifest.shapes.ranges, batch=contract.Range(4, 1, 1)),
+                 lambda: dataclasses.replace(head, inputs=(bad_tensor, *head.inputs[1:])),
+                 lambda: dataclasses.replace(head.onnx, sha256="not-a-digest"),
+                 lambda: dataclasses.replace(manifest.skip, count=7)):
+        with pytest.raises(ValueError):
+            make()
+    assert dataclasses.replace(manifest, status="failed").with_verification(manifest.verifications[0]).status == "passed"
