@@ -266,3 +266,24 @@ def test_probe_cli_reports_the_mlp_range(tmp_path):
     res = CliRunner().invoke(main, [*base[:-2], "--out", str(tmp_path / "o3"), "--mlp", str(tmp_path / "mlp.safetensors"),
                                     "--mlp-skip", "3-7"])
     assert res.exit_code == 2 and "a length --lengths leaves out" in res.output
+
+
+def test_calibration_prompts_are_a_trained_models_own_unless_a_file_is_given(tmp_path, monkeypatch):
+    from onex_export.models import zoo
+    from onex_export.probe import DEFAULT_PROMPTS, calibration_prompts
+
+    folder = tmp_path / "toy"
+    folder.mkdir()
+    spec = zoo.TrainedSpec("a toy", folder, folder / "mlp.safetensors", "3-10")
+    monkeypatch.setitem(zoo.TRAINED_MODELS, "toy-model", spec)
+    assert calibration_prompts("toy-model", None) == DEFAULT_PROMPTS  # no prompts.txt shipped: the built-in ones
+    (folder / "prompts.txt").write_text("a red 7 on the left\n# a comment\na blue 1 on the right\n")
+    assert calibration_prompts("toy-model", None) == ("a red 7 on the left", "a blue 1 on the right")
+    assert calibration_prompts("toy-model", None, 1) == ("a red 7 on the left",)
+    mine = tmp_path / "mine.txt"
+    mine.write_text("a green 3 on the left\n")
+    assert calibration_prompts("toy-model", mine) == ("a green 3 on the left",)
+    assert calibration_prompts("tiny-sd3", None, 2) == DEFAULT_PROMPTS[:2]
+    (tmp_path / "empty.txt").write_text("# only a comment\n")
+    with pytest.raises(UsageError, match="holds no prompt"):
+        calibration_prompts("tiny-sd3", tmp_path / "empty.txt")

@@ -38,10 +38,12 @@ from onex_export.export.precision import PRECISIONS
 from onex_export.fileio import check_destination
 from onex_export.models import DEFAULT_MODEL
 from onex_export.models.weights import transformer_source
+from onex_export.models.zoo import TRAINED_MODELS
 from onex_export.export.shapes import VAE_SCALE
-from onex_export.probe.run import DEFAULT_PROMPTS, read_prompts
+from onex_export.probe.run import calibration_prompts
 
 from bench.report import write_results
+from bench.toy.judge import JUDGE_DIR
 
 from .generation import QualityConfig, Renderer, Schedule, schedules
 from .metrics import MetricWeights, load_metrics
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default=None, help="the teacher (default: the student's own weights)")
     p.add_argument("--mlp", type=Path, default=None, help="the trained compensation MLP for --skip (adds a row)")
     p.add_argument("--skip", default="3-10", help="the 1.x rows' skipped blocks (1-based, inclusive)")
-    p.add_argument("--prompts", type=Path, default=None, help="one prompt per line (default: 8 built-in prompts)")
+    p.add_argument("--prompts", type=Path, default=None, help="one prompt per line (default: an embedded trained model's own prompts, else 8 built-in ones)")
     p.add_argument("--max-prompts", type=positive_int, default=None)
     p.add_argument("--seeds", type=positive_int, default=4, help="seeds per prompt (LPIPS diversity needs 2+)")
     p.add_argument("--student-steps", type=positive_int, default=4)
@@ -179,7 +181,7 @@ def main(argv=None) -> int:
     for name, what in WEIGHT_OPTIONS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=Path, default=None, help=what)
     p.add_argument("--toy-judge", type=Path, default=None,
-                   help="a toy-world judge folder (bench/toy/judge): adds toy_correct, toy_coverage and toy_fid for "
+                   help="a toy-world judge folder (default for the embedded digits-sd3: bench/toy/judge-weights): adds toy_correct, toy_coverage and toy_fid for "
                         "toy-world models and prompts (python -m bench.toy trains it)")
     p.add_argument("--random-metrics", action="store_true",
                    help="seeded random stand-ins for the metrics given no weights (plumbing; this run's ranking only)")
@@ -203,7 +205,7 @@ def main(argv=None) -> int:
     if args.latency is not None and not args.latency.is_file():
         p.error(f"--latency {args.latency} is not a file")
     weights = MetricWeights(**{name: getattr(args, name) for name in WEIGHT_OPTIONS})
-    prompts = read_prompts(args.prompts, args.max_prompts) if args.prompts else DEFAULT_PROMPTS[:args.max_prompts]
+    prompts = calibration_prompts(args.model, args.prompts, args.max_prompts)
     config = QualityConfig(args.model, args.teacher, args.mlp, skip, prompts, seeds=args.seeds,
                            student_steps=args.student_steps, teacher_steps=args.teacher_steps, guidance=args.guidance,
                            resolution=args.resolution, dtype=args.dtype, device=args.device,
@@ -213,6 +215,8 @@ def main(argv=None) -> int:
     out = args.out or Path("bench/results") / f"quality-{name}-{pixels}px"
     for name in ("quality.json", "quality.md", "grid.png", "quality-vs-latency.png"):
         check_destination(out / name)  # before the work, not after it
+    if args.toy_judge is None and args.model in TRAINED_MODELS and JUDGE_DIR.is_dir():
+        args.toy_judge = JUDGE_DIR  # the toy world's own model: judged by the shipped judge
     if args.toy_judge is not None:
         check_prompts(config.prompts)
         load_judge(args.toy_judge)  # refused before any model loads

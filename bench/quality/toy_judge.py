@@ -22,7 +22,7 @@ from train.toy.digits import PROMPTS, prompt_index
 def load_judge(folder: Path) -> Judge:
     if not (Path(folder) / "judge.safetensors").is_file():
         raise UsageError(f"--toy-judge {folder} holds no judge.safetensors",
-                         "pass a judge folder written by `python -m bench.toy` (e.g. bench/toy/judge)")
+                         "pass a judge folder written by `python -m bench.toy` (e.g. bench/toy/judge-weights)")
     return Judge.load(Path(folder))
 
 

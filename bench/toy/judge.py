@@ -30,6 +30,7 @@ from train.toy.digits import COLOURS, IMAGE, PROMPTS, SIZES, Layout, Prompt, gly
 INK = 0.2  # a pixel whose brightest channel exceeds this is ink
 MIN_INK = 8  # fewer ink pixels than this: no glyph
 CROP = 16
+JUDGE_DIR = Path(__file__).resolve().parent / "judge-weights"  # the shipped judge (bench.toy --install-default)
 PALETTE = torch.nn.functional.normalize(torch.tensor(list(COLOURS.values())), dim=1)
 
 

@@ -17,7 +17,8 @@ from . import DTYPES, _parse_skip, main
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Embedded model name or a local SD3/SD3.5 pipeline folder (its text encoders encode the prompts).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
-              help="Calibration prompts, one per line. Default: 8 built-in prompts.")
+              help="Calibration prompts, one per line. Default: an embedded trained model's own prompts, else 8 "
+                   "built-in prompts.")
 @click.option("--max-prompts", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
 @click.option("--seed", "seeds", type=int, multiple=True, help="Noise seed (repeatable). Default: 0.")
 @click.option("--nfe", "nfes", type=float, multiple=True,
@@ -37,14 +38,14 @@ def probe_cmd(model, prompts_file, max_prompts, seeds, nfes, lengths, resolution
               random_text, out):
     """Measure which block range step two can skip: every block's reuse error and every range's caching error
     (step two's velocity and the final latents against the uncached run), and recommend a range per NFE."""
-    from ..probe import DEFAULT_NFES, DEFAULT_PROMPTS, ProbeConfig, read_prompts, run
+    from ..probe import DEFAULT_NFES, ProbeConfig, calibration_prompts, run
     from ..probe.report import write
 
     try:
         parsed_lengths = tuple(int(n) for n in lengths.split(",")) if lengths else None
     except ValueError:
         raise UsageError(f"--lengths {lengths!r} is not a list of numbers", "use e.g. --lengths 6,8") from None
-    prompts = read_prompts(prompts_file, max_prompts) if prompts_file else DEFAULT_PROMPTS[:max_prompts]
+    prompts = calibration_prompts(model, prompts_file, max_prompts)
     config = ProbeConfig(model, prompts, tuple(seeds) or (0,), resolution, tuple(nfes) or DEFAULT_NFES,
                          parsed_lengths, dtype, device, random_text, mlp, mlp_skip)
     out = out or Path("probes") / Path(model).name

@@ -69,6 +69,11 @@ class TrainedSpec:
     mlp: Path
     skip: str
 
+    @property
+    def prompts(self) -> Path:
+        """Prompts of the model's world (one per line): the default calibration set of probes and benchmarks."""
+        return self.folder / "prompts.txt"
+
 
 EMBEDDED = Path(__file__).resolve().parent / "embedded"
 TRAINED_MODELS: dict[str, TrainedSpec] = {

@@ -21,7 +21,7 @@ from ..export.shapes import VAE_SCALE, DimRange, ShapeConfig
 from ..config import SkipRange
 from ..models import DEFAULT_MODEL, SplitSD3Transformer, load_compensation, load_transformer
 from ..models.weights import transformer_source
-from ..models.zoo import model_source
+from ..models.zoo import TRAINED_MODELS, model_source
 from .measure import DEFAULT_NFES, ProbeResult, candidate_ranges, probe, skipped_for
 
 # Calibration prompts of the kinds the paper evaluates on (objects, scenes, people, text, styles).
@@ -83,6 +83,15 @@ def read_prompts(path: Path, max_prompts: int | None = None) -> tuple[str, ...]:
     if not prompts:
         raise UsageError(f"{path} holds no prompt", "write one prompt per line")
     return prompts[:max_prompts] if max_prompts else prompts
+
+
+def calibration_prompts(model: str, path: Path | None, max_prompts: int | None = None) -> tuple[str, ...]:
+    """The prompts of ``path`` if given; else an embedded trained model's own (a toy world's words: generic prompts
+    would be unknown words to its tokenizer); else :data:`DEFAULT_PROMPTS`. At most ``max_prompts``."""
+    trained = TRAINED_MODELS.get(model)
+    if path is None and trained is not None and trained.prompts.is_file():
+        path = trained.prompts
+    return read_prompts(path, max_prompts) if path is not None else DEFAULT_PROMPTS[:max_prompts]
 
 
 def encode_prompts(model: str, config, prompts: tuple[str, ...], random_text: bool

@@ -67,3 +67,36 @@ def test_a_second_call_resumes_every_stage(quick):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done before") == len(STAGES)
     assert "PASSED" in again.stdout
+
+
+def test_install_writes_the_student_and_judge_with_their_hashes_and_replaces_only_its_own(quick, tmp_path):
+    from bench.toy.chain import ToyConfig
+    from bench.toy.install import install_default
+    from onex_export.fileio import sha256_file
+
+    work, _ = quick
+    cfg = ToyConfig.quick(work / "work")
+    model, judge = tmp_path / "model", tmp_path / "judge"
+    assert install_default(cfg, model, judge) == model
+    for folder in (model, judge):
+        made = json.loads((folder / "MADE.json").read_text())
+        assert made["command"] == "python -m bench.toy --install-default"
+        for name, entry in made["files"].items():
+            assert sha256_file(folder / name) == entry["sha256"]
+        assert made["total_bytes"] == sum(e["bytes"] for e in made["files"].values())
+    made = json.loads((model / "MADE.json").read_text())
+    assert made["skip"] == "3-10" and "mlp.safetensors" in made["files"] and "vae/config.json" in made["files"]
+    assert set(json.loads((judge / "MADE.json").read_text())["files"]) == {"judge.json", "judge.safetensors"}
+    # the transformer ships in fp16, as releases do
+    weights = load_file(str(model / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+
+    install_default(cfg, model, judge)  # its own folders: replaced whole, nothing left beside them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["judge", "model"]
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("not ours")
+    with pytest.raises(FileExistsError, match="not made by bench.toy"):
+        install_default(cfg, foreign, judge)
+    assert (foreign / "keep.txt").read_text() == "not ours" and sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
