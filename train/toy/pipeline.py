@@ -5,6 +5,7 @@ releases ship, or fp32).
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -32,8 +33,8 @@ MODEL_INDEX = {
 
 def save_transformer(model: SD3Transformer2DModel, folder: Path, dtype: torch.dtype = torch.float32) -> None:
     """``model`` as a diffusers transformer folder in ``dtype`` (the model itself is left as it is)."""
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    model.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
+    # a converted copy: diffusers' save_pretrained writes the module's own tensors (a state_dict argument is ignored)
+    copy.deepcopy(model).to(dtype).save_pretrained(str(folder), safe_serialization=True)
 
 
 def save_pipeline(folder: Path, transformer: SD3Transformer2DModel, vae: AutoencoderKL, text: SD3TextEncoder,
