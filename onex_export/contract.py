@@ -19,6 +19,7 @@ import torch
 from .config import SkipRange
 from .errors import OnexError
 from .fileio import sha256_file
+from .trt import FLAVOURS
 
 SCHEMA = "onex-export/build-manifest"
 SCHEMA_VERSION = 2
@@ -54,7 +55,7 @@ class ManifestError(OnexError):
 
 STATUSES = ("passed", "failed", "unverified")
 PRECISIONS = ("fp32", "fp16", "bf16")
-TRT_FLAVOURS = ("tensorrt", "tensorrt-rtx", "none")
+TRT_FLAVOURS = (*FLAVOURS, "none")
 DIMS = (B, T, N, H, W, IH, IW)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -196,38 +197,35 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class SkipInfo:
-    """The skipped range, 1-based as people write it and 0-based as diffusers indexes blocks; ``source`` says which
+    """The skipped range (its 1-based and 0-based forms are written from it, not stored); ``source`` says which
     probe chose it (``--skip auto:NFE``), else None."""
 
-    one_based: str
-    first: int
-    last: int
-    zero_based: tuple[int, ...]
-    count: int
+    range: SkipRange
     source: dict | None = None
 
-    def __post_init__(self) -> None:
-        r = self.range
-        _check((self.one_based, self.zero_based, self.count) == (str(r), tuple(r.indices0), r.count),
-               f"skip {self.one_based} disagrees with its blocks {self.first}-{self.last}")
-
-    @classmethod
-    def of(cls, skip: SkipRange, source: dict | None = None) -> "SkipInfo":
-        return cls(str(skip), skip.first, skip.last, tuple(skip.indices0), skip.count, source)
+    @property
+    def one_based(self) -> str:
+        return str(self.range)
 
     @property
-    def range(self) -> SkipRange:
-        return SkipRange(self.first, self.last)
+    def first(self) -> int:
+        return self.range.first
+
+    @property
+    def last(self) -> int:
+        return self.range.last
 
     @classmethod
     def from_json(cls, data: dict) -> "SkipInfo":
-        return cls(data["one_based"], data["first"], data["last"], tuple(data["zero_based"]), data["count"],
-                   data.get("source"))
+        info = cls(SkipRange(data["first"], data["last"]), data.get("source"))
+        _check(info.to_json() == data, f"skip {data.get('one_based')} disagrees with its blocks "
+                                       f"{data['first']}-{data['last']}")
+        return info
 
     def to_json(self) -> dict:
-        return {"one_based": self.one_based, "first": self.first, "last": self.last,
-                "zero_based": list(self.zero_based), "count": self.count,
-                **({"source": self.source} if self.source else {})}
+        r = self.range
+        return {"one_based": str(r), "first": r.first, "last": r.last, "zero_based": list(r.indices0),
+                "count": r.count, **({"source": self.source} if self.source else {})}
 
 
 @dataclass(frozen=True)

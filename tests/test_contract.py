@@ -76,15 +76,15 @@ def test_a_manifest_this_version_cannot_read_is_refused_with_the_fix(tiny, tmp_p
 
 
 def test_a_manifest_is_checked_when_it_is_made_not_only_when_it_is_read(tiny):
-    """A writer's bug (a value the schema refuses) fails where the manifest is constructed, as a ValueError."""
+    """A writer's bug (a value the schema refuses) fails where the manifest is constructed, as a ValueError. (The
+    skip section cannot disagree with itself: SkipInfo holds only its range and writes the other forms from it.)"""
     manifest = contract.read_manifest(tiny)
     head = manifest.graphs["head"]
     bad_tensor = dataclasses.replace(head.inputs[0], dtype="float64")
     for make in (lambda: dataclasses.replace(manifest, status="ok"),
                  lambda: dataclasses.replace(manifest.shapes.ranges, batch=contract.Range(4, 1, 1)),
                  lambda: dataclasses.replace(head, inputs=(bad_tensor, *head.inputs[1:])),
-                 lambda: dataclasses.replace(head.onnx, sha256="not-a-digest"),
-                 lambda: dataclasses.replace(manifest.skip, count=7)):
+                 lambda: dataclasses.replace(head.onnx, sha256="not-a-digest")):
         with pytest.raises(ValueError):
             make()
     assert dataclasses.replace(manifest, status="failed").with_verification(manifest.verifications[0]).status == "passed"

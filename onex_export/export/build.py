@@ -419,7 +419,7 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
         model=ModelInfo(model_source(config.model),
                         os.path.abspath(config.mlp) if config.mlp else None,  # absolute: verify runs from anywhere
                         loaded.split.num_layers, public_config(cfg)),
-        skip=SkipInfo.of(config.skip, config.skip_source), precision=config.precision,
+        skip=SkipInfo(config.skip, config.skip_source), precision=config.precision,
         precision_policy=config.policy.to_json(), opset=config.opset, trt=trt,
         shapes=Shapes(ShapeRanges.from_json(shapes.to_json()),
                       {k: Range(*v) for k, v in shapes.dim_ranges(cfg.patch_size).items()},
