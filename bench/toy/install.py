@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from onex_export.export.install import install, temp_name
 from onex_export.fileio import atomic_folder, sha256_file
 from onex_export.models import load_transformer
 from onex_export.models.zoo import TRAINED_MODELS
@@ -86,19 +87,15 @@ def install_default(cfg: ToyConfig, target: Path | None = None, judge_target: Pa
 
 def _swap_in(target: Path, fill) -> None:
     """Fill a fresh folder beside ``target`` (``fill(tmp)`` returns MADE.json's description), record every file's
-    hash and size, then replace ``target`` with it whole."""
-    fresh = target.with_name(f"{target.name}.new")
-    shutil.rmtree(fresh, ignore_errors=True)
+    hash and size, then put it in place of ``target`` in one step (the build folders' own install)."""
+    fresh = temp_name(target)
     with atomic_folder(fresh) as tmp:
         made = fill(tmp)
         files = file_table(tmp)
         made.update(command=COMMAND, total_bytes=sum(f["bytes"] for f in files.values()), files=files)
         (tmp / MADE).write_text(json.dumps(made, indent=1) + "\n")
-    if target.exists():
-        old = target.with_name(f"{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        fresh.rename(target)
-        shutil.rmtree(old)
-    else:
-        fresh.rename(target)
+    try:
+        install(fresh, target)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
