@@ -134,8 +134,12 @@ _TINY_TOWER_CONFIG = {
 }
 
 
-def tiny_tower(seed: int = 0) -> nn.Module:
-    """The tiny configs' discriminator tower (see :data:`TINY_TOWER`), seeded."""
+TOWER_FORMAT = "onex-tiny-tower"  # the safetensors metadata of a pretrained tiny tower (train/toy/tower.py)
+
+
+def tiny_tower(seed: int = 0, weights: Path | None = None) -> nn.Module:
+    """The tiny configs' discriminator tower (see :data:`TINY_TOWER`): seeded random weights, or the pretrained
+    ones in ``weights`` (a safetensors file of the tower's state, as ``train.toy.tower.save_tower`` writes)."""
     import json
     import tempfile
 
@@ -147,7 +151,24 @@ def tiny_tower(seed: int = 0) -> nn.Module:
         open_clip.add_model_config(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return open_clip_tower(TINY_TOWER, None)
+        tower = open_clip_tower(TINY_TOWER, None)
+    if weights is not None:
+        from safetensors import SafetensorError, safe_open
+
+        hint = "pass the tower.safetensors that `python -m bench.toy` trains (<work>/tower/), or none for a random tower"
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                if (handle.metadata() or {}).get("format") != TOWER_FORMAT:
+                    raise UsageError(f"{weights} is not a tiny discriminator tower (no '{TOWER_FORMAT}' format tag)",
+                                     hint)
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
+        except (OSError, SafetensorError) as exc:
+            raise UsageError(f"cannot read the tiny tower's weights {weights}: {exc}", hint) from exc
+        try:
+            tower.load_state_dict(state)
+        except RuntimeError as exc:
+            raise UsageError(f"{weights} does not fit the tiny tower: {str(exc).splitlines()[0]}", hint) from exc
+    return tower
 
 
 class Discriminator(nn.Module):

@@ -94,8 +94,10 @@ def run(cfg: Stage2Config, resume: bool = True, kill_after: int | None = None) -
         if info.is_distributed and not cfg.lora_rank:
             raise ConfigError("full fine-tuning (lora_rank 0) runs on one process only for now",
                               "train through LoRA under torchrun (lora_rank 64, the release's)")
-        if cfg.discriminator != "tiny" and not Path(cfg.discriminator_weights).is_file():
+        if cfg.discriminator_weights and not Path(cfg.discriminator_weights).is_file():
             raise ConfigError(f"discriminator_weights {cfg.discriminator_weights} is not a file",
+                              "train the tiny tower first (python -m bench.toy makes <work>/tower/tower.safetensors)"
+                              if cfg.discriminator == "tiny" else
                               "download open_clip's CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup beforehand")
         with checkpoint.run_lock(Path(cfg.run_dir), info):
             return _run(cfg, info, resume, kill_after)
@@ -137,8 +139,8 @@ def _load(cfg: Stage2Config, info: DistInfo, tconfig, ckpt: Path | None) -> Part
     vae = load_components(pipeline, tconfig, ("vae",)).load("vae").requires_grad_(False).to(info.device)
     if cfg.gradient_checkpointing:  # the decoder's activations at full resolution dominate the memory
         vae.vae.enable_gradient_checkpointing()
-    tower = tiny_tower() if cfg.discriminator == "tiny" else open_clip_tower(cfg.discriminator,
-                                                                             Path(cfg.discriminator_weights))
+    weights = Path(cfg.discriminator_weights) if cfg.discriminator_weights else None
+    tower = tiny_tower(weights=weights) if cfg.discriminator == "tiny" else open_clip_tower(cfg.discriminator, weights)
     disc = Discriminator(ConvNeXtTaps(tower)).to(info.device)
     if ckpt is not None:  # the student's weights came with it above
         mlp.load_state_dict(load_file(str(ckpt / "mlp" / checkpoint.WEIGHTS)))

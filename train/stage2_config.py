@@ -35,7 +35,8 @@ class Stage2Config(YamlConfig):
     lora_rank: int = 64  # 0 = full fine-tuning of the student
     lora_alpha: float = 64.0
     discriminator: str = "convnext_xxlarge"  # an open_clip ConvNeXt model name, or "tiny" (tests)
-    discriminator_weights: str = ""  # its local checkpoint (open_clip_pytorch_model.bin); "" only for "tiny"
+    # its local checkpoint (open_clip_pytorch_model.bin); for "tiny": a pretrained tower (train/toy/tower.py) or ""
+    discriminator_weights: str = ""
 
     # -- data (as Stage I) ----------------------------------------------------------------------
     prompts: str = "prompts.txt"

@@ -5,7 +5,8 @@
     python -m bench.toy --install-default    # then ship the trained 1.x student as the embedded default
 
 Stages: judge -> autoencoder -> teacher (until its samples reach the fidelity bar) -> Stage I (the paper's method
-and its ablations, several seeds) -> Stage II (Distill-Cache co-Training with and without the MLP) -> evaluation
+and its ablations, several seeds) -> Stage II's discriminator tower (pretrained on the world's scenes, as CLIP's
+is on the web's) -> Stage II (Distill-Cache co-Training with and without the MLP) -> evaluation
 -> report (bench/results/toy-digits/: report.md, report.json, grid.png, quality-vs-nfe.png). A stopped chain
 started again resumes at the stage it stopped in; training runs resume from their checkpoints.
 """
@@ -21,10 +22,10 @@ from onex_export.exits import errors_reported
 from .chain import ToyConfig, done, run_stage
 from .evaluation import evaluation_stage
 from .report import write_report
-from .stages import autoencoder_stage, judge_stage, stage1_stage, stage2_stage, teacher_stage
+from .stages import autoencoder_stage, judge_stage, stage1_stage, stage2_stage, teacher_stage, tower_stage
 
 STAGES = (("judge", judge_stage), ("autoencoder", autoencoder_stage), ("teacher", teacher_stage),
-          ("stage1", stage1_stage), ("stage2", stage2_stage), ("evaluation", evaluation_stage))
+          ("stage1", stage1_stage), ("tower", tower_stage), ("stage2", stage2_stage), ("evaluation", evaluation_stage))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,7 +39,8 @@ STAGES = (("judge", judge_stage), ("autoencoder", autoencoder_stage), ("teacher"
               help="Training runs at once, one CPU thread each.")
 @click.option("--quick", is_flag=True, help="Every stage for a few steps: checks the chain, learns nothing.")
 @click.option("--install-default", is_flag=True,
-              help="After the report, write the trained 1.x student (DCT + MLP, seed 0) as the embedded default.")
+              help="After the report, write the trained 1.x student (the DCT + MLP seed judged best on a selection set) "
+                   "as the embedded default.")
 def main(work: Path, out: Path, seeds: int, jobs: int, quick: bool, install_default: bool) -> None:
     """The toy world: train every model on real digits, measure the paper's claims, write the report."""
     with errors_reported():

@@ -1,4 +1,5 @@
-"""The toy world's chain, stage by stage: judge -> autoencoder -> teacher -> Stage I -> Stage II -> evaluation.
+"""The toy world's chain, stage by stage: judge -> autoencoder -> teacher -> Stage I -> discriminator tower
+-> Stage II -> evaluation.
 
 Every stage writes into ``<work>/<stage>/`` and ends by writing ``result.json`` (its figures and seconds),
 atomically; a stage whose ``result.json`` exists is done and is not run again, so a stopped chain resumes at the
@@ -18,6 +19,7 @@ import torch
 from onex_export.fileio import atomic_path
 from train.toy.autoencoder import AutoencoderConfig
 from train.toy.teacher import TeacherConfig
+from train.toy.tower import TowerConfig
 
 Log = Callable[[str], None]
 
@@ -38,6 +40,7 @@ class ToyConfig:
     teacher_check_seeds: int = 4  # images per prompt in each check of the teacher
     latents_per_prompt: int = 256  # the teacher's training set: 60 x this many scenes of generation glyphs
     stage1_steps: int = 600
+    tower: TowerConfig = field(default_factory=TowerConfig)  # Stage II's discriminator tower
     stage2_steps: int = 300
     jobs: int = 2  # training runs at once (one CPU thread each)
 
@@ -52,7 +55,8 @@ class ToyConfig:
         """Every stage for a few steps: checks the chain end to end, learns nothing."""
         return cls(work, seeds=1, eval_seeds=2, fidelity_bar=1.0, judge_steps=20,
                    autoencoder=AutoencoderConfig(steps=5), teacher=TeacherConfig(steps=4, checkpoint_every=2),
-                   teacher_check_every=2, teacher_check_seeds=1, latents_per_prompt=2, stage1_steps=2, stage2_steps=2, jobs=1)
+                   teacher_check_every=2, teacher_check_seeds=1, latents_per_prompt=2, stage1_steps=2, tower=TowerConfig(steps=2, batch=8),
+                   stage2_steps=2, jobs=1)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))

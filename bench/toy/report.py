@@ -107,6 +107,9 @@ def _stage_figures(name: str, result: dict) -> str:
         last = result["checks"][-1]
         return (f"{result['steps']} steps; 28x2 CFG samples judged correct {100 * last['correct']:.1f} % "
                 f"({'reached' if result['reached_bar'] else 'did NOT reach'} the bar)")
+    if name == "tower":
+        return (f"Stage II's discriminator tower: caption loss {result['final_loss']:.2f} (chance 4.09); held-out "
+                f"scenes matched to their prompt {100 * result['heldout_caption_accuracy']:.1f} % (chance 1.7 %)")
     if name in ("stage1", "stage2"):
         return f"{len(result['runs'])} runs"
     return ""

@@ -15,6 +15,7 @@ from train.toy.digits import PROMPTS, scenes
 from train.toy.pipeline import save_pipeline, save_transformer
 from train.toy.teacher import TEACHER_CONFIG, FlowData, TeacherConfig, train_teacher
 from train.toy.text import toy_text
+from train.toy.tower import caption_accuracy, save_tower, train_tower
 
 from .chain import Log, ToyConfig, check_finite_images
 from .evaluate import Evaluator, teacher_schedule
@@ -115,6 +116,21 @@ def teacher_stage(cfg: ToyConfig, folder: Path, log: Log) -> dict:
             "log_every_100": losses[99::100]}
 
 
+TOWER_FILE = "tower.safetensors"
+
+
+def tower_stage(cfg: ToyConfig, folder: Path, log: Log) -> dict:
+    """Stage II's discriminator tower, pretrained on the world's scenes and captions (the paper's is CLIP's); how
+    often it matches held-out scenes (the judge's test glyphs, never seen) to their prompt."""
+    bar, progress = _bar(cfg.tower.steps, "tower")
+    matcher, losses = train_tower(cfg.tower, progress)
+    bar.close()
+    save_tower(matcher.tower, folder / TOWER_FILE)
+    last = losses[-100:]
+    return {"final_loss": sum(r["loss"] for r in last) / len(last),
+            "heldout_caption_accuracy": caption_accuracy(matcher, "judge-test", 4, seed=11)}
+
+
 def _prompts_file(cfg: ToyConfig) -> None:
     path = cfg.work / "prompts.txt"
     if not path.is_file():
@@ -131,7 +147,8 @@ def stage1_runs(cfg: ToyConfig) -> list[Run]:
 def stage2_runs(cfg: ToyConfig) -> list[Run]:
     first = {r.name: r for r in stage1_runs(cfg)}
     teacher, real = cfg.work / "teacher" / "pipeline", first["4-step-s0"].student
-    return [stage2_run(cfg.work, teacher, first[f"sfd-s{s}"].student, real, v, s, cfg.stage2_steps)
+    tower = cfg.work / "tower" / TOWER_FILE
+    return [stage2_run(cfg.work, teacher, first[f"sfd-s{s}"].student, real, tower, v, s, cfg.stage2_steps)
             for v in ("dct", "dct-mlp") for s in range(cfg.seeds)]
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("judge", "autoencoder", "teacher", "stage1", "stage2", "evaluation")
+STAGES = ("judge", "autoencoder", "teacher", "stage1", "tower", "stage2", "evaluation")
 
 
 def _run(work: Path) -> subprocess.CompletedProcess:
