@@ -92,7 +92,7 @@ def test_random_weight_architecture_is_built_from_a_saved_folder(tmp_path, monke
 
 def test_benchmark_builds_accept_a_gate_that_cannot_run_here_but_not_a_failed_one(tmp_path):
     # bf16: ONNX Runtime cannot run the gate on a CPU, which `onex-export build` alone would refuse.
-    manifest = latency.checked_build(BuildConfig(skip=SkipRange(3, 10), out=tmp_path / "bf16", precision="bf16",
+    manifest = latency.checked_build(BuildConfig(model="tiny-sd3", skip=SkipRange(3, 10), out=tmp_path / "bf16", precision="bf16",
                                                  trt="none", components=(), batch=DimRange(1, 1, 1)))
     assert manifest.status == "unverified" and manifest.verifications[0]["status"] == "not-run"
     assert (tmp_path / "bf16" / "manifest.json").is_file()

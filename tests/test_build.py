@@ -71,7 +71,7 @@ def built(tmp_path_factory):
     every corner of that profile."""
     out = tmp_path_factory.mktemp("engines") / "tiny"
     logs = []
-    manifest = build(BuildConfig(skip=SKIP, out=out, **RTX,
+    manifest = build(BuildConfig(model="tiny-sd3", skip=SKIP, out=out, **RTX,
                                  batch=DimRange(1, 1, 3), resolution=DimRange(64, 128, 128),
                                  text_len=DimRange(8, 16, 16), gate=GateConfig("full")), log=logs.append)
     return out, manifest, logs
@@ -231,7 +231,7 @@ def test_rebuild_reuses_unchanged_graphs_and_rebuilds_only_what_changed(built, t
     shutil.copytree(out, again)
     before = tree_digest(again)
     logs = []
-    config = dict(skip=SKIP, out=again, **RTX, batch=DimRange(1, 1, 3),
+    config = dict(model="tiny-sd3", skip=SKIP, out=again, **RTX, batch=DimRange(1, 1, 3),
                   resolution=DimRange(64, 128, 128), text_len=DimRange(8, 16, 16))
     build(BuildConfig(**config), log=logs.append)
     assert sum("unchanged, reused" in line for line in logs) == (12 if HAS_RTX else 6)
@@ -276,7 +276,7 @@ def test_a_second_static_resolution_reuses_the_onnx_and_rebuilds_the_engines(tmp
     """The ONNX graphs do not depend on the size (they are traced small, every dimension symbolic), so a build
     at 64 px after one at 128 px keeps them, builds new engines for the new profile, and its gate passes at
     the new size."""
-    config = dict(skip=SKIP, out=tmp_path / "b", **RTX, components=(), batch=DimRange(1, 1, 1))
+    config = dict(model="tiny-sd3", skip=SKIP, out=tmp_path / "b", **RTX, components=(), batch=DimRange(1, 1, 1))
     build(BuildConfig(**config, resolution=DimRange(128, 128, 128)))
     logs = []
     second = build(BuildConfig(**config, resolution=DimRange(64, 64, 64)), log=logs.append)
@@ -302,7 +302,7 @@ def test_killed_build_leaves_previous_build_intact(built, tmp_path):
     assert tree_digest(target) == before  # the good build is untouched
     # The next build into the same place removes the dead build's temp folder (and says so).
     logs = []
-    build(BuildConfig(skip=SKIP, out=target, trt="none", batch=DimRange(1, 1, 1), components=()), log=logs.append)
+    build(BuildConfig(model="tiny-sd3", skip=SKIP, out=target, trt="none", batch=DimRange(1, 1, 1), components=()), log=logs.append)
     assert not list(tmp_path.glob(".victim.tmp-*"))
     assert any("left by a killed build" in line for line in logs)
     assert mf.check_files(target, mf.read_manifest(target)) == []
@@ -406,7 +406,7 @@ def test_a_block_overflowing_fp16_is_named_and_fp32_blocks_fixes_it(block_overfl
 def test_fp32_blocks_ending_with_the_skip_range_give_float32_deltas_that_match(tmp_path):
     """Blocks 9-10 in float32 with --skip 3-10: the segment's last block is float32, its input (I_n) fp16, so the
     delta is formed across dtypes in the graph and the stream enters the tail in float32."""
-    manifest = build(BuildConfig(skip=SKIP, out=tmp_path / "m", precision="fp16", trt="none", components=(),
+    manifest = build(BuildConfig(model="tiny-sd3", skip=SKIP, out=tmp_path / "m", precision="fp16", trt="none", components=(),
                                  batch=DimRange(1, 1, 1), fp32_blocks=Fp32Blocks(9, 10)))
     assert manifest.status == "passed", manifest.verifications[0]["rows"]
     dtypes = {(n, t.name): t.dtype for n, g in manifest.graphs.items() for t in g.inputs + g.outputs}
@@ -427,7 +427,7 @@ def test_bf16_on_a_cpu_is_installed_unverified_and_usable(tmp_path):
 
 
 def test_gate_none_is_recorded(tmp_path):
-    manifest = build(BuildConfig(skip=SKIP, out=tmp_path / "n", trt="none", components=(), batch=DimRange(1, 1, 1),
+    manifest = build(BuildConfig(model="tiny-sd3", skip=SKIP, out=tmp_path / "n", trt="none", components=(), batch=DimRange(1, 1, 1),
                                  gate=GateConfig("none")))
     assert manifest.status == "unverified"
     assert manifest.verifications[0]["status"] == "skipped" and "--gate none" in manifest.verifications[0]["reason"]

@@ -22,7 +22,7 @@ HEAVY = ("diffusers", "onnx", "tensorrt", "tensorrt_rtx_bindings", "tensorrt_rtx
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("contract") / "tiny"
-    build(BuildConfig(skip=SkipRange(3, 10), out=out, trt="none"))
+    build(BuildConfig(model="tiny-sd3", skip=SkipRange(3, 10), out=out, trt="none"))
     return out
 
 

@@ -33,7 +33,7 @@ def tree(folder: Path) -> dict[str, int]:
 def tiny_build(tmp_path_factory) -> Path:
     """A real build of the embedded model, ONNX only and ungated (the bad inputs never get to run it)."""
     out = tmp_path_factory.mktemp("faults") / "tiny"
-    build(BuildConfig(skip=SkipRange.parse("3-10"), out=out, trt="none", gate=GateConfig("none")))
+    build(BuildConfig(model="tiny-sd3", skip=SkipRange.parse("3-10"), out=out, trt="none", gate=GateConfig("none")))
     return out
 
 
@@ -177,7 +177,7 @@ def test_verify_takes_the_model_and_mlp_from_where_they_are_now(workdir, tiny_bu
     torch.nn.init.normal_(mlp.img.fc2.weight, std=0.05)
     save_compensation(mlp, workdir / "trained.safetensors")
     out = workdir / "with-mlp"
-    build(BuildConfig(skip=SkipRange.parse("3-10"), out=out, mlp=workdir / "trained.safetensors", trt="none",
+    build(BuildConfig(model="tiny-sd3", skip=SkipRange.parse("3-10"), out=out, mlp=workdir / "trained.safetensors", trt="none",
                       components=()))
     os.rename(workdir / "trained.safetensors", workdir / "moved.safetensors")
     lost = CliRunner().invoke(main, ["verify", str(out)])

@@ -24,7 +24,7 @@ def validator():
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory):
     root = tmp_path_factory.mktemp("schema")
-    build(BuildConfig(skip=SkipRange(3, 10), out=root / "onnx", trt="none"))
+    build(BuildConfig(model="tiny-sd3", skip=SkipRange(3, 10), out=root / "onnx", trt="none"))
     build(BuildConfig(skip=SkipRange(4, 12), out=root / "rtx", model="tiny-sd35-medium", trt="tensorrt-rtx",
                       components=(), gate=GateConfig("none"), max_graph_bytes=600_000))
     return {name: json.loads((root / name / mf.FILENAME).read_text()) for name in ("onnx", "rtx")}

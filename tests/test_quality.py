@@ -181,7 +181,7 @@ def test_schedules_are_the_papers_and_named_as_the_latency_benchmark_names_them(
 def test_rendered_images_are_the_runtime_sampler_on_the_embedded_components():
     """The 1.x row and the teacher row (CFG against the empty prompt), rebuilt here from the embedded model's
     own parts: tiny-sd3's transformer, text encoders and VAE, the runtime's sampler."""
-    config = QualityConfig(prompts=("a red fox",), seeds=2, teacher_steps=2)
+    config = QualityConfig(model="tiny-sd3", prompts=("a red fox",), seeds=2, teacher_steps=2)
     renderer = Renderer(config)
     renderer.prepare()
     rows = schedules(4, config.skip, with_mlp=False, teacher_steps=2)

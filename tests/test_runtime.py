@@ -27,7 +27,7 @@ def run_cli(*args):
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("rt") / "tiny"
-    build(BuildConfig(skip=SkipRange(3, 10), out=out, trt="none", batch=DimRange(1, 1, 3)))
+    build(BuildConfig(model="tiny-sd3", skip=SkipRange(3, 10), out=out, trt="none", batch=DimRange(1, 1, 3)))
     return out
 
 
@@ -82,7 +82,7 @@ def test_missing_tampered_and_incomplete_builds(build_dir, tmp_path):
     res = run_cli("generate", "--build", bad, "--prompt", "x", "--out", tmp_path / "x.png")
     assert res.exit_code == 1 and "sha256" in res.output and not (tmp_path / "x.png").exists()
     bare = tmp_path / "bare"
-    build(BuildConfig(skip=SkipRange(3, 10), out=bare, trt="none", batch=DimRange(1, 1, 1), components=()))
+    build(BuildConfig(model="tiny-sd3", skip=SkipRange(3, 10), out=bare, trt="none", batch=DimRange(1, 1, 1), components=()))
     with pytest.raises(OnexError, match="no text and no vae graph"):
         BuildPipeline(bare)
 

@@ -39,7 +39,7 @@ START_TIMEOUT = 120  # seconds for the server to report ready (about 10 s here)
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / "tiny"
-    build(BuildConfig(skip=SkipRange(3, 10), out=out, trt="none", batch=DimRange(1, 1, 4)))
+    build(BuildConfig(model="tiny-sd3", skip=SkipRange(3, 10), out=out, trt="none", batch=DimRange(1, 1, 4)))
     return out
 
 

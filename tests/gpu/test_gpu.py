@@ -92,7 +92,7 @@ def test_tensorrt_engines_pass_the_gate_and_generate(tmp_path):
         pytest.skip(f"no TensorRT flavour here runs on {torch.cuda.get_device_name()} "
                     "(TensorRT-RTX skips SM 9.0; install '.[tensorrt]')")
     out = tmp_path / "engines"
-    manifest = build(BuildConfig(skip=SKIP, out=out, trt=flavour, batch=DimRange(1, 1, 2)))
+    manifest = build(BuildConfig(model="tiny-sd3", skip=SKIP, out=out, trt=flavour, batch=DimRange(1, 1, 2)))
     assert manifest.status == "passed"
     manifest, verification = verify(out, backend="tensorrt")
     assert verification["status"] == "passed", verification["rows"]
@@ -127,7 +127,7 @@ def test_gate_with_the_reference_on_the_gpu(tmp_path):
 
     rows = {}
     for device in ("cpu", "cuda"):
-        manifest = build(BuildConfig(skip=SKIP, out=tmp_path / device, trt="none", precision="fp16", components=(),
+        manifest = build(BuildConfig(model="tiny-sd3", skip=SKIP, out=tmp_path / device, trt="none", precision="fp16", components=(),
                                      batch=DimRange(1, 1, 1), gate=GateConfig("opt", device)))
         v = manifest.verifications[0]
         assert v["status"] == "passed" and v["reference_device"] == device
