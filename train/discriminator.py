@@ -155,7 +155,8 @@ def tiny_tower(seed: int = 0, weights: Path | None = None) -> nn.Module:
     if weights is not None:
         from safetensors import SafetensorError, safe_open
 
-        hint = "pass the tower.safetensors that `python -m bench.toy` trains (<work>/tower/), or none for a random tower"
+        hint = ("pass the tower.safetensors that `python -m bench.toy` trains (<work>/tower/), "
+                "or none for a random tower")
         try:
             with safe_open(str(weights), framework="pt") as handle:
                 if (handle.metadata() or {}).get("format") != TOWER_FORMAT:

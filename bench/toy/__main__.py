@@ -39,8 +39,8 @@ STAGES = (("judge", judge_stage), ("autoencoder", autoencoder_stage), ("teacher"
               help="Training runs at once, one CPU thread each.")
 @click.option("--quick", is_flag=True, help="Every stage for a few steps: checks the chain, learns nothing.")
 @click.option("--install-default", is_flag=True,
-              help="After the report, write the trained 1.x student (the DCT + MLP seed judged best on a selection set) "
-                   "as the embedded default.")
+              help="After the report, write the trained 1.x student (the DCT + MLP seed judged best on a "
+                   "selection set) as the embedded default.")
 def main(work: Path, out: Path, seeds: int, jobs: int, quick: bool, install_default: bool) -> None:
     """The toy world: train every model on real digits, measure the paper's claims, write the report."""
     with errors_reported():

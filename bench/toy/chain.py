@@ -55,8 +55,8 @@ class ToyConfig:
         """Every stage for a few steps: checks the chain end to end, learns nothing."""
         return cls(work, seeds=1, eval_seeds=2, fidelity_bar=1.0, judge_steps=20,
                    autoencoder=AutoencoderConfig(steps=5), teacher=TeacherConfig(steps=4, checkpoint_every=2),
-                   teacher_check_every=2, teacher_check_seeds=1, latents_per_prompt=2, stage1_steps=2, tower=TowerConfig(steps=2, batch=8),
-                   stage2_steps=2, jobs=1)
+                   teacher_check_every=2, teacher_check_seeds=1, latents_per_prompt=2, stage1_steps=2,
+                   tower=TowerConfig(steps=2, batch=8), stage2_steps=2, jobs=1)
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))

@@ -71,14 +71,14 @@ def choose_student(cfg: ToyConfig) -> tuple[Run, dict]:
                                   SkipRange.parse(run.config["skip"]), run.mlp)
         scores[run.name] = float(judge(images, prompts).correct.float().mean())
     best = max(runs, key=lambda r: scores[r.name])
-    return best, {"judged_correct": scores, "images_per_prompt": SELECTION_IMAGES, "noise_seed_offset": SELECTION_OFFSET,
-                  "chosen": best.name}
+    return best, {"judged_correct": scores, "images_per_prompt": SELECTION_IMAGES,
+                  "noise_seed_offset": SELECTION_OFFSET, "chosen": best.name}
 
 
 def install_default(cfg: ToyConfig, target: Path | None = None, judge_target: Path | None = None) -> Path:
-    """Write the chosen DCT + MLP student (:func:`choose_student`) with the teacher pipeline's components to ``target`` (default: the
-    embedded model's folder in the package), and the judge to ``judge_target`` (default: :data:`JUDGE_DIR`).
-    Returns the model's folder."""
+    """Write the chosen DCT + MLP student (:func:`choose_student`) with the teacher pipeline's components to
+    ``target`` (default: the embedded model's folder in the package), and the judge to ``judge_target`` (default:
+    :data:`JUDGE_DIR`). Returns the model's folder."""
     target = Path(target or TRAINED_MODELS[NAME].folder)
     judge_target = Path(judge_target or JUDGE_DIR)
     for folder in (target, judge_target):

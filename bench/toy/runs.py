@@ -82,7 +82,8 @@ def stage2_run(work: Path, teacher: Path, student: Path, real: Path, tower: Path
     config = dict(
         run_dir=str(work / "stage2" / name), model=str(student), pipeline=str(teacher), real_model=str(real),
         real_steps=4, real_guidance=1.0, skip="3-10", resolution=64, precision="fp32", lora_rank=0,
-        discriminator="tiny", discriminator_weights=str(tower), prompts=str(work / "prompts.txt"), embedding_cache=str(work / "embeddings"),
+        discriminator="tiny", discriminator_weights=str(tower), prompts=str(work / "prompts.txt"),
+        embedding_cache=str(work / "embeddings"),
         embedding_dtype="float32", batch_size=16, max_steps=steps, d_warmup=max(1, steps // 10), g_every=3,
         mlp_warmup=max(1, steps // 4), lr_generator=1e-5, lr_mlp=1e-3, lr_discriminator=2e-4,
         sample_every=max(1, steps // 4), checkpoint_every=max(1, steps // 4), keep_checkpoints=1, device="cpu",
