@@ -267,7 +267,8 @@ def main(argv=None) -> int:
 
             args.build = Path(tmp) / "tiny-sd3"
             print("building  tiny-sd3, skip 3-10, ONNX only, batch up to 4", flush=True)
-            build(BuildConfig(skip=SkipRange(3, 10), out=args.build, trt="none", batch=DimRange(1, 1, 4)))
+            build(BuildConfig(model="tiny-sd3", skip=SkipRange(3, 10), out=args.build, trt="none",
+                              batch=DimRange(1, 1, 4)))
         report = run(args)
     name = f"serve-{Path(report['config']['model']).name}-{args.backend}-{args.device.replace(':', '')}"
     out = args.out or Path(__file__).parent / "results" / name

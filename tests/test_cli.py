@@ -33,7 +33,8 @@ def test_sample_sd35_large_paper_range_and_batch(tmp_path):
 
 def test_sample_with_mlp_file_and_student_mode(tmp_path):
     mlp = save_compensation(CompensationMLP(32, 32), tmp_path / "mlp.safetensors")
-    res = run("sample", "--mlp", str(mlp), "--mode", "student", "--steps", "4", "--out", str(tmp_path / "s.safetensors"))
+    res = run("sample", "--model", "tiny-sd3", "--mlp", str(mlp), "--mode", "student", "--steps", "4",
+              "--out", str(tmp_path / "s.safetensors"))
     assert res.exit_code == 0, res.output
     assert "4-step" in res.output and "NFE       4.000" in res.output
 
@@ -52,7 +53,7 @@ def test_user_errors_exit_1_without_traceback(tmp_path):
     res = run("sample", "--model", str(tmp_path / "missing"))
     assert res.exit_code == 1 and "neither an embedded model" in res.output and "Traceback" not in res.output
     wide = save_compensation(CompensationMLP(64, 64), tmp_path / "wide.safetensors")
-    res = run("sample", "--mlp", str(wide))
+    res = run("sample", "--model", "tiny-sd3", "--mlp", str(wide))
     assert res.exit_code == 1 and "64 wide" in res.output and res.output.strip().endswith("FAILED")
 
 

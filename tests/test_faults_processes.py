@@ -137,7 +137,7 @@ needs_mounts = pytest.mark.skipif(not _unshare_ok(), reason="this machine does n
 def test_a_full_disk_mid_write_is_a_user_error_that_names_the_path(tmp_path):
     disk = tmp_path / "disk"
     script = (f"mount -t tmpfs -o size=8k tmpfs {disk} && cd {ROOT} && "
-              f"{' '.join(CLI)} sample --out {disk}/latents.safetensors; echo exit=$?; ls -A {disk}")
+              f"{' '.join(CLI)} sample --model tiny-sd3 --out {disk}/latents.safetensors; echo exit=$?; ls -A {disk}")
     disk.mkdir()
     proc = run(["unshare", "-m", "sh", "-c", script])
     assert "exit=1" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -171,7 +171,7 @@ def test_build_skip_auto_uses_the_probe_and_records_it(probe_dir, tmp_path):
     (["build", "--skip", "auto:fast", "--trt", "none"], "'fast' is not a number"),
     (["build", "--skip", "3-10", "--probe", "PROBE", "--trt", "none"], "--probe goes with --skip auto:NFE"),
     (["build", "--skip", "auto:1.75", "--probe", "PROBE", "--model", "tiny-sd35-large", "--trt", "none"],
-     "measured tiny-sd3, not tiny-sd35-large"),
+     "measured digits-sd3, not tiny-sd35-large"),
     (["build", "--skip", "auto:1.5", "--probe", "PROBE", "--trt", "none"], "no range of 12 blocks"),
     (["build", "--skip", "auto:1.75", "--probe", "PROBE", "--mlp", "PROBE", "--trt", "none"],
      "an MLP is trained for one range"),
@@ -254,7 +254,7 @@ def test_a_trained_mlp_is_measured_on_its_range_as_the_runtime_runs_it(tiny, tmp
 def test_probe_cli_reports_the_mlp_range(tmp_path):
     tiny = build_tiny("tiny-sd3")
     save_compensation(CompensationMLP.for_transformer(tiny), tmp_path / "mlp.safetensors")
-    base = ["probe", "--max-prompts", "1", "--lengths", "6,8", "--out", str(tmp_path / "out")]
+    base = ["probe", "--model", "tiny-sd3", "--max-prompts", "1", "--lengths", "6,8", "--out", str(tmp_path / "out")]
     res = CliRunner().invoke(main, [*base, "--mlp", str(tmp_path / "mlp.safetensors"), "--mlp-skip", "3-10"])
     assert res.exit_code == 0, res.output
     row = next(r for r in read_probe(tmp_path / "out" / "probe.json")[0].ranges if r["skip"] == "3-10")

@@ -230,8 +230,8 @@ def test_the_quality_benchmark_on_tiny_sd3_with_a_trained_mlp(tmp_path):
             p.add_(0.05 * torch.randn_like(p))  # a "trained" MLP: not the identity of plain reuse
     mlp_file = save_compensation(mlp, tmp_path / "mlp.safetensors")
     out = tmp_path / "quality"
-    result = subprocess.run([sys.executable, "-m", "bench.quality", "--random-metrics", "--seeds", "2",
-                             "--max-prompts", "3", "--mlp", str(mlp_file), "--latency",
+    result = subprocess.run([sys.executable, "-m", "bench.quality", "--model", "tiny-sd3", "--random-metrics",
+                             "--seeds", "2", "--max-prompts", "3", "--mlp", str(mlp_file), "--latency",
                              str(_latency_json(tmp_path / "latency.json")), "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -82,7 +82,7 @@ TRAINED_MODELS: dict[str, TrainedSpec] = {
         "by `python -m bench.toy` (DCT + MLP, skip 3-10); 64x64 images, prompts like 'a red 7 on the left'",
         EMBEDDED / "digits-sd3", EMBEDDED / "digits-sd3" / "mlp.safetensors", "3-10"),
 }
-DEFAULT_MODEL = "tiny-sd3"  # becomes digits-sd3 once the suite passes with it (tests sweep in progress, issue 20)
+DEFAULT_MODEL = "digits-sd3"  # a model that has learned something (issue 20): images a user can read
 
 
 def is_embedded(spec: str) -> bool:
