@@ -131,12 +131,14 @@ def probe_dir(tmp_path_factory):
                                     "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "PASSED probe" in res.output and "NFE 1.750" in res.output
+    assert "digits-sd3's own compensation MLP, trained for skip 3-10: measured too" in res.output  # the default's
     return out
 
 
 def test_probe_writes_json_and_plots_that_read_back(probe_dir):
     result, doc = read_probe(probe_dir / "probe.json")
     assert doc["config"]["prompts"] == ["a red fox", "a city at night"] and result.samples == 2
+    assert [r["skip"] for r in result.ranges if "mlp_velocity_error" in r] == ["3-10"]
     assert len(result.blocks) == 24 and len(result.ranges) == 18 + 16
     assert [r["target_nfe"] for r in result.recommendations] == [1.75, 1.667]
     for rec in result.recommendations:

@@ -38,7 +38,7 @@ from onex_export.export.precision import PRECISIONS
 from onex_export.fileio import check_destination
 from onex_export.models import DEFAULT_MODEL
 from onex_export.models.weights import transformer_source
-from onex_export.models.zoo import TRAINED_MODELS
+from onex_export.models.zoo import TRAINED_MODELS, default_mlp_for
 from onex_export.export.shapes import VAE_SCALE
 from onex_export.probe.run import calibration_prompts
 
@@ -89,7 +89,7 @@ def _thumbnail(image: torch.Tensor) -> np.ndarray:
 
 
 def _has_reference(metric) -> bool:
-    """A metric measured against the teacher's images (FID and the toy judge's FID)."""
+    """A metric measured against the teacher's images (FID)."""
     return hasattr(metric, "add_reference")
 
 
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     for name, what in WEIGHT_OPTIONS.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=Path, default=None, help=what)
     p.add_argument("--toy-judge", type=Path, default=None,
-                   help="a toy-world judge folder (default for the embedded digits-sd3: bench/toy/judge-weights): adds toy_correct, toy_coverage and toy_fid for "
+                   help="a toy-world judge folder (default for the embedded digits-sd3: bench/toy/judge-weights): adds toy_correct, toy_coverage and toy_fid_real for "
                         "toy-world models and prompts (python -m bench.toy trains it)")
     p.add_argument("--random-metrics", action="store_true",
                    help="seeded random stand-ins for the metrics given no weights (plumbing; this run's ranking only)")
@@ -204,6 +204,9 @@ def main(argv=None) -> int:
         p.error(f"--skip: {exc}")
     if args.latency is not None and not args.latency.is_file():
         p.error(f"--latency {args.latency} is not a file")
+    if args.mlp is None and (own := default_mlp_for(args.model, skip)) is not None:
+        args.mlp = own  # an embedded trained model's own MLP, as `build` takes it
+        print(f"mlp       {args.model}'s own compensation MLP, trained for skip {skip}")
     weights = MetricWeights(**{name: getattr(args, name) for name in WEIGHT_OPTIONS})
     prompts = calibration_prompts(args.model, args.prompts, args.max_prompts)
     config = QualityConfig(args.model, args.teacher, args.mlp, skip, prompts, seeds=args.seeds,

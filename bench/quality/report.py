@@ -31,8 +31,13 @@ def markdown(report: dict) -> str:
         values = [("–" if row.get(m) is None else f"{row[m]:.4g}") for m in metrics]
         lines.append(f"| {name} | {row['nfe']:.3f} | " + " | ".join(values) + f" | {row['seconds']:.1f} |")
     lines += ["", f"Peak memory (RSS) of the run: {report['peak_rss_gb']:.1f} GB.",
-              "", "FID is measured against the teacher's images (as the paper's Table 1), so the teacher has none.",
-              "", "Skipped: " + ("; ".join(f"{k} ({v})" for k, v in report["skipped"].items()) or "none") + "."]
+              "", "FID is measured against the teacher's images (as the paper's Table 1), so the teacher has none."]
+    if "toy_fid_real" in metrics:
+        lines += ["", "toy_fid_real is measured in the toy judge's feature space against held-out real scenes of the "
+                  "same prompts (8 each), so every row has one."]
+    if cfg.get("teacher") == cfg["model"]:
+        lines += ["", "The teacher row runs the student's own weights under the teacher's schedule (no --teacher)."]
+    lines += ["", "Skipped: " + ("; ".join(f"{k} ({v})" for k, v in report["skipped"].items()) or "none") + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,10 @@ instead of random stand-ins: the judge reads each image without any of the gener
 
 - ``toy_correct``: the fraction of images judged correct (the prompt's digit, colour and side);
 - ``toy_coverage``: mode coverage of the free attributes (size x height) over a prompt's seeds;
-- ``toy_fid``: FID in the judge's feature space against the teacher's images (the reference, as ``fid``'s).
+- ``toy_fid_real``: FID in the judge's feature space against held-out real scenes of the same prompts (glyphs no
+  generator trained on, 8 per prompt, as the toy report's ``fid_real``). Real scenes, not the teacher's images: an
+  embedded toy model ships without its teacher, and the student's own weights under the teacher's schedule are no
+  reference.
 
 Prompts must be the toy world's (``"a red 7 on the left"``); anything else is refused before a model loads.
 """
@@ -16,7 +19,7 @@ import torch
 from bench.toy.judge import Judge
 from bench.toy.metrics import MODES, fid
 from onex_export.errors import UsageError
-from train.toy.digits import PROMPTS, prompt_index
+from train.toy.digits import PROMPTS, prompt_index, scenes
 
 
 def load_judge(folder: Path) -> Judge:
@@ -65,28 +68,32 @@ class ToyCoverage(ToyCorrect):
         self.scores.append(torch.tensor([len(set(v.mode[v.present].tolist())) / MODES]))
 
 
-class ToyFID:
-    name, higher_is_better = "toy_fid", False
+class ToyFIDReal:
+    name, higher_is_better = "toy_fid_real", False
+    REAL_PER_PROMPT, REAL_SEED = 8, 7  # as bench.toy's evaluation draws its fid_real reference
 
     def __init__(self, judge: Judge):
-        self.judge, self.reference, self.features = judge, [], []
-
-    def add_reference(self, images: torch.Tensor) -> None:
-        self.reference.append(self.judge.raw_features(images.movedim(-1, -3).float() / 255)[1])
+        self.judge, self.features, self.prompts = judge, [], set()
 
     def reset(self) -> None:
-        self.features = []
+        self.features, self.prompts = [], set()
 
     def update(self, images: torch.Tensor, prompt: str) -> None:
         self.features.append(self.judge.raw_features(images.movedim(-1, -3).float() / 255)[1])
+        self.prompts.add(prompt_index(prompt))
+
+    def reference(self) -> torch.Tensor:
+        """(P x 8, 39) raw judge features of real held-out scenes of the prompts seen."""
+        ids = torch.tensor(sorted(self.prompts)).repeat_interleave(self.REAL_PER_PROMPT)
+        return self.judge.raw_features(scenes(ids, "judge", self.REAL_SEED)[0])[1]
 
     def compute(self) -> float:
-        if sum(len(r) for r in self.reference) < 2 or sum(len(f) for f in self.features) < 2:
-            raise UsageError("toy_fid needs 2 images or more on each side", "use more prompts or seeds")
+        if sum(len(f) for f in self.features) < 2:
+            raise UsageError("toy_fid_real needs 2 images or more", "use more prompts or seeds")
         standardise = lambda x: (x - self.judge.mean) / self.judge.std  # noqa: E731
-        return fid(standardise(torch.cat(self.features)), standardise(torch.cat(self.reference)))
+        return fid(standardise(torch.cat(self.features)), standardise(self.reference()))
 
 
 def toy_metrics(folder: Path) -> list:
     judge = load_judge(folder)
-    return [ToyCorrect(judge), ToyCoverage(judge), ToyFID(judge)]
+    return [ToyCorrect(judge), ToyCoverage(judge), ToyFIDReal(judge)]

@@ -8,7 +8,9 @@ from tqdm import tqdm
 
 from ..errors import UsageError
 from ..fileio import check_destination
+from ..config import SkipRange
 from ..models import DEFAULT_MODEL
+from ..models.zoo import TRAINED_MODELS
 
 from . import DTYPES, _parse_skip, main
 
@@ -28,7 +30,8 @@ from . import DTYPES, _parse_skip, main
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--mlp", type=click.Path(path_type=Path), default=None,
-              help="A trained compensation MLP: its range (--mlp-skip) is measured with it too.")
+              help="A trained compensation MLP: its range (--mlp-skip) is measured with it too. Default: an embedded "
+                   "trained model's own.")
 @click.option("--mlp-skip", default=None, callback=_parse_skip, help="The range the MLP was trained for, e.g. 3-10.")
 @click.option("--random-text", is_flag=True,
               help="Seeded random text embeddings instead of the text encoders (a folder with a transformer only).")
@@ -46,6 +49,11 @@ def probe_cmd(model, prompts_file, max_prompts, seeds, nfes, lengths, resolution
     except ValueError:
         raise UsageError(f"--lengths {lengths!r} is not a list of numbers", "use e.g. --lengths 6,8") from None
     prompts = calibration_prompts(model, prompts_file, max_prompts)
+    trained = TRAINED_MODELS.get(model)
+    if mlp is None and mlp_skip is None and trained is not None and (
+            parsed_lengths is None or SkipRange.parse(trained.skip).count in parsed_lengths):
+        mlp, mlp_skip = trained.mlp, SkipRange.parse(trained.skip)  # plain reuse and the MLP, side by side
+        click.echo(f"mlp       {model}'s own compensation MLP, trained for skip {trained.skip}: measured too")
     config = ProbeConfig(model, prompts, tuple(seeds) or (0,), resolution, tuple(nfes) or DEFAULT_NFES,
                          parsed_lengths, dtype, device, random_text, mlp, mlp_skip)
     out = out or Path("probes") / Path(model).name

@@ -83,11 +83,14 @@ def heat_map(result: ProbeResult, config: dict, path: Path) -> Path:
                       norm=LogNorm(vmin=(low := max(finite.min(), 1e-6)), vmax=max(finite.max(), 10 * low))
                       if finite.size else None)
     fig.colorbar(image, ax=ax, label="velocity error of step two, ||v_cache - v|| / ||v||")
-    for rec in result.recommendations:
+    for i, rec in enumerate(result.recommendations):
         first, last = map(int, rec["skip"].split("-"))
         ax.plot(first, last, "o", mfc="none", mec="cyan", ms=11, mew=2)
-        ax.annotate(f"NFE {rec['nfe']:.3f}: {rec['skip']}", (first, last), textcoords="offset points", xytext=(8, -4),
-                    fontsize=9, bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="cyan", alpha=0.85))
+        # labels go into the empty triangle below the diagonal, one under the other: two targets' ranges often
+        # share a row, and side by side their labels would overlap
+        ax.annotate(f"NFE {rec['nfe']:.3f}: {rec['skip']}", (first, last), textcoords="offset points",
+                    xytext=(14, -18 - 18 * i), fontsize=9, arrowprops=dict(arrowstyle="-", color="cyan"),
+                    bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="cyan", alpha=0.85))
     ax.set_xlabel("first skipped block (1-based)")
     ax.set_ylabel("last skipped block")
     ax.set_title(f"{Path(config.get('model', '')).name}: direct caching error per skip range "
