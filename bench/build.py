@@ -19,7 +19,6 @@ stopped and the run records where and when, instead of taking the machine down. 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import re
@@ -30,14 +29,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import torch
 
 from onex_export.contract import FILENAME, Manifest, read_manifest
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.stages import StageClock
+from onex_export.models.text import SD3_TEXT_LENGTH
 
-from .arguments import positive_int, resolution, run_main
+from .arguments import POSITIVE_INT, RESOLUTION, SKIP, command_help, invoke, run_main
 from .random_weights import ARCHS, write_checkpoint
 from .report import write_results
 
@@ -271,31 +273,29 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=list(ARCHS), default="sd3-medium")
-    p.add_argument("--precision", choices=["fp16", "bf16"], default="fp16")
-    p.add_argument("--resolution", type=resolution, default=1024)
-    p.add_argument("--text-len", type=positive_int, default=333)
-    p.add_argument("--skip", default="3-10")
-    p.add_argument("--trt", choices=["tensorrt-rtx", "tensorrt", "none"], default="tensorrt-rtx")
-    p.add_argument("--gate", choices=["opt", "none"], default="opt")
-    p.add_argument("--weight-scale", type=float, default=1.0,
-                   help="scale of the random linear weights (default initialisation x this; 0.5: issue 25's run)")
-    p.add_argument("--max-graph-gib", type=float, default=2.0, help="onex-export build's per-graph weight budget")
-    p.add_argument("--no-naive", dest="naive", action="store_false", help="skip the naive baseline")
-    p.add_argument("--rss-limit-gib", type=float, default=21.0)
-    p.add_argument("--workdir", default=None, help="where the checkpoint and builds are written (removed after)")
-    p.add_argument("--out", type=Path, default=None, help="default bench/results/build-<arch>-<precision>-<trt>-cpu")
-    p.add_argument("--keep-logs", action="store_true", help="copy the build's log beside the results")
-    p.add_argument("--naive-worker", type=Path, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.resolution <= 0 or args.resolution % 16:
-        p.error(f"--resolution {args.resolution} is not a positive multiple of 16")
-    if args.rss_limit_gib <= 0:
-        p.error("--rss-limit-gib must be positive")
-    if args.weight_scale <= 0 or args.max_graph_gib <= 0:
-        p.error("--weight-scale and --max-graph-gib must be positive")
+@click.command(name="bench.build", help=command_help(__doc__))
+@click.option("--arch", type=click.Choice(list(ARCHS)), default="sd3-medium", show_default=True)
+@click.option("--precision", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--resolution", type=RESOLUTION, default=1024, show_default=True)
+@click.option("--text-len", type=POSITIVE_INT, default=SD3_TEXT_LENGTH, show_default=True)
+@click.option("--skip", type=SKIP, default="3-10", show_default=True)
+@click.option("--trt", type=click.Choice(["tensorrt-rtx", "tensorrt", "none"]), default="tensorrt-rtx",
+              show_default=True)
+@click.option("--gate", type=click.Choice(["opt", "none"]), default="opt", show_default=True)
+@click.option("--weight-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="scale of the random linear weights (default initialisation x this; 0.5: issue 25's run)")
+@click.option("--max-graph-gib", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="onex-export build's per-graph weight budget")
+@click.option("--naive/--no-naive", default=True, help="run the naive baseline too (--no-naive: skip it)")
+@click.option("--rss-limit-gib", type=click.FloatRange(min=0, min_open=True), default=21.0, show_default=True)
+@click.option("--workdir", default=None, help="where the checkpoint and builds are written (removed after)")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="default bench/results/build-<arch>-<precision>-<trt>-cpu")
+@click.option("--keep-logs", is_flag=True, help="copy the build's log beside the results")
+@click.option("--naive-worker", type=click.Path(path_type=Path), default=None, hidden=True)
+def command(**options) -> int:
+    args = SimpleNamespace(**options)
+    args.skip = str(args.skip)
     if args.naive_worker is not None:
         naive_worker(args.naive_worker, args.precision, args.resolution, args.text_len, args.trt, Path(args.workdir))
         return 0
@@ -307,6 +307,10 @@ def main(argv=None) -> int:
     print(table)
     print(f"wrote {args.out_dir}/build.json, build.md")
     return 0 if report["onex_export"].get("status") in ("passed", "unverified") else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return invoke(command, argv, "python -m bench.build")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ a PNG plot. Speed-ups are reported next to the NFE-predicted ones so that overhe
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import platform
@@ -21,7 +20,9 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import torch
 from diffusers import SD3Transformer2DModel
 
@@ -29,11 +30,12 @@ from onex_export.config import SkipRange
 from onex_export.contract import Manifest
 from onex_export.errors import OnexError
 from onex_export.fileio import check_destination
-from onex_export.export.build import BuildConfig, build
+from onex_export.build import BuildConfig, build
 from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.export.components import component_graphs, load_components
 from onex_export.export.precision import PRECISIONS
-from onex_export.export.shapes import VAE_SCALE, DimRange
+from onex_export.export.shapes import DimRange
+from onex_export.models.vae import SD3_VAE_SCALE, vae_scale
 from onex_export.trt import flavour_version
 from onex_export.models import SplitSD3Transformer, build_tiny
 from onex_export.models.zoo import TINY_TEXT_LEN
@@ -43,7 +45,7 @@ from onex_export.runtime.sampler import Conditioning, TorchDenoiser, sample
 from onex_export.runtime.tensorrt_runner import require_gpu
 from onex_export.schedule import SamplingPlan
 
-from .arguments import device_spec, non_negative_int, positive_int, resolution, run_main
+from .arguments import DEVICE, NON_NEGATIVE_INT, POSITIVE_INT, RESOLUTION, command_help, invoke, run_main
 from .random_weights import ARCHS, random_transformer
 from .peers import CacheDitPeer, SkipLayersPeer, cache_dit_installed
 from .report import markdown, plot, write_results
@@ -237,8 +239,9 @@ def run(args) -> dict:
     dtype = DTYPES[args.dtype]
     transformer = make_transformer(args.arch, dtype, args.device)
     cfg = transformer.config
-    resolution = args.resolution or cfg.sample_size * VAE_SCALE
-    latent = (cfg.in_channels, resolution // VAE_SCALE, resolution // VAE_SCALE)
+    scale = SD3_VAE_SCALE if args.arch in ARCHS else vae_scale(args.arch)  # the real architectures' VAE is SD3's
+    resolution = args.resolution or cfg.sample_size * scale
+    latent = (cfg.in_channels, resolution // scale, resolution // scale)
     text_len = SD3_TEXT_LENGTH if args.arch in ARCHS else TINY_TEXT_LEN
     comps = load_components(args.arch, cfg, ("text", "vae")) if args.arch not in ARCHS else None
     with tempfile.TemporaryDirectory(prefix="onex-bench-") as tmp:  # ONNX graphs live only for the run
@@ -297,32 +300,36 @@ def default_trt() -> str:
     return "tensorrt" if flavour_version("tensorrt") else "tensorrt-rtx"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="tiny-sd3", help=f"tiny-sd3 | tiny-sd35-large | {' | '.join(ARCHS)} (random weights)")
-    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
-                   help="tensorrt builds engines first and needs a GPU (--device cuda)")
-    p.add_argument("--trt", choices=["tensorrt", "tensorrt-rtx"], default=None,
-                   help="TensorRT flavour for --backend tensorrt (default: tensorrt if installed, else tensorrt-rtx)")
-    p.add_argument("--device", type=device_spec, default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    p.add_argument("--resolution", type=resolution, default=None, help="pixels, a multiple of 16 (default: the model's native size)")
-    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 4])
-    p.add_argument("--warmup", type=non_negative_int, default=2)
-    p.add_argument("--repeats", type=positive_int, default=8)
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each transformer step as a captured CUDA graph (GPU; cache-dit stays eager)")
-    p.add_argument("--out", type=Path, default=None, help="folder for JSON/Markdown/PNG (default bench/results/<name>)")
-    args = p.parse_args(argv)
+@click.command(name="bench.latency", help=command_help(__doc__))
+@click.option("--arch", default="tiny-sd3", show_default=True,
+              help=f"tiny-sd3 | tiny-sd35-large | {' | '.join(ARCHS)} (random weights)")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True,
+              help="tensorrt builds engines first and needs a GPU (--device cuda)")
+@click.option("--trt", type=click.Choice(["tensorrt", "tensorrt-rtx"]), default=None,
+              help="TensorRT flavour for --backend tensorrt (default: tensorrt if installed, else tensorrt-rtx)")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
+@click.option("--resolution", type=RESOLUTION, default=None,
+              help="pixels, a multiple of 16 (default: the model's native size)")
+@click.option("--batch", type=POSITIVE_INT, multiple=True, help="batch size (repeatable; default: 1 and 4)")
+@click.option("--warmup", type=NON_NEGATIVE_INT, default=2, show_default=True)
+@click.option("--repeats", type=POSITIVE_INT, default=8, show_default=True)
+@click.option("--cuda-graph", is_flag=True,
+              help="replay each transformer step as a captured CUDA graph (GPU; cache-dit stays eager)")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="folder for JSON/Markdown/PNG (default bench/results/<name>)")
+def command(**options) -> int:
+    args = SimpleNamespace(**options)
+    args.batch = list(args.batch) or [1, 4]
     cuda = args.device.startswith("cuda")
     if args.backend == "onnxruntime" and (cuda or args.dtype != "fp32"):
-        p.error("--backend onnxruntime runs fp32 on the CPU here")
+        raise click.UsageError("--backend onnxruntime runs fp32 on the CPU here")
     if args.backend == "tensorrt" and not cuda:
-        p.error("--backend tensorrt runs engines on a GPU: add --device cuda")
+        raise click.UsageError("--backend tensorrt runs engines on a GPU: add --device cuda")
     if args.cuda_graph and (args.backend == "onnxruntime" or not cuda):
-        p.error("--cuda-graph needs --device cuda and --backend torch or tensorrt")
+        raise click.UsageError("--cuda-graph needs --device cuda and --backend torch or tensorrt")
     if args.trt is not None and args.backend != "tensorrt":
-        p.error("--trt applies to --backend tensorrt only")
+        raise click.UsageError("--trt applies to --backend tensorrt only")
     if args.backend == "tensorrt":
         args.trt = args.trt or default_trt()
     if args.out is not None:  # before the run, not after it
@@ -339,6 +346,12 @@ def main(argv=None) -> int:
     print(table)
     print(f"wrote {out}/latency.json, latency.md, latency.png")
     return 0
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    return invoke(command, argv, "python -m bench.latency")
 
 
 if __name__ == "__main__":

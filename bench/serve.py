@@ -1,7 +1,7 @@
 """Serving throughput and latency: `onex-export serve` (Triton, dynamic batching) against the in-process pipeline.
 
     python -m bench.serve                                  # builds tiny-sd3 into a temporary folder, CPU
-    python -m bench.serve --build engines/my-build --backend tensorrt --clients 1 4 16 64
+    python -m bench.serve --build engines/my-build --backend tensorrt --clients 1 --clients 4 --clients 16 --clients 64
 
 At each client count, the same requests (one prompt, one image, each its own seed) go first to one in-process
 :class:`BuildPipeline` from that many threads (its calls run one at a time), then to a real `onex-export serve`
@@ -11,7 +11,6 @@ JSON, a Markdown table and a PNG under bench/results/.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import platform
@@ -24,15 +23,18 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import numpy as np
 
 from onex_export.errors import OnexError
 from onex_export.fileio import check_destination, save_figure
+from onex_export.check.reference import open_pipeline
 from onex_export.runtime.pipeline import BACKENDS, BuildPipeline
 from onex_export.serving import STAGES
 
-from .arguments import non_negative_int, positive_int, run_main
+from .arguments import NON_NEGATIVE_INT, POSITIVE_INT, command_help, invoke, run_main
 from .report import write_results
 
 PROMPTS = ["a red cube on a table", "a lighthouse at dusk", "a bowl of ramen, top view", "an astronaut riding a horse"]
@@ -131,7 +133,7 @@ def _batches(client, token: str) -> tuple[int, int]:
 
 def _in_process(args) -> list[dict]:
     """Every client count against one in-process pipeline, released on return (the server loads its own)."""
-    pipeline = BuildPipeline(args.build, args.backend, args.device)
+    pipeline = open_pipeline(args.build, args.backend, args.device)
     pipeline.warm_up(batch=1)
 
     def local(k, prompt, seed):
@@ -245,24 +247,27 @@ def plot(report: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--build", type=Path, default=None,
-                   help="a build folder with text encoders and VAE (default: build tiny-sd3 into a temporary folder)")
-    p.add_argument("--backend", choices=list(BACKENDS), default="onnxruntime")
-    p.add_argument("--device", default="cpu", help="torch device for the torch backend")
-    p.add_argument("--clients", type=positive_int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=positive_int, default=64, help="requests per client count")
-    p.add_argument("--warmup", type=non_negative_int, default=4, help="requests per client count before timing")
-    p.add_argument("--max-queue-delay-us", type=non_negative_int, default=2000)
-    p.add_argument("--out", type=Path, default=None, help="folder for JSON/Markdown/PNG (default bench/results/<name>)")
-    args = p.parse_args(argv)
+@click.command(name="bench.serve", help=command_help(__doc__))
+@click.option("--build", type=click.Path(path_type=Path), default=None,
+              help="a build folder with text encoders and VAE (default: build tiny-sd3 into a temporary folder)")
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default="onnxruntime", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device for the torch backend")
+@click.option("--clients", type=POSITIVE_INT, multiple=True, help="concurrent clients (repeatable; default: 1, 4, 16)")
+@click.option("--requests", type=POSITIVE_INT, default=64, show_default=True, help="requests per client count")
+@click.option("--warmup", type=NON_NEGATIVE_INT, default=4, show_default=True,
+              help="requests per client count before timing")
+@click.option("--max-queue-delay-us", type=NON_NEGATIVE_INT, default=2000, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="folder for JSON/Markdown/PNG (default bench/results/<name>)")
+def command(**options) -> int:
+    args = SimpleNamespace(**options)
+    args.clients = list(args.clients) or [1, 4, 16]
     if args.out is not None:
         check_destination(args.out / "serve.json")
     with tempfile.TemporaryDirectory(prefix="onex-bench-build-") as tmp:
         if args.build is None:
             from onex_export.config import SkipRange
-            from onex_export.export.build import BuildConfig, build
+            from onex_export.build import BuildConfig, build
             from onex_export.export.shapes import DimRange
 
             args.build = Path(tmp) / "tiny-sd3"
@@ -277,6 +282,10 @@ def main(argv=None) -> int:
     print(markdown(report))
     print(f"wrote {out}/serve.json, serve.md, serve.png")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return invoke(command, argv, "python -m bench.serve")
 
 
 if __name__ == "__main__":

@@ -10,22 +10,24 @@ the rest. Writes ``profile.json`` and ``profile.md`` to ``bench/results/profile-
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from onex_export.export.precision import PRECISIONS
 from onex_export.models import build_tiny
+from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.models.zoo import TINY_TEXT_LEN
 
-from .arguments import device_spec, positive_int, resolution, run_main
+from .arguments import DEVICE, POSITIVE_INT, RESOLUTION, command_help, invoke, run_main
 from .random_weights import ARCHS, random_transformer
 from .report import write_results
 
@@ -70,7 +72,7 @@ def run(args) -> dict:
              else build_tiny(args.arch).to(args.device, dtype))
     cfg = model.config
     res = args.resolution or cfg.sample_size * 8
-    text_len = 333 if args.arch in ARCHS else TINY_TEXT_LEN
+    text_len = SD3_TEXT_LENGTH if args.arch in ARCHS else TINY_TEXT_LEN
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, cfg.in_channels, res // 8, res // 8, generator=g).to(args.device, dtype)
     text = torch.randn(args.batch, text_len, cfg.joint_attention_dim, generator=g).to(args.device, dtype)
@@ -127,20 +129,20 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="tiny-sd3", help=f"tiny-sd3 | {' | '.join(ARCHS)} (random weights)")
-    p.add_argument("--resolution", type=resolution, default=None)
-    p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--device", type=device_spec, default="cpu")
-    p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32")
-    p.add_argument("--repeats", type=positive_int, default=20)
-    p.add_argument("--matmul-size", type=positive_int, default=None, help="default 8192 on a GPU, 1024 on a CPU")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile's version")
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
+@click.command(name="bench.step_profile", help=command_help(__doc__))
+@click.option("--arch", default="tiny-sd3", show_default=True, help=f"tiny-sd3 | {' | '.join(ARCHS)} (random weights)")
+@click.option("--resolution", type=RESOLUTION, default=None, help="pixels (default: the model's native size)")
+@click.option("--batch", type=POSITIVE_INT, default=1, show_default=True)
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True)
+@click.option("--repeats", type=POSITIVE_INT, default=20, show_default=True)
+@click.option("--matmul-size", type=POSITIVE_INT, default=None, help="default 8192 on a GPU, 1024 on a CPU")
+@click.option("--compile", is_flag=True, help="also time torch.compile's version")
+@click.option("--out", type=click.Path(path_type=Path), default=None)
+def command(**options) -> int:
+    args = SimpleNamespace(**options)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda needs an NVIDIA GPU, and none is visible here")
+        raise click.UsageError("--device cuda needs an NVIDIA GPU, and none is visible here")
     args.matmul_size = args.matmul_size or (8192 if args.device.startswith("cuda") else 1024)
     report = run(args)
     device = (report["gpu"] or "cpu").replace(" ", "-").lower()
@@ -150,6 +152,10 @@ def main(argv=None) -> int:
     print(table)
     print(f"wrote {out}/profile.json, profile.md")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return invoke(command, argv, "python -m bench.step_profile")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import OnexError, UsageError
-from .runtime.pipeline import BACKENDS, BuildPipeline, Request
+from .runtime.pipeline import BACKENDS, BuildPipeline, ReferenceGraphs, Request
 
 MODEL_NAME = "onex"
 STAGES = ("tokenize", "text", "transformer", "vae")
@@ -75,6 +75,9 @@ class ServeConfig:
     # for in a `triton-access-token` header; None: a random one, so that they stay closed (inference, health,
     # metadata and model configuration are open to all, as PyTriton leaves them)
     access_token: str | None = field(default=None, repr=False)
+    # the torch backend's graphs, handed in by the caller that has the checks (the CLI): the server itself imports
+    # only the runtime
+    reference: ReferenceGraphs | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -249,7 +252,8 @@ def serve(config: ServeConfig, log: Callable[[str], None] = print, stop: threadi
     start = time.perf_counter()
     # ONNX Runtime's spinning threads would take the CPU that Triton and its proxy need between runs: on 2 cores,
     # tiny-sd3 served 7.7 images/s with spinning and 21 without (in-process alone: 45 and 33)
-    pipeline = BuildPipeline(config.build, config.backend, config.device, cuda_graph=config.cuda_graph, spin=False)
+    pipeline = BuildPipeline(config.build, config.backend, config.device, cuda_graph=config.cuda_graph, spin=False,
+                             reference=config.reference)
     log(f"loaded    {config.build} ({config.backend} on {config.device}) in {time.perf_counter() - start:.1f} s")
     log(f"warm-up   {pipeline.warm_up():.1f} s (the server reports ready only after it)")
     stop = stop or threading.Event()

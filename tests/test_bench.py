@@ -15,7 +15,7 @@ from bench.random_weights import random_transformer
 from bench.timing import measure_interleaved
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError
-from onex_export.export.build import BuildConfig
+from onex_export.build import BuildConfig
 from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.export.shapes import DimRange
 from onex_export.models import SplitSD3Transformer, build_tiny
@@ -45,7 +45,7 @@ def check_report(out, batches):
 
 
 def test_benchmark_torch_backend(tmp_path):
-    assert main(["--repeats", "2", "--warmup", "1", "--batch", "1", "2", "--out", str(tmp_path)]) == 0
+    assert main(["--repeats", "2", "--warmup", "1", "--batch", "1", "--batch", "2", "--out", str(tmp_path)]) == 0
     report = check_report(tmp_path, [1, 2])
     assert "end to end 1.x skip 3-10" in report["results"][0]["stages"]
     assert report["results"][0]["schedules"]["peer: skip_layers 3-10"]["nfe"] == pytest.approx(1 + 16 / 24)
@@ -115,7 +115,7 @@ def test_benchmark_builds_accept_a_gate_that_cannot_run_here_but_not_a_failed_on
     (["--resolution", "100"], "100 is not a multiple of 16 (VAE factor 8 x patch 2): use 96 or 112"),
     (["--resolution", "8"], "use 16"),
     (["--resolution", "-32"], "-32 must be at least 1"),
-    (["--batch", "1", "0"], "0 must be at least 1"),
+    (["--batch", "1", "--batch", "0"], "0 must be at least 1"),
     (["--repeats", "-5"], "-5 must be at least 1"),
     (["--warmup", "-1"], "-1 must be 0 or more"),
     (["--batch", "two"], "'two' is not an integer"),

@@ -22,13 +22,13 @@ from onex_export.cli import main
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError, UsageError
 from onex_export.export import manifest as mf
-from onex_export.export.build import BuildConfig, build
-from onex_export.export.gate import GateConfig
+from onex_export.build import BuildConfig, build
+from onex_export.check.gate import GateConfig
 from onex_export.export.precision import Fp32Blocks
 from onex_export.export.shapes import DimRange
 from onex_export.export.tensorrt import RTX_DEFAULT_TARGETS
 from onex_export.trt import flavour_version
-from onex_export.export.verify import verify
+from onex_export.check.verify import verify
 from onex_export.models import CompensationMLP, SplitSD3Transformer, build_tiny, save_compensation
 from onex_export.runtime.graphs import OrtGraph, PlanDenoiser
 from onex_export.runtime.pipeline import BuildPipeline
@@ -186,6 +186,11 @@ def test_verify_passes_records_itself_then_catches_tampering(built, tmp_path):
     assert [v["artifact"] for v in updated.verifications] == ["onnx", "onnx"]
     assert mf.read_manifest(good).verifications[-1]["created"] == verification["created"]
     assert mf.check_files(good, updated) == []  # recording touched only manifest.json
+    res = run_cli("verify", good, "--tolerance", "delta_img=0.05")  # an override is applied and recorded
+    recorded = mf.read_manifest(good).verifications[-1]
+    assert res.exit_code == 0 and "PASSED" in res.output, res.output
+    assert recorded["tolerance_per_output"] == {"delta_img": {"max_abs": None, "max_rel": 0.05, "min_cosine": 0.99999}}
+    assert "tolerance_per_output" not in verification
     victim = "segment.plan" if HAS_RTX else "segment.onnx"
     data = bytearray((good / victim).read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -12,7 +12,7 @@ import pytest
 
 from onex_export import contract
 from onex_export.config import SkipRange
-from onex_export.export.build import BuildConfig, build
+from onex_export.build import BuildConfig, build
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("diffusers", "onnx", "tensorrt", "tensorrt_rtx_bindings", "tensorrt_rtx_libs", "onex_export.export",
@@ -43,7 +43,7 @@ print(json.dumps({{"heavy": loaded, "shape": list(images.shape), "runtime": "onn
 
 def test_the_same_check_sees_the_exporter_when_it_is_imported():
     """Negative: the import check above would notice the export stack (it is not vacuous)."""
-    script = "import sys, onex_export.export.build; print(sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers')[:1])"
+    script = "import sys, onex_export.build; print(sorted(m for m in sys.modules if m.split('.')[0] == 'diffusers')[:1])"
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip() == "['diffusers']", proc.stderr[-2000:]

@@ -17,16 +17,16 @@ import torch
 from click.testing import CliRunner
 from diffusers import SD3Transformer2DModel
 
-from onex_export import parity
+from onex_export.check import parity
 from onex_export.cli import main
 from onex_export.config import SkipRange
 from onex_export.contract import ManifestError
-from onex_export.export.build import BuildConfig, build
-from onex_export.export.gate import GateConfig, failure_summary, run_gate
+from onex_export.build import BuildConfig, build
+from onex_export.check.gate import GateConfig, failure_summary, run_gate
 from onex_export.export.graphs import SubgraphModule, build_plans, module_bytes, transformer_graphs
 from onex_export.export.precision import Fp32Blocks, PrecisionPolicy, apply_precision
 from onex_export.export.shapes import DimRange, ShapeConfig
-from onex_export.export.verify import verify
+from onex_export.check.verify import verify
 from onex_export.models import CompensationMLP, SplitSD3Transformer, load_compensation, save_compensation
 from onex_export.models.weights import load_transformer, meta_transformer, transformer_source
 from onex_export.runtime.graphs import PlanDenoiser, TorchGraph, load_build_graphs
@@ -129,7 +129,7 @@ def fp16_torch_gate(folder, policy: PrecisionPolicy, budget: int) -> tuple[dict,
         reference, source, defs, build_plans(defs),
         lambda n: TorchGraph(SubgraphModule(candidate, next(d for d in defs if d.name == n), specs[n]), specs[n]),
         artifact="torch-fp16", backend="tensorrt", candidate_device="cpu", policy=policy,
-        shapes=ShapeConfig(DimRange(1, 1, 1), DimRange(64, 64, 64), DimRange(16, 16, 16)), gate=GateConfig())
+        shapes=ShapeConfig(DimRange(1, 1, 1), DimRange(64, 64, 64), DimRange(16, 16, 16), 8), gate=GateConfig())
     return verification, defs
 
 

@@ -20,8 +20,8 @@ from bench.arguments import run_main
 from onex_export.cli import main
 from onex_export.config import SkipRange
 from onex_export.export import manifest as mf
-from onex_export.export.build import BuildConfig, build
-from onex_export.export.gate import GateConfig
+from onex_export.build import BuildConfig, build
+from onex_export.check.gate import GateConfig
 
 
 def tree(folder: Path) -> dict[str, int]:
@@ -102,11 +102,15 @@ BAD = [
     (["build", "--out", "report.txt"], 2, "is not a folder"),  # case 2 of the issue
     (["build", "--out", "mine"], 2, "holds no onex-export build"),  # case 1 of the issue
     (["build", "--out", "fifo"], 2, "is not a folder"),
+    (["build", "--tolerance", "delta_img"], 2, "'delta_img' is not OUTPUT=MAX_REL"),
+    (["build", "--tolerance", "delta_img=0.1", "--tolerance", "delta_img=0.2"], 2, "names delta_img twice"),
+    (["build", "--tolerance", "delta_img=-1"], 2, "a relative error bound must be a positive number"),
     # verify
     (["verify", "nowhere"], 1, "no manifest.json"),
     (["verify", "mine"], 1, "no manifest.json"),
     (["verify", "{build}", "--gate", "none"], 2, "none"),
     (["verify", "{build}", "--mlp", "missing.safetensors"], 1, "missing.safetensors"),
+    (["verify", "{build}", "--tolerance", "delta_image=0.1"], 2, "delta_image, which this gate does not compare"),
     # generate: every output path is checked before the work
     (["generate", "--build", "{build}", "--prompt", "a cat", "--out", "/dev/null"], 2, "not a regular file"),  # case 6
     (["generate", "--build", "{build}", "--prompt", "a cat", "--out", "fifo"], 2, "not a regular file"),

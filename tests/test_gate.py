@@ -7,8 +7,10 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from onex_export.config import SkipRange
+from onex_export.errors import UsageError
 from onex_export.export import manifest as mf
-from onex_export.export.gate import (
+from onex_export.check.parity import Tolerance, Tolerances, compare
+from onex_export.check.gate import (
     FP16_MAX, GateConfig, StreamedReference, failure_summary, range_check, run_gate, shape_points,
 )
 from onex_export.export.graphs import SubgraphModule, build_plans, transformer_graphs
@@ -69,7 +71,7 @@ def test_range_check_names_the_first_block_over_fp16_and_skips_float32_blocks():
 
 
 def test_shape_points():
-    shapes = ShapeConfig(DimRange(1, 2, 4), DimRange(64, 128, 128), DimRange(16, 16, 16))
+    shapes = ShapeConfig(DimRange(1, 2, 4), DimRange(64, 128, 128), DimRange(16, 16, 16), 8)
     assert shape_points(shapes, "opt") == [(2, 128, 16)]
     full = shape_points(shapes, "full")
     assert full[0] == (2, 128, 16) and sorted(full[1:]) == [(1, 64, 16), (1, 128, 16), (4, 64, 16), (4, 128, 16)]
@@ -98,13 +100,13 @@ def test_gate_pins_a_wrong_graph_and_passes_the_right_ones():
     bad = SplitSD3Transformer(build_tiny("tiny-sd3"), SKIP).eval()
     with torch.no_grad():
         bad.transformer.transformer_blocks[15].ff.net[2].weight.mul_(1.01)
-    shapes = ShapeConfig(DimRange(1, 1, 1), DimRange(128, 128, 128), DimRange(16, 16, 16))
+    shapes = ShapeConfig(DimRange(1, 1, 1), DimRange(128, 128, 128), DimRange(16, 16, 16), 8)
 
-    def gate(model):
+    def gate(model, config=GateConfig()):
         def load(name):
             return TorchGraph(SubgraphModule(model, next(d for d in defs if d.name == name), specs[name]), specs[name])
         return run_gate(streamed()[0], source, defs, plans, load, artifact="onnx", backend="onnxruntime",
-                        candidate_device="cpu", policy=PrecisionPolicy("fp32"), shapes=shapes, gate=GateConfig())
+                        candidate_device="cpu", policy=PrecisionPolicy("fp32"), shapes=shapes, gate=config)
 
     passed = gate(good)
     assert passed["status"] == "passed" and all(r["max_abs"] == 0.0 for r in passed["rows"])
@@ -116,6 +118,38 @@ def test_gate_pins_a_wrong_graph_and_passes_the_right_ones():
     what, hint = failure_summary(failed, defs)
     assert "graph tail" in what
     assert hint.startswith("graph tail (blocks 11-24) already differs on the reference's own inputs")
+
+    # Per-output tolerances: bounds for the two outputs that failed, twice their error, pass the same candidate;
+    # every other output is still judged by the table's fp32 bound (max abs 1e-4) and still passes with 0 error.
+    worst = {name: max(r["max_rel"] for r in failed["rows"] if r["output"] == name) for name in ("velocity", "latents")}
+    assert all(1e-4 < w < 0.5 for w in worst.values()), worst  # the 1% change shows, as a relative error
+    loose = gate(bad, GateConfig(max_rel=tuple((name, 2 * w) for name, w in worst.items())))
+    assert loose["status"] == "passed", [r for r in loose["rows"] if not r["passed"]]
+    assert loose["tolerance_per_output"]["velocity"] == {"max_abs": None, "max_rel": 2 * worst["velocity"],
+                                                         "min_cosine": 0.99999}
+    assert loose["tolerance"]["max_abs"] == 1e-4  # the default is unchanged
+    # Half their error fails them again: the bound is applied, not ignored.
+    tight = gate(bad, GateConfig(max_rel=tuple((name, w / 2) for name, w in worst.items())))
+    assert tight["status"] == "failed"
+    with pytest.raises(UsageError, match="--tolerance names delta_image, which this gate does not compare") as info:
+        gate(good, GateConfig(max_rel=(("delta_image", 0.1),)))
+    assert "delta_img" in info.value.hint and "latents" in info.value.hint
+
+
+def test_each_output_is_judged_by_its_own_tolerance_when_one_is_given():
+    """Both outputs are 1% off the reference (relative error 0.01): the default (0.005) fails both, an override of
+    0.02 for one passes it and leaves the other failing; a near-miss cosine still fails an overridden output."""
+    ref = {"velocity": torch.linspace(-1, 1, 64), "delta_img": torch.linspace(-1, 1, 64)}
+    got = {name: t + 0.01 for name, t in ref.items()}
+    default = Tolerance(None, 5e-3, 0.999)
+    assert [r.passed for r in compare("c", ref, got, default)] == [False, False]
+    rows = compare("c", ref, got, Tolerances.with_max_rel(default, {"delta_img": 0.02}))
+    assert [(r.output, r.passed) for r in rows] == [("velocity", False), ("delta_img", True)]
+    assert rows[1].max_rel == pytest.approx(0.01, rel=1e-6)
+    flipped = {"velocity": got["velocity"], "delta_img": -ref["delta_img"]}  # relative error 2, cosine -1
+    assert not compare("c", ref, flipped, Tolerances.with_max_rel(default, {"delta_img": 3.0}))[1].passed
+    with pytest.raises(ValueError, match="listed twice"):
+        Tolerances(default, (("velocity", default), ("velocity", default)))
 
 
 def test_a_failure_seen_only_along_the_chain_is_named_so():
@@ -133,6 +167,9 @@ def test_a_failure_seen_only_along_the_chain_is_named_so():
 def test_gate_config_is_checked():
     with pytest.raises(Exception, match="unknown gate mode"):
         GateConfig("all")
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(UsageError, match="a relative error bound must be a positive number"):
+            GateConfig(max_rel=(("velocity", bad),))
     if not torch.cuda.is_available():
         with pytest.raises(Exception, match="--gate-device cuda needs an NVIDIA GPU"):
             GateConfig("opt", "cuda")

@@ -10,8 +10,8 @@ import pytest
 from onex_export.config import SkipRange
 from onex_export.contract import Manifest
 from onex_export.export import manifest as mf
-from onex_export.export.build import BuildConfig, build
-from onex_export.export.gate import GateConfig
+from onex_export.build import BuildConfig, build
+from onex_export.check.gate import GateConfig
 
 
 @pytest.fixture(scope="module")

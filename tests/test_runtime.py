@@ -13,8 +13,9 @@ from onex_export.cli import main
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError, UsageError
 from onex_export.export import manifest as mf
-from onex_export.export.build import BuildConfig, build
+from onex_export.build import BuildConfig, build
 from onex_export.export.shapes import DimRange
+from onex_export.check.reference import open_pipeline
 from onex_export.runtime.pipeline import BuildPipeline
 
 ATOL = 1e-4  # fp32 graphs against the fp32 PyTorch reference
@@ -35,7 +36,7 @@ def build_dir(tmp_path_factory):
                                                  (["a red cube"], 3)])
 def test_onnxruntime_and_torch_give_the_same_latents_and_images(build_dir, prompts, per_prompt):
     ort = BuildPipeline(build_dir, "onnxruntime").generate(prompts, seed=4, images_per_prompt=per_prompt)
-    ref = BuildPipeline(build_dir, "torch").generate(prompts, seed=4, images_per_prompt=per_prompt)
+    ref = open_pipeline(build_dir, "torch").generate(prompts, seed=4, images_per_prompt=per_prompt)
     n = len(prompts) * per_prompt
     assert ort.latents.shape == (n, 16, 16, 16) and ort.images.shape == (n, 3, 128, 128)
     assert torch.allclose(ort.latents, ref.latents, atol=ATOL)
@@ -90,6 +91,8 @@ def test_missing_tampered_and_incomplete_builds(build_dir, tmp_path):
 def test_backend_errors(build_dir):
     with pytest.raises(UsageError, match="unknown backend"):
         BuildPipeline(build_dir, "tvm")
+    with pytest.raises(UsageError, match="the torch backend is the checks' float32 reference"):
+        BuildPipeline(build_dir, "torch")  # the runtime alone carries no model code; open_pipeline hands it in
     res = run_cli("generate", "--build", build_dir, "--prompt", "x", "--backend", "tvm")
     assert res.exit_code == 2
     with pytest.raises(UsageError, match="batch range 1-3"):

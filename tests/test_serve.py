@@ -25,7 +25,7 @@ from bench.serve import free_ports
 from onex_export.config import SkipRange
 from onex_export.contract import Range
 from onex_export.errors import UsageError
-from onex_export.export.build import BuildConfig, build
+from onex_export.build import BuildConfig, build
 from onex_export.export.shapes import DimRange
 from onex_export.runtime.pipeline import BuildPipeline, Request
 from onex_export.serving import BadRequest, OnexModel, ServeConfig

@@ -61,3 +61,29 @@ def test_missing_weights_in_folder_is_a_load_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="no safetensors weights in"):
         load_transformer(str(tmp_path))
+
+
+def test_the_vae_scale_is_the_models_own(tmp_path):
+    """Pixels per latent come from the model's VAE: built in code (tiny), its vae/config.json (a pipeline folder),
+    SD3's 8 for a folder with a transformer alone; a config that cannot be read is a load error."""
+    from onex_export.models.vae import LatentDecoder, build_tiny_vae, vae_scale
+
+    with torch.no_grad():
+        image = LatentDecoder(build_tiny_vae())(torch.zeros(1, 16, 4, 4))
+    assert image.shape[-1] == 4 * vae_scale("tiny-sd3") == 32  # the scale the decoder really has
+    assert vae_scale("digits-sd3") == 8
+    (tmp_path / "three" / "vae").mkdir(parents=True)
+    (tmp_path / "three" / "vae" / "config.json").write_text(json.dumps({"block_out_channels": [8, 16, 32]}))
+    assert vae_scale(str(tmp_path / "three")) == 4
+    (tmp_path / "transformer-only").mkdir()
+    assert vae_scale(str(tmp_path / "transformer-only")) == 8
+    (tmp_path / "broken" / "vae").mkdir(parents=True)
+    (tmp_path / "broken" / "vae" / "config.json").write_text("{")
+    with pytest.raises(ModelLoadError, match="block_out_channels"):
+        vae_scale(str(tmp_path / "broken"))
+    from onex_export.export.shapes import DimRange, ShapeConfig
+
+    one = DimRange(1, 1, 1)
+    assert ShapeConfig(one, DimRange(64, 64, 64), one, 4).dim_ranges(2)["latent_height"] == (16, 16, 16)  # 64 px / 4
+    with pytest.raises(ValueError, match="not a power of two"):
+        ShapeConfig(one, one, one, 6)

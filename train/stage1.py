@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from onex_export import interrupts
 from onex_export.exits import errors_reported
-from onex_export.export.shapes import VAE_SCALE
+from onex_export.models.vae import vae_scale
 from onex_export.schedule import student_sigmas
 
 from . import checkpoint
@@ -110,7 +110,8 @@ def _run(cfg: Stage1Config, info: DistInfo, resume: bool, kill_after: int | None
     parts = Parts(cfg, models.student, models.fake, velocity_fn(models.student, cfg.precision),
                   velocity_fn(models.fake, cfg.precision), velocity_fn(models.teacher, cfg.precision),
                   opt_g, opt_f, sched_g, sched_f, sigmas, dmd_sampler.grid.to(info.device))
-    latent = (tconfig.in_channels, cfg.resolution // VAE_SCALE, cfg.resolution // VAE_SCALE)
+    scale = vae_scale(cfg.model)
+    latent = (tconfig.in_channels, cfg.resolution // scale, cfg.resolution // scale)
     log = JsonlLog(run_dir / "log.jsonl", resume_step=start if ckpt is not None else None) if main else None
     local = info.rows(cfg.batch_size)
     result = RunResult(start, checkpoint=ckpt, models=models)

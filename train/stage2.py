@@ -40,7 +40,7 @@ from onex_export import interrupts
 from onex_export.exits import errors_reported
 from onex_export.errors import UsageError
 from onex_export.export.components import load_components
-from onex_export.export.shapes import VAE_SCALE
+from onex_export.models.vae import vae_scale
 from onex_export.models import SplitSD3Transformer, load_compensation, load_transformer, zoo
 from onex_export.models.compensation import CompensationMLP
 from onex_export.runtime import Conditioning
@@ -174,7 +174,8 @@ def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None
         state = checkpoint.load_trainer_state(ckpt)
         checkpoint.restore(state, _models(parts), parts.opts, {}, rng, info)
         start = state.step
-    latent = (tconfig.in_channels, cfg.resolution // VAE_SCALE, cfg.resolution // VAE_SCALE)
+    scale = vae_scale(cfg.pipeline or cfg.model)  # the VAE the images are decoded with
+    latent = (tconfig.in_channels, cfg.resolution // scale, cfg.resolution // scale)
     real = RealImages(cfg, parts.real, latent, store.folder.name, info)
     log = JsonlLog(run_dir / "log.jsonl", resume_step=start if ckpt is not None else None) if main else None
     result = RunResult(start, checkpoint=ckpt)
@@ -264,7 +265,8 @@ def pregenerate_real(cfg: Stage2Config, shard: tuple[int, int]) -> tuple[int, in
         tconfig, store, batch = _data(cfg, info)
         check_cache(cfg, store.folder.name)
         real_transformer = load_transformer(cfg.real_model or cfg.model).requires_grad_(False).eval().to(info.device)
-        latent = (tconfig.in_channels, cfg.resolution // VAE_SCALE, cfg.resolution // VAE_SCALE)
+        scale = vae_scale(cfg.pipeline or cfg.model)
+        latent = (tconfig.in_channels, cfg.resolution // scale, cfg.resolution // scale)
         real = RealImages(cfg, SplitSD3Transformer(real_transformer, cfg.skip_range), latent, store.folder.name, info)
         rng = torch.Generator().manual_seed(cfg.seed)
         draws = [draw(rng, cfg, len(store)) for _ in range(cfg.max_steps)]

@@ -11,14 +11,14 @@ schedules of one run only).
 Writes quality.json, quality.md, grid.png (rows = schedules, columns = prompts) and, with --latency
 LATENCY.json (from `python -m bench.latency`), quality-vs-latency.png.
 
-  python -m bench.quality --random-metrics                       # tiny-sd3, embedded; about 20 s here
+  python -m bench.quality --seeds 8                              # digits-sd3 with its MLP and judge; 30 s here
+  python -m bench.quality --model tiny-sd3 --random-metrics      # random model and stand-in metrics: plumbing
   python -m bench.quality --model SD3_FOLDER --teacher SD3_BASE --mlp f.safetensors --skip 3-10 \\
       --prompts coco.txt --fid-weights pt_inception.pth --clip clip-vit-b32/ --lpips-backbone alexnet.pth \\
       --device cuda --dtype bf16 --latency bench/results/<...>/latency.json
 """
 from __future__ import annotations
 
-import argparse
 import math
 import resource
 import sys
@@ -26,20 +26,21 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.arguments import device_spec, positive_int, resolution, run_main
-from onex_export.config import SkipRange
+from bench.arguments import DEVICE, POSITIVE_INT, RESOLUTION, SKIP, command_help, invoke, run_main
 from onex_export.errors import OnexError, UsageError
 from onex_export.export.precision import PRECISIONS
 from onex_export.fileio import check_destination
 from onex_export.models import DEFAULT_MODEL
+from onex_export.models.vae import vae_scale
 from onex_export.models.weights import transformer_source
 from onex_export.models.zoo import TRAINED_MODELS, default_mlp_for
-from onex_export.export.shapes import VAE_SCALE
 from onex_export.probe.run import calibration_prompts
 
 from bench.report import write_results
@@ -162,48 +163,58 @@ def run(config: QualityConfig, weights: MetricWeights, random_metrics: bool, lat
     return report, thumbnails
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the student: an embedded model or a local SD3 pipeline folder")
-    p.add_argument("--teacher", default=None, help="the teacher (default: the student's own weights)")
-    p.add_argument("--mlp", type=Path, default=None, help="the trained compensation MLP for --skip (adds a row)")
-    p.add_argument("--skip", default="3-10", help="the 1.x rows' skipped blocks (1-based, inclusive)")
-    p.add_argument("--prompts", type=Path, default=None, help="one prompt per line (default: an embedded trained model's own prompts, else 8 built-in ones)")
-    p.add_argument("--max-prompts", type=positive_int, default=None)
-    p.add_argument("--seeds", type=positive_int, default=4, help="seeds per prompt (LPIPS diversity needs 2+)")
-    p.add_argument("--student-steps", type=positive_int, default=4)
-    p.add_argument("--teacher-steps", type=positive_int, default=28)
-    p.add_argument("--guidance", type=float, default=7.0, help="the teacher's CFG scale")
-    p.add_argument("--resolution", type=resolution, default=None, help="pixels (default: the model's native size)")
-    p.add_argument("--device", type=device_spec, default="cpu")
-    p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32")
-    for name, what in WEIGHT_OPTIONS.items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=Path, default=None, help=what)
-    p.add_argument("--toy-judge", type=Path, default=None,
-                   help="a toy-world judge folder (default for the embedded digits-sd3: bench/toy/judge-weights): adds toy_correct, toy_coverage and toy_fid_real for "
-                        "toy-world models and prompts (python -m bench.toy trains it)")
-    p.add_argument("--random-metrics", action="store_true",
-                   help="seeded random stand-ins for the metrics given no weights (plumbing; this run's ranking only)")
-    p.add_argument("--random-components", action="store_true",
-                   help="for a folder holding only a transformer: random text embeddings and a random SD3 VAE, to "
-                        "measure time and memory at real size (the images are noise)")
-    p.add_argument("--latency", type=Path, default=None, help="a bench.latency latency.json: adds the plot of "
-                   "quality vs latency (its schedule names are matched)")
-    p.add_argument("--out", type=Path, default=None, help="folder (default bench/results/quality-<model>-<px>px)")
-    args = p.parse_args(argv)
+def _weight_options(command):
+    """One option per metric's weights (WEIGHT_OPTIONS), in the table's order."""
+    for name, what in reversed(WEIGHT_OPTIONS.items()):
+        command = click.option(f"--{name.replace('_', '-')}", name, type=click.Path(path_type=Path), default=None,
+                               help=what)(command)
+    return command
+
+
+@click.command(name="bench.quality", help=command_help(__doc__))
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="the student: an embedded model or a local SD3 pipeline folder")
+@click.option("--teacher", default=None, help="the teacher (default: the student's own weights)")
+@click.option("--mlp", type=click.Path(path_type=Path), default=None,
+              help="the trained compensation MLP for --skip (adds a row; default: an embedded trained model's own)")
+@click.option("--skip", type=SKIP, default="3-10", show_default=True,
+              help="the 1.x rows' skipped blocks (1-based, inclusive)")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None,
+              help="one prompt per line (default: an embedded trained model's own prompts, else 8 built-in ones)")
+@click.option("--max-prompts", type=POSITIVE_INT, default=None)
+@click.option("--seeds", type=POSITIVE_INT, default=4, show_default=True,
+              help="seeds per prompt (LPIPS diversity needs 2+)")
+@click.option("--student-steps", type=POSITIVE_INT, default=4, show_default=True)
+@click.option("--teacher-steps", type=POSITIVE_INT, default=28, show_default=True)
+@click.option("--guidance", type=float, default=7.0, show_default=True, help="the teacher's CFG scale")
+@click.option("--resolution", type=RESOLUTION, default=None, help="pixels (default: the model's native size)")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True)
+@_weight_options
+@click.option("--toy-judge", type=click.Path(path_type=Path), default=None,
+              help="a toy-world judge folder (default for the embedded digits-sd3: bench/toy/judge-weights): adds "
+                   "toy_correct, toy_coverage and toy_fid_real for toy-world models and prompts (python -m bench.toy "
+                   "trains it)")
+@click.option("--random-metrics", is_flag=True,
+              help="seeded random stand-ins for the metrics given no weights (plumbing; this run's ranking only)")
+@click.option("--random-components", is_flag=True,
+              help="for a folder holding only a transformer: random text embeddings and a random SD3 VAE, to measure "
+                   "time and memory at real size (the images are noise)")
+@click.option("--latency", type=click.Path(path_type=Path), default=None,
+              help="a bench.latency latency.json: adds the plot of quality vs latency (its schedule names are matched)")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="folder (default bench/results/quality-<model>-<px>px)")
+def command(**options) -> int:
+    args = SimpleNamespace(**options)
     import diffusers
     import transformers
 
     diffusers.utils.logging.set_verbosity_error()  # our own lines say what matters
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # a bar per CLIP folder loaded
-    try:
-        skip = SkipRange.parse(args.skip)
-    except UsageError as exc:
-        p.error(f"--skip: {exc}")
+    skip = args.skip
     if args.latency is not None and not args.latency.is_file():
-        p.error(f"--latency {args.latency} is not a file")
+        raise click.UsageError(f"--latency {args.latency} is not a file")
     if args.mlp is None and (own := default_mlp_for(args.model, skip)) is not None:
         args.mlp = own  # an embedded trained model's own MLP, as `build` takes it
         print(f"mlp       {args.model}'s own compensation MLP, trained for skip {skip}")
@@ -214,7 +225,7 @@ def main(argv=None) -> int:
                            resolution=args.resolution, dtype=args.dtype, device=args.device,
                            random_components=args.random_components)
     name = Path(args.model).name
-    pixels = args.resolution or transformer_source(args.model)[0]["sample_size"] * VAE_SCALE
+    pixels = args.resolution or transformer_source(args.model)[0]["sample_size"] * vae_scale(args.model)
     out = args.out or Path("bench/results") / f"quality-{name}-{pixels}px"
     for name in ("quality.json", "quality.md", "grid.png", "quality-vs-latency.png"):
         check_destination(out / name)  # before the work, not after it
@@ -235,6 +246,10 @@ def main(argv=None) -> int:
     print(f"wrote {out}/quality.json, quality.md, " + ", ".join(p.name for p in written))
     print("PASSED quality: every schedule's images and metrics are finite")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return invoke(command, argv, "python -m bench.quality")
 
 
 if __name__ == "__main__":

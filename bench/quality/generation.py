@@ -20,10 +20,9 @@ from onex_export.errors import OnexError, UsageError
 from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.export.components import available, load_components
 from onex_export.export.precision import PRECISIONS
-from onex_export.export.shapes import VAE_SCALE
 from onex_export.fileio import to_uint8
 from onex_export.models import DEFAULT_MODEL, SplitSD3Transformer, load_compensation, load_transformer
-from onex_export.models.vae import LatentDecoder
+from onex_export.models.vae import LatentDecoder, vae_scale
 from onex_export.models.weights import transformer_source
 from onex_export.probe.run import DEFAULT_PROMPTS, encode_prompts
 from onex_export.runtime import Conditioning, TorchDenoiser, sample
@@ -112,8 +111,9 @@ class Renderer:
                 raise UsageError(f"the teacher {config.teacher} does not take the student's text and latents",
                                  "pass the teacher the student was distilled from")
         config.skip.validate_for(self.cfg.num_layers)
-        self.resolution = config.resolution or self.cfg.sample_size * VAE_SCALE
-        step = VAE_SCALE * self.cfg.patch_size
+        self.vae_scale = vae_scale(config.model)
+        self.resolution = config.resolution or self.cfg.sample_size * self.vae_scale
+        step = self.vae_scale * self.cfg.patch_size
         if self.resolution % step:
             raise UsageError(f"resolution {self.resolution} is not a multiple of {step}",
                              f"use {max(step, self.resolution // step * step)}")
@@ -165,7 +165,7 @@ class Renderer:
         denoiser = self.denoiser(schedule)
         seeds = self.config.seeds
         uncond_text, uncond_pooled = self.text[-1]
-        latent = self.resolution // VAE_SCALE
+        latent = self.resolution // self.vae_scale
         for prompt, (text, pooled) in zip(self.config.prompts, self.text):
             cond = Conditioning(text=text.expand(seeds, -1, -1), pooled=pooled.expand(seeds, -1),
                                 uncond_text=uncond_text.expand(seeds, -1, -1) if schedule.plan.uses_cfg else None,

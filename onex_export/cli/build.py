@@ -13,13 +13,13 @@ from ..errors import UsageError
 from ..models import DEFAULT_MODEL
 from ..models.zoo import default_mlp_for
 from ..export.components import COMPONENTS
-from ..export.build import TRT_CHOICES, BuildConfig, ParityFailedError, build
-from ..export.gate import GATE_MODES, GateConfig, failure_summary
-from ..export.from_manifest import manifest_defs
+from ..build import TRT_CHOICES, BuildConfig, ParityFailedError, build
+from ..check.gate import GATE_MODES, GateConfig, failure_summary
+from ..check.from_manifest import manifest_defs
 from ..export.graphs import DEFAULT_GRAPH_BYTES
 from ..export.precision import Fp32Blocks
-from ..export.verify import verify
-from ..parity import OutputError, format_table
+from ..check.verify import verify
+from ..check.parity import OutputError, format_table
 
 from . import _parse_range, _parse_skip, _parsed_by, main
 
@@ -30,6 +30,28 @@ def _components(text: str) -> tuple[str, ...]:
     if unknown:
         raise UsageError(f"unknown component(s) {unknown}", f"choose from {', '.join(COMPONENTS)}, or none")
     return names
+
+
+def _tolerances(values: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """``--tolerance OUTPUT=MAX_REL`` (repeatable) as (output, bound) pairs."""
+    pairs = {}
+    for text in values:
+        name, sep, number = text.partition("=")
+        try:
+            value = float(number)
+        except ValueError:
+            value = None
+        if not sep or not name.strip() or value is None:
+            raise UsageError(f"--tolerance {text!r} is not OUTPUT=MAX_REL", "e.g. --tolerance delta_img=0.03")
+        if name.strip() in pairs:
+            raise UsageError(f"--tolerance names {name.strip()} twice", "give each output one bound")
+        pairs[name.strip()] = value
+    return tuple(pairs.items())
+
+
+TOLERANCE_HELP = ("Judge one output by its own largest relative error (repeatable), e.g. delta_img=0.03: the cached "
+                  "deltas are differences of two hidden states and carry about 10x their relative error. Default: one "
+                  "bound per backend and precision for every output.")
 
 
 @dataclass(frozen=True)
@@ -130,13 +152,15 @@ def _echo_build(manifest: Manifest) -> None:
                    "(none: recorded, the build is installed as unverified).")
 @click.option("--gate-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the float32 reference of the gate runs (one module at a time).")
+@click.option("--tolerance", "tolerances", multiple=True, metavar="OUTPUT=MAX_REL", callback=_parsed_by(_tolerances),
+              help=TOLERANCE_HELP)
 @click.option("--max-graph-gib", type=click.FloatRange(min=0.001), default=DEFAULT_GRAPH_BYTES / 2**30,
               show_default=True, help="Cut a graph where its weights would pass this many GiB (an engine build "
                                       "needs about 3x its graph's weights in memory).")
 @click.option("--allow-parity-failure", is_flag=True, help="Install the build even if the parity gate fails.")
 def build_cmd(model, mlp, skip, probe_path, out, precision, fp32_blocks, trt, batch, resolution, text_len,
               dynamic_shapes, opset, opt_level, compute_capabilities, timing_cache, tf32, components, gate_mode,
-              gate_device, max_graph_gib, allow_parity_failure):
+              gate_device, tolerances, max_graph_gib, allow_parity_failure):
     """Split, export ONNX, compile TensorRT engines, gate on parity, and write manifest.json."""
     skip_source = None
     if isinstance(skip, AutoSkip):
@@ -160,7 +184,8 @@ def build_cmd(model, mlp, skip, probe_path, out, precision, fp32_blocks, trt, ba
                          trt=trt, batch=batch, resolution=resolution, text_len=text_len, dynamic_shapes=dynamic_shapes,
                          opset=opset, optimization_level=opt_level, compute_capabilities=tuple(compute_capabilities),
                          timing_cache=timing_cache, tf32=tf32, components=components,
-                         gate=GateConfig(gate_mode, gate_device), allow_parity_failure=allow_parity_failure,
+                         gate=GateConfig(gate_mode, gate_device, max_rel=tolerances),
+                         allow_parity_failure=allow_parity_failure,
                          max_graph_bytes=int(max_graph_gib * 2**30))
     start = time.perf_counter()
     try:
@@ -188,16 +213,18 @@ def build_cmd(model, mlp, skip, probe_path, out, precision, fp32_blocks, trt, ba
               help="Check at the profile's optimum shape, or at every profile corner too.")
 @click.option("--gate-device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the float32 reference runs (one module at a time).")
+@click.option("--tolerance", "tolerances", multiple=True, metavar="OUTPUT=MAX_REL", callback=_parsed_by(_tolerances),
+              help=TOLERANCE_HELP)
 @click.option("--model", default=None,
               help="Where the model the build was made from is now (default: the path its manifest records).")
 @click.option("--mlp", type=click.Path(path_type=Path), default=None,
               help="Where the build's compensation MLP is now (default: the path its manifest records).")
-def verify_cmd(folder, backend, gate_mode, gate_device, model, mlp):
+def verify_cmd(folder, backend, gate_mode, gate_device, tolerances, model, mlp):
     """Check a build's files against its manifest (sha256), re-run the parity gate, and record the result in
     the manifest (its status follows)."""
     start = time.perf_counter()
-    manifest, verification = verify(folder, log=click.echo, backend=backend, gate=GateConfig(gate_mode, gate_device),
-                                    model=model, mlp=mlp)
+    manifest, verification = verify(folder, log=click.echo, backend=backend,
+                                    gate=GateConfig(gate_mode, gate_device, max_rel=tolerances), model=model, mlp=mlp)
     _echo_parity(verification)
     passed = verification["status"] == "passed"
     if verification["status"] == "failed":

@@ -13,11 +13,12 @@ from ..errors import OnexError, UsageError
 from ..fileio import check_destination, save_png, save_tensors_atomic
 from ..models import DEFAULT_MODEL, TINY_MODELS, SplitSD3Transformer, load_compensation, load_transformer
 from ..models.zoo import TINY_TEXT_LEN, default_mlp_for
-from ..export.build import check_text_len
+from ..build import check_text_len
+from ..check.reference import open_pipeline
 from ..models.text import SD3_TEXT_LENGTH, text_length
-from ..export.shapes import VAE_SCALE
+from ..models.vae import vae_scale
 from ..runtime import Conditioning, TorchDenoiser, sample
-from ..runtime.pipeline import BACKENDS, BuildPipeline
+from ..runtime.pipeline import BACKENDS
 from ..schedule import SamplingPlan
 
 from . import DTYPES, _parse_skip, main
@@ -72,12 +73,13 @@ def sample_cmd(model, mlp, skip, mode, steps, guidance, eta, seed, batch, resolu
     else:
         plan = SamplingPlan.teacher(steps or 28, guidance)
 
-    size = resolution or cfg.sample_size * VAE_SCALE
-    latent = size // VAE_SCALE
-    if size % (VAE_SCALE * cfg.patch_size):
+    scale = vae_scale(model)
+    size = resolution or cfg.sample_size * scale
+    latent = size // scale
+    if size % (scale * cfg.patch_size):
         raise UsageError(
-            f"--resolution {size} is not a multiple of {VAE_SCALE * cfg.patch_size}",
-            f"use e.g. {size // (VAE_SCALE * cfg.patch_size) * VAE_SCALE * cfg.patch_size}",
+            f"--resolution {size} is not a multiple of {scale * cfg.patch_size}",
+            f"use e.g. {size // (scale * cfg.patch_size) * scale * cfg.patch_size}",
         )
     tokens = text_len or text_length(model)
     check_text_len(model, tokens, str(tokens))
@@ -142,7 +144,7 @@ def generate_cmd(build_dir, prompts, seed, images_per_prompt, resolution, backen
     paths = [out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
     for path in paths:  # before the work, not after it
         check_destination(path)
-    pipe = BuildPipeline(build_dir, backend, device, cuda_graph=cuda_graph)
+    pipe = open_pipeline(build_dir, backend, device, cuda_graph=cuda_graph)
     result = pipe.generate(list(prompts), seed, images_per_prompt, resolution)
     for line in result.truncated:
         click.secho(f"truncated: {line}", fg="yellow", err=True)

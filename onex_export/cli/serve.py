@@ -40,8 +40,11 @@ def serve_cmd(build_dir, backend, device, cuda_graph, http_port, grpc_port, metr
     from ..serving import ServeConfig, serve
 
     token = os.environ.get(access_token_env) or None  # from the environment: a command line is visible to `ps`
+    reference = None
+    if backend == "torch":  # the float32 reference comes from the checks; the server imports only the runtime
+        from ..check.reference import reference_graphs as reference
     config = ServeConfig(build_dir, backend, device, cuda_graph, http_port, grpc_port, metrics_port,
-                         max_queue_delay_us, max_queue_size, drain_seconds, token)
+                         max_queue_delay_us, max_queue_size, drain_seconds, token, reference)
     try:
         with errors_reported():
             images = serve(config, log=click.echo)

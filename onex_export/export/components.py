@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..models.text import build_tiny_text, load_text_encoder, load_tokenizers
-from ..runtime.tokenizers import SD3Tokenizers
+from ..contract.tokenizers import SD3Tokenizers
 from ..models.vae import LatentDecoder, build_tiny_vae, load_vae
 from ..models.weights import tensors_digest
 from ..models.zoo import TINY_MODELS, model_path

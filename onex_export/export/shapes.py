@@ -1,8 +1,8 @@
 """Shape ranges of a build: batch, image resolution and text length, each ``min:opt:max``.
 
 A range with ``min == max`` is static; the batch is always dynamic in the exported graphs (its range
-then only bounds the TensorRT profile). Resolution is in pixels; latents are 1/8 of it, image tokens
-``(h / 16) * (w / 16)`` for SD3's patch size 2.
+then only bounds the TensorRT profile). Resolution is in pixels; latents are 1/``vae_scale`` of it (the model's
+VAE says how much: 8 for SD3's), image tokens ``(h / 16) * (w / 16)`` for SD3's VAE and patch size 2.
 """
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..contract import IH, IW, B, H, N, T, W, GraphSpec
-
-VAE_SCALE = 8
-
 
 @dataclass(frozen=True)
 class DimRange:
@@ -55,10 +52,15 @@ class ShapeConfig:
     batch: DimRange
     resolution: DimRange  # pixels, square images
     text_len: DimRange
+    vae_scale: int  # pixels per latent: models.vae.vae_scale of the model
+
+    def __post_init__(self):
+        if self.vae_scale < 1 or self.vae_scale & (self.vae_scale - 1):
+            raise ValueError(f"vae_scale {self.vae_scale} is not a power of two")
 
     def validate_for(self, patch_size: int, pos_embed_max_size: int) -> "ShapeConfig":
-        step = VAE_SCALE * patch_size
-        limit = pos_embed_max_size * VAE_SCALE
+        step = self.vae_scale * patch_size
+        limit = pos_embed_max_size * self.vae_scale
         for value in (self.resolution.min, self.resolution.opt, self.resolution.max):
             if value % step:
                 raise UsageError(f"resolution {value} is not a multiple of {step}", f"use e.g. {value // step * step or step}")
@@ -78,7 +80,7 @@ class ShapeConfig:
 
     def dim_ranges(self, patch_size: int) -> dict[str, tuple[int, int, int]]:
         """(min, opt, max) of every symbolic dimension."""
-        lat = self.resolution.scaled(VAE_SCALE)
+        lat = self.resolution.scaled(self.vae_scale)
         tokens = tuple((v // patch_size) ** 2 for v in lat)
         pixels = (self.resolution.min, self.resolution.opt, self.resolution.max)
         return {B: (self.batch.min, self.batch.opt, self.batch.max), H: lat, W: lat, N: tokens, IH: pixels, IW: pixels,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..runtime.tokenizers import SD3Tokenizers
+from ..contract.tokenizers import SD3Tokenizers
 
 TINY_CLIP_LEN = 8  # tiny stand-ins for SD3's 77 CLIP tokens ...
 TINY_T5_LEN = 8  # ... and 256 T5 tokens: 8 + 8 = 16 text tokens for the tiny transformers

@@ -26,8 +26,10 @@ from diffusers import SD3Transformer2DModel
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..config import SkipRange
 from ..errors import ModelLoadError, WeightMismatchError
-from .compensation import is_mlp_key
+from .compensation import CompensationMLP, is_mlp_key, load_compensation
+from .split import SplitSD3Transformer
 from .zoo import TINY_MODELS, build_tiny, transformer_folder
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -318,3 +320,10 @@ def load_transformer(spec: str, dtype: torch.dtype = torch.float32, device: str 
     check_keys(model, source)
     materialize(model, top_level_prefixes(model), source, lambda _: dtype, device)
     return model.eval()
+
+
+def split_on_meta(config: dict, mlp: Path | None, skip: SkipRange) -> SplitSD3Transformer:
+    """A split model whose transformer is on ``meta`` and whose MLP (loaded, or untrained) is float32."""
+    transformer = meta_transformer(config)
+    module = load_compensation(mlp, transformer) if mlp else CompensationMLP.for_transformer(transformer)
+    return SplitSD3Transformer(transformer, skip, module)

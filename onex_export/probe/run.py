@@ -17,7 +17,8 @@ from ..errors import UsageError
 from ..models.text import SD3_TEXT_LENGTH
 from ..export.components import available, load_components
 from ..export.precision import PRECISIONS
-from ..export.shapes import VAE_SCALE, DimRange, ShapeConfig
+from ..export.shapes import DimRange, ShapeConfig
+from ..models.vae import vae_scale
 from ..config import SkipRange
 from ..models import DEFAULT_MODEL, SplitSD3Transformer, load_compensation, load_transformer
 from ..models.weights import transformer_source
@@ -135,9 +136,10 @@ def run(config: ProbeConfig, progress: Callable[[int], Callable[[int], None]] | 
     if num_layers < 3:
         raise UsageError(f"{config.model} has {num_layers} transformer block(s): no range to probe",
                          "a range lies inside blocks 1..L-1 and a recommendation needs two blocks or more")
-    resolution = config.resolution or cfg.sample_size * VAE_SCALE
-    ShapeConfig(DimRange(1, 1, 1), DimRange(resolution, resolution, resolution), DimRange(1, 1, 1)).validate_for(
-        cfg.patch_size, cfg.pos_embed_max_size)
+    scale = vae_scale(config.model)
+    resolution = config.resolution or cfg.sample_size * scale
+    ShapeConfig(DimRange(1, 1, 1), DimRange(resolution, resolution, resolution), DimRange(1, 1, 1),
+                scale).validate_for(cfg.patch_size, cfg.pos_embed_max_size)
     if config.mlp_skip is not None:
         config.mlp_skip.validate_for(num_layers)
         if config.lengths is not None and config.mlp_skip.count not in config.lengths:
@@ -160,7 +162,7 @@ def run(config: ProbeConfig, progress: Callable[[int], Callable[[int], None]] | 
     ranges = candidate_ranges(num_layers, config.lengths)
     log(f"model     {config.model}: {num_layers} blocks, {len(ranges)} ranges, {resolution} px, {config.dtype} "
         f"on {config.device}")
-    latent = resolution // VAE_SCALE
+    latent = resolution // scale
     update = progress(units_of_work(config, num_layers)) if progress is not None else None
     result = probe(split, conditioning, config.seeds, (cfg.in_channels, latent, latent), ranges, dtype, config.device,
                    update, config.mlp_skip)

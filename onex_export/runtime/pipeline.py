@@ -1,6 +1,7 @@
 """Text -> image from a build folder alone, with interchangeable backends.
 
-``torch`` (the float32 PyTorch reference, rebuilt from the model the manifest names), ``onnxruntime``
+``torch`` (the float32 PyTorch reference, rebuilt from the model the manifest names by the checks, which hand
+it in: :func:`onex_export.check.reference.open_pipeline`), ``onnxruntime``
 (the build's ONNX graphs) and ``tensorrt`` (its engines; GPU only) run the same plans through the same
 sampler: tokenize -> ``text`` graph -> 1.x-NFE schedule (full plan, then skipping plan fed the deltas)
 -> ``vae`` graph.
@@ -11,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,11 +22,13 @@ from ..fileio import to_uint8
 from .. import contract
 from ..schedule import SamplingPlan
 from .cuda_graph import CudaGraphDenoiser, require_cuda
-from .graphs import PlanDenoiser, TorchGraph, load_build_graphs
+from .graphs import PlanDenoiser, load_build_graphs
 from .sampler import Conditioning, sample
-from .tokenizers import load_build_tokenizers
+from ..contract.tokenizers import load_build_tokenizers
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# The torch backend's graphs, made by the checks (onex_export.check.reference): (folder, manifest, device) -> graphs
+ReferenceGraphs = Callable[[Path, contract.Manifest, str], dict]
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,12 @@ class BuildPipeline:
     One object serves a whole process: :meth:`generate` may be called from several threads (the calls run
     one at a time: a captured CUDA graph and the engines' buffers are shared), and :meth:`warm_up` runs a
     first request before a service reports ready. ``spin=False`` keeps ONNX Runtime's threads from spinning
-    between runs, for a process whose other threads need the CPU (a server's).
+    between runs, for a process whose other threads need the CPU (a server's). ``reference`` makes the ``torch``
+    backend's graphs; the checks hand it in (:func:`onex_export.check.reference.open_pipeline`).
     """
 
     def __init__(self, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", check_files: bool = True,
-                 cuda_graph: bool = False, spin: bool = True):
+                 cuda_graph: bool = False, spin: bool = True, reference: ReferenceGraphs | None = None):
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
         if cuda_graph:
@@ -111,7 +116,7 @@ class BuildPipeline:
         if missing:
             raise OnexError(f"{self.folder} has no {' and no '.join(sorted(missing))} graph, so it cannot go from text "
                             "to image", "rebuild with the text encoders and VAE (--components text,vae)")
-        self.backend, self.device, self.spin = backend, device, spin
+        self.backend, self.device, self.spin, self.reference = backend, device, spin, reference
         self.tokenizers = load_build_tokenizers(self.folder, m)
         self.graphs = self._graphs()
         self.denoiser = PlanDenoiser(self.graphs, m.plans)
@@ -130,24 +135,11 @@ class BuildPipeline:
     def _graphs(self) -> dict:
         if self.backend != "torch":
             return load_build_graphs(self.folder, self.manifest, self.backend, self.spin)
-        from ..export.from_manifest import checked_defs, manifest_components
-        from ..export.components import component_graphs
-        from ..export.graphs import SubgraphModule, graph_spec
-        from ..export.precision import PrecisionPolicy
-        from ..models import SplitSD3Transformer, load_compensation, load_transformer
-
-        # The float32 reference, whole in memory (SD3.5-Large: 32 GB): a reference backend, not a fast one.
-        model, fp32 = self.manifest.model, PrecisionPolicy("fp32")
-        transformer = load_transformer(model.source, device=self.device)
-        mlp = load_compensation(model.mlp, transformer) if model.mlp else None
-        split = SplitSD3Transformer(transformer, self.manifest.skip.range, mlp).to(self.device)
-        graphs = {}
-        for d in checked_defs(self.manifest, split):
-            spec = graph_spec(split, d, fp32)
-            graphs[d.name] = TorchGraph(SubgraphModule(split, d, spec), spec)
-        for name, (module, spec) in component_graphs(manifest_components(self.manifest, transformer.config)).items():
-            graphs[name] = TorchGraph(module.to(self.device), spec)
-        return graphs
+        if self.reference is None:
+            raise UsageError("the torch backend is the checks' float32 reference, which this runtime does not carry",
+                             "open it with onex_export.check.reference.open_pipeline(folder, 'torch'), or pick "
+                             "onnxruntime or tensorrt")
+        return self.reference(self.folder, self.manifest, self.device)
 
     def check_request(self, request: Request) -> int:
         """Raise :class:`UsageError` naming what this build cannot run in ``request``; returns its resolution."""

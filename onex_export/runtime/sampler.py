@@ -6,18 +6,16 @@ TensorRT runners implement the same two calls) through a :class:`~onex_export.sc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from ..schedule import SamplingPlan, student_step, timestep_from_sigma
 
-if TYPE_CHECKING:  # the model (and diffusers) only for the torch backend, which passes one in
-    from ..models.split import SplitSD3Transformer
-
 
 class Denoiser(Protocol):
-    """The two calls a backend provides. Shapes as in :class:`SplitSD3Transformer`."""
+    """The two calls a backend provides. Shapes as in :class:`onex_export.models.split.SplitSD3Transformer`, which
+    has them too."""
 
     def full(self, x, text, pooled, timestep) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
@@ -25,9 +23,10 @@ class Denoiser(Protocol):
 
 
 class TorchDenoiser:
-    """The PyTorch reference backend over a :class:`SplitSD3Transformer`."""
+    """The PyTorch reference backend over a model with the two calls (a
+    :class:`~onex_export.models.split.SplitSD3Transformer`), run without gradients."""
 
-    def __init__(self, model: SplitSD3Transformer):
+    def __init__(self, model: Denoiser):
         self.model = model
 
     @torch.no_grad()

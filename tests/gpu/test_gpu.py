@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from onex_export.config import SkipRange
-from onex_export.export.build import BuildConfig, build
+from onex_export.build import BuildConfig, build
 from onex_export.export.precision import PrecisionPolicy, apply_precision
 from onex_export.export.shapes import DimRange
-from onex_export.export.verify import verify
+from onex_export.check.verify import verify
 from onex_export.models import SplitSD3Transformer, build_tiny
-from onex_export.parity import compare, tolerance_for
+from onex_export.check.parity import compare, tolerance_for
 from onex_export.runtime.cuda_graph import CudaGraphDenoiser
+from onex_export.check.reference import open_pipeline
 from onex_export.runtime.pipeline import BuildPipeline
 from onex_export.runtime.sampler import Conditioning, TorchDenoiser, sample
 from onex_export.schedule import SamplingPlan
@@ -99,7 +100,7 @@ def test_tensorrt_engines_pass_the_gate_and_generate(tmp_path):
     assert [v["artifact"] for v in manifest.verifications] == ["onnx", "engine"]  # the engine row is recorded
     eager = BuildPipeline(out, "tensorrt").generate(["a red cube", "a blue ball"], seed=0)
     graphed = BuildPipeline(out, "tensorrt", cuda_graph=True).generate(["a red cube", "a blue ball"], seed=0)
-    reference = BuildPipeline(out, "torch").generate(["a red cube", "a blue ball"], seed=0)
+    reference = open_pipeline(out, "torch").generate(["a red cube", "a blue ball"], seed=0)
     assert (graphed.latents - eager.latents).abs().max().item() <= 1e-5
     tol = tolerance_for(flavour, "fp32")
     assert all(r.passed for r in compare("engines vs torch", {"latents": reference.latents},
@@ -113,7 +114,7 @@ def test_tensorrt_benchmark_runs_end_to_end(tmp_path):
     from bench.latency import main
 
     assert main(["--backend", "tensorrt", "--trt", flavour, "--device", "cuda", "--repeats", "1", "--warmup", "1",
-                 "--batch", "1", "2", "--cuda-graph", "--out", str(tmp_path)]) == 0
+                 "--batch", "1", "--batch", "2", "--cuda-graph", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "latency.json").read_text())
     assert report["backend"] == flavour and report["versions"][flavour]
     assert [r["batch"] for r in report["results"]] == [1, 2]
@@ -123,7 +124,7 @@ def test_tensorrt_benchmark_runs_end_to_end(tmp_path):
 def test_gate_with_the_reference_on_the_gpu(tmp_path):
     """--gate-device cuda: the float32 reference streams its modules onto the GPU; the ONNX graphs still run in
     ONNX Runtime. Its verdict and figures match the CPU reference's."""
-    from onex_export.export.gate import GateConfig
+    from onex_export.check.gate import GateConfig
 
     rows = {}
     for device in ("cpu", "cuda"):

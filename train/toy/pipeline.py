@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 
 from onex_export.fileio import atomic_folder
 from onex_export.models.text import SD3TextEncoder
-from onex_export.runtime.tokenizers import SD3Tokenizers
+from onex_export.contract.tokenizers import SD3Tokenizers
 from onex_export.schedule import SHIFT
 
 MODEL_INDEX = {

@@ -10,7 +10,7 @@ through attention, the pooled embedding (tests/toy check the 60 prompts' embeddi
 from __future__ import annotations
 
 from onex_export.models.text import SD3TextEncoder, tiny_text_encoder
-from onex_export.runtime.tokenizers import SD3Tokenizers
+from onex_export.contract.tokenizers import SD3Tokenizers
 
 from .digits import VOCABULARY
 

@@ -32,15 +32,15 @@ import torch
 from ..errors import OnexError, UsageError
 from ..models.split import SplitSD3Transformer
 from ..models.weights import WeightSource, materialize, release, return_freed_memory, top_level_prefixes
-from ..parity import compare, rows_to_json, tolerance_for
+from .parity import Tolerances, compare, rows_to_json, tolerance_for
 from ..runtime.graphs import PlanDenoiser, TorchGraph
 from ..runtime.sampler import Conditioning, sample
 from ..schedule import SamplingPlan
-from .components import Components
-from .graphs import GraphDef, SubgraphModule, graph_spec
-from .precision import PrecisionPolicy
-from .shapes import VAE_SCALE, ShapeConfig
-from .stages import rss_bytes
+from ..export.components import Components
+from ..export.graphs import GraphDef, SubgraphModule, graph_spec
+from ..export.precision import PrecisionPolicy
+from ..export.shapes import ShapeConfig
+from ..export.stages import rss_bytes
 
 GATE_MODES = ("opt", "full", "none")
 FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -49,13 +49,19 @@ FP16_MAX = float(torch.finfo(torch.float16).max)
 @dataclass(frozen=True)
 class GateConfig:
     """``mode``: opt (the profile's optimum), full (also every profile corner) or none (recorded as skipped);
-    ``device``: where the float32 reference runs."""
+    ``device``: where the float32 reference runs; ``max_rel``: per-output overrides of the table's tolerance
+    ((output name, largest relative error), as ``--tolerance OUTPUT=MAX_REL``; see :class:`Tolerances`)."""
 
     mode: str = "opt"
     device: str = "cpu"
     seed: int = 0
+    max_rel: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
+        for name, value in self.max_rel:
+            if not (0 < value < math.inf):
+                raise UsageError(f"--tolerance {name}={value}: a relative error bound must be a positive number",
+                                 f"e.g. --tolerance {name}=0.03")
         if self.mode not in GATE_MODES:
             raise UsageError(f"unknown gate mode {self.mode!r}", f"choose one of {', '.join(GATE_MODES)}")
         if self.device not in ("cpu", "cuda"):
@@ -292,6 +298,8 @@ def run_gate(ref_split: SplitSD3Transformer, source: WeightSource, defs: list[Gr
     fp32 = PrecisionPolicy("fp32")
     ref_graphs = {d.name: TorchGraph(SubgraphModule(ref_split, d, graph_spec(ref_split, d, fp32)),
                                      graph_spec(ref_split, d, fp32)) for d in defs}
+    tols = _tolerances(tol, gate, [o.name for g in ref_graphs.values() for o in g.spec.outputs] + ["latents"]
+                       + [o.name for n in (components.names if components else ()) for o in components.spec(n).outputs])
     reference = StreamedReference(ref_split, source, gate.device)
     rows = []
     plan = SamplingPlan.one_x(eta)
@@ -302,7 +310,7 @@ def run_gate(ref_split: SplitSD3Transformer, source: WeightSource, defs: list[Gr
             tag = f"b{batch} {res}px t{text_len}"
             record["shapes"].append([batch, res, text_len])
             cond = conditioning(cfg.joint_attention_dim, cfg.pooled_projection_dim, batch, text_len, gate.seed)
-            latent = (cfg.in_channels, res // VAE_SCALE, res // VAE_SCALE)
+            latent = (cfg.in_channels, res // shapes.vae_scale, res // shapes.vae_scale)
             log(f"      reference {tag} on {gate.device} (float32, one module at a time)")
             recorder = _Recorder(ref_graphs, log)
             ref_steps = _StepTap(PlanDenoiser(recorder, plans))
@@ -310,20 +318,20 @@ def run_gate(ref_split: SplitSD3Transformer, source: WeightSource, defs: list[Gr
                 ref = sample(ref_steps, plan, cond, latent, gate.seed, device=gate.device)
 
             def check(name, graph, inputs, outputs, tag=tag):
-                rows.extend(compare(f"graph {name} {tag}", outputs, graph(**inputs), tol))
+                rows.extend(compare(f"graph {name} {tag}", outputs, graph(**inputs), tols))
 
             log(f"      {artifact} graphs {tag} on {backend}, one at a time")
             cand_steps = _StepTap(PlanDenoiser(_OneAtATime(load_candidate, recorder.first, check, artifact, log), plans))
             got = sample(cand_steps, plan, cond, latent, gate.seed, device=candidate_device)
-            rows += compare(f"1.x-nfe step 1 {tag}", ref_steps.outputs[0], cand_steps.outputs[0], tol)
-            rows += compare(f"1.x-nfe step 2 {tag}", ref_steps.outputs[1], cand_steps.outputs[1], tol)
-            rows += compare(f"1.x-nfe schedule {tag}", {"latents": ref}, {"latents": got}, tol)
+            rows += compare(f"1.x-nfe step 1 {tag}", ref_steps.outputs[0], cand_steps.outputs[0], tols)
+            rows += compare(f"1.x-nfe step 2 {tag}", ref_steps.outputs[1], cand_steps.outputs[1], tols)
+            rows += compare(f"1.x-nfe schedule {tag}", {"latents": ref}, {"latents": got}, tols)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
         reference.close()
     record["range_check"] = range_check(reference.max_abs, policy, ref_split.num_layers)
     if components is not None and components.names:
-        rows += _component_rows(components, load_candidate, backend, shapes, gate.seed)
+        rows += _component_rows(components, load_candidate, backend, shapes, gate)
     status = "passed" if rows and all(r.passed for r in rows) else "failed"
     if record["range_check"]["first_overflow"]:
         status = "failed"  # found, not shipped: an engine may overflow where ONNX Runtime happened not to
@@ -331,6 +339,8 @@ def run_gate(ref_split: SplitSD3Transformer, source: WeightSource, defs: list[Gr
         status = "failed"
         record["reason"] = (f"the float32 reference itself is not finite from {record['range_check']['nonfinite']} on: "
                             "the weights are broken")
+    if tols.per_output:
+        record["tolerance_per_output"] = {name: asdict(t) for name, t in tols.per_output}
     return dict(record, status=status, tolerance=asdict(tol), rows=rows_to_json(rows),
                 seconds=round(time.perf_counter() - start, 3))
 
@@ -352,13 +362,24 @@ class _StepTap:
         return v
 
 
-def _component_rows(components: Components, load_candidate, backend: str, shapes: ShapeConfig, seed: int) -> list:
+def _tolerances(default, gate: GateConfig, outputs: list[str]) -> Tolerances:
+    """The table's ``default`` with the gate's per-output overrides, each of which must name an output compared."""
+    unknown = sorted({name for name, _ in gate.max_rel} - set(outputs))
+    if unknown:
+        raise UsageError(f"--tolerance names {', '.join(unknown)}, which this gate does not compare",
+                         f"the outputs compared are {', '.join(dict.fromkeys(outputs))}")
+    return Tolerances.with_max_rel(default, dict(gate.max_rel))
+
+
+def _component_rows(components: Components, load_candidate, backend: str, shapes: ShapeConfig,
+                    gate: GateConfig) -> list:
     """Components are float32 graphs whatever the transformer's precision. Each is loaded, run and dropped
     before its candidate is loaded: a real T5-XXL is 19 GB in float32."""
-    tol = tolerance_for(backend, "fp32")
+    seed = gate.seed
+    tol = Tolerances.with_max_rel(tolerance_for(backend, "fp32"), dict(gate.max_rel))  # those naming its outputs
     rows = []
     for name in components.names:
-        inputs = components.inputs(name, shapes.batch.opt, shapes.resolution.opt // VAE_SCALE, seed)
+        inputs = components.inputs(name, shapes.batch.opt, shapes.resolution.opt // shapes.vae_scale, seed)
         module, spec = components.load(name), components.spec(name)
         want = TorchGraph(module, spec)(**inputs)
         del module

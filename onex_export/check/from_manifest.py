@@ -8,11 +8,11 @@ from pathlib import Path
 from ..contract import Manifest, ManifestError
 from ..models.weights import WeightSource, transformer_source
 from ..models.split import SplitSD3Transformer
-from .build import split_on_meta
-from .components import load_components
-from .graphs import GraphDef, graph_spec
-from .precision import Fp32Blocks, PrecisionPolicy
-from .shapes import DimRange, ShapeConfig
+from ..models.weights import split_on_meta
+from ..export.components import load_components
+from ..export.graphs import GraphDef, graph_spec
+from ..export.precision import Fp32Blocks, PrecisionPolicy
+from ..export.shapes import DimRange, ShapeConfig
 
 
 def reference_split(manifest: Manifest) -> tuple[SplitSD3Transformer, WeightSource]:
@@ -58,5 +58,6 @@ def manifest_policy(manifest: Manifest) -> PrecisionPolicy:
 def manifest_shapes(manifest: Manifest) -> ShapeConfig:
     """The shape ranges the build runs."""
     r = manifest.shapes.ranges
-    return ShapeConfig(DimRange(*r.batch), DimRange(*r.resolution), DimRange(*r.text_len))
+    return ShapeConfig(DimRange(*r.batch), DimRange(*r.resolution), DimRange(*r.text_len),
+                       manifest.pipeline.vae_scale_factor)
 

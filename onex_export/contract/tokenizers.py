@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..contract import Manifest
+from . import Manifest
 
 
 @dataclass(frozen=True)

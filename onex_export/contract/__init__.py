@@ -16,15 +16,15 @@ from typing import NamedTuple
 
 import torch
 
-from .config import SkipRange
-from .errors import OnexError
-from .fileio import sha256_file
-from .trt import FLAVOURS
+from ..config import SkipRange
+from ..errors import OnexError
+from ..fileio import sha256_file
+from ..trt import FLAVOURS
 
 SCHEMA = "onex-export/build-manifest"
 SCHEMA_VERSION = 2
 FILENAME = "manifest.json"
-JSON_SCHEMA = Path(__file__).resolve().parent / "schemas" / "manifest.schema.json"
+JSON_SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "manifest.schema.json"
 
 # Symbolic dimension names shared by all graphs (and by the manifest's shape ranges).
 B, T, N, H, W = "batch", "text_len", "img_tokens", "latent_height", "latent_width"

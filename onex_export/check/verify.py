@@ -9,11 +9,11 @@ from typing import Callable
 from ..errors import OnexError, UsageError
 from ..runtime.graphs import OrtGraph
 from ..runtime.tensorrt_runner import require_gpu
-from . import manifest as mf
+from ..export import manifest as mf
 from .from_manifest import checked_defs, manifest_components, manifest_policy, manifest_shapes, reference_split
 from .gate import GateConfig, run_gate
 from ..locks import build_lock
-from .install import recover
+from ..export.install import recover
 
 
 def verify(folder: Path, log: Callable[[str], None] = lambda _: None, backend: str = "onnxruntime",

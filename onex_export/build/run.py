@@ -36,26 +36,27 @@ from ..contract import GraphEntry, Manifest, ModelInfo, Pipeline, Range, ShapeRa
 from ..errors import OnexError, UsageError
 from ..fileio import DiskError, free_bytes, sha256_file, writing
 from ..locks import build_lock
-from ..models import DEFAULT_MODEL, CompensationMLP, SplitSD3Transformer, load_compensation
+from ..models import DEFAULT_MODEL, SplitSD3Transformer
 from ..models.weights import (
-    WeightSource, check_keys, materialized, meta_transformer, module_nbytes, release, tensors_digest, top_level_prefixes,
-    transformer_source,
+    WeightSource, check_keys, materialized, module_nbytes, release, split_on_meta, tensors_digest,
+    top_level_prefixes, transformer_source,
 )
 from ..models.text import SD3_MAX_TEXT_LENGTH, text_length
+from ..models.vae import vae_scale
 from ..models.zoo import model_source
 from ..runtime.graphs import OrtGraph
 from ..schedule import SamplingPlan
 from ..trt import flavour_version, load_trt
-from . import manifest as mf
-from .components import COMPONENTS, Components, available, load_components, save_tokenizers
-from .gate import GateConfig, failure_summary, run_gate
-from .graphs import DEFAULT_GRAPH_BYTES, GraphDef, SubgraphModule, build_plans, module_bytes, transformer_graphs
-from .install import check_replaceable, install, recover, temp_name
-from .onnx_export import EXPORTER, MIN_OPSET, PROTOBUF_LIMIT, TRACE_DIMS, export_graph, trace_inputs
-from .precision import PrecisionPolicy, apply_precision
-from .shapes import VAE_SCALE, DimRange, ShapeConfig
-from .stages import StageClock
-from .tensorrt import EngineBuildOptions, build_engine, choose_trt
+from ..export import manifest as mf
+from ..export.components import COMPONENTS, Components, available, load_components, save_tokenizers
+from ..check.gate import GateConfig, failure_summary, run_gate
+from ..export.graphs import DEFAULT_GRAPH_BYTES, GraphDef, SubgraphModule, build_plans, module_bytes, transformer_graphs
+from ..export.install import check_replaceable, install, recover, temp_name
+from ..export.onnx_export import EXPORTER, MIN_OPSET, PROTOBUF_LIMIT, TRACE_DIMS, export_graph, trace_inputs
+from ..export.precision import PrecisionPolicy, apply_precision
+from ..export.shapes import DimRange, ShapeConfig
+from ..export.stages import StageClock
+from ..export.tensorrt import EngineBuildOptions, build_engine, choose_trt
 
 TRT_CHOICES = ("auto", "tensorrt-rtx", "tensorrt", "none")
 MAX_BATCH = 256
@@ -164,13 +165,6 @@ class LoadedModel:
     mlp_digest: str
 
 
-def split_on_meta(config: dict, mlp: Path | None, skip: SkipRange) -> SplitSD3Transformer:
-    """A split model whose transformer is on ``meta`` and whose MLP (loaded, or untrained) is float32."""
-    transformer = meta_transformer(config)
-    module = load_compensation(mlp, transformer) if mlp else CompensationMLP.for_transformer(transformer)
-    return SplitSD3Transformer(transformer, skip, module)
-
-
 def load_model(model: str, mlp: Path | None, skip: SkipRange, policy: PrecisionPolicy) -> LoadedModel:
     config, source = transformer_source(model)
     split = split_on_meta(config, mlp, skip)
@@ -182,16 +176,16 @@ def load_model(model: str, mlp: Path | None, skip: SkipRange, policy: PrecisionP
 def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer, encoder_tokens: int | None = None) -> ShapeConfig:
     """The configured ranges, with defaults from the model for those left unset. ``encoder_tokens``,
     the text encoders' token count when they are built, must lie in the text-length range."""
-    cfg = split.transformer.config
-    native = cfg.sample_size * VAE_SCALE
+    cfg, scale = split.transformer.config, vae_scale(config.model)
+    native = cfg.sample_size * scale
     text = encoder_tokens or text_length(config.model)
-    step = VAE_SCALE * cfg.patch_size
+    step = scale * cfg.patch_size
     if config.dynamic_shapes:
-        res = DimRange(max(step, native // 2 // step * step), native, min(2 * native, cfg.pos_embed_max_size * VAE_SCALE))
+        res = DimRange(max(step, native // 2 // step * step), native, min(2 * native, cfg.pos_embed_max_size * scale))
         txt = DimRange(max(1, text // 2), text, text)
     else:
         res, txt = DimRange(native, native, native), DimRange(text, text, text)
-    shapes = ShapeConfig(config.batch, config.resolution or res, config.text_len or txt)
+    shapes = ShapeConfig(config.batch, config.resolution or res, config.text_len or txt, scale)
     tl = shapes.text_len
     if encoder_tokens is not None and not tl.min <= encoder_tokens <= tl.max:
         raise UsageError(f"--text-len {tl} does not include the text encoders' {text} tokens",
@@ -431,7 +425,7 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
         verifications=(verification,),
         pipeline=Pipeline(tuple(comps.names), save_tokenizers(comps.tokenizers, tmp) if comps.tokenizers else {},
                           "text" if "text" in comps.names else None, "vae" if "vae" in comps.names else None,
-                          VAE_SCALE, (0.0, 1.0), "fp32"),
+                          shapes.vae_scale, (0.0, 1.0), "fp32"),
         stages=clock.to_json(),
     )
     log("[5/5] manifest")
