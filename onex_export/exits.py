@@ -42,8 +42,11 @@ def errors_reported() -> Iterator[None]:
         exit_on_user_error(exc)
     except KeyboardInterrupt as exc:
         exit_on_interrupt(exc)
-    except OSError as exc:  # a full disk or a folder not ours to write, met outside fileio.writing
-        error = as_disk_error(exc, exc.filename or "a file")
-        if error is None:
-            raise
-        exit_on_user_error(error)
+    except Exception as exc:
+        if (signum := interrupts.raised()) is not None:  # native code turned the interrupt into its own error
+            exit_on_interrupt(interrupts.Interrupted(signum))
+        if isinstance(exc, OSError):  # a full disk or a folder not ours to write, met outside fileio.writing
+            error = as_disk_error(exc, exc.filename or "a file")
+            if error is not None:
+                exit_on_user_error(error)
+        raise

@@ -21,6 +21,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 _pending: int | None = None
 _deferring = 0
+_raised: int | None = None  # the last signal raised as Interrupted: native code may turn it into its own error
 
 
 class Interrupted(KeyboardInterrupt):
@@ -37,11 +38,19 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _on_signal(signum, frame) -> None:
-    global _pending
+    global _pending, _raised
     _pending = signum
     if not _deferring:
-        _pending = None
+        _pending, _raised = None, signum
         raise Interrupted(signum)
+
+
+def raised() -> int | None:
+    """The signal last raised as :class:`Interrupted` in this process, if any. Native code that calls back into
+    Python may turn it into an error of its own (safetensors reading a tensor gave ``ValueError: could not
+    determine the shape of object type 'torch.storage.UntypedStorage'``): an entry point that meets an error
+    after an interrupt reports the interrupt."""
+    return _raised
 
 
 def _ours(sig: int) -> bool:
@@ -51,7 +60,9 @@ def _ours(sig: int) -> bool:
 
 def install() -> None:
     """Make SIGINT and SIGTERM raise :class:`Interrupted` in the main thread (a no-op in other threads); a
-    signal the process ignores stays ignored."""
+    signal the process ignores stays ignored. A new entry point starts with no interrupt raised."""
+    global _raised
+    _raised = None
     if threading.current_thread() is threading.main_thread():
         for sig in SIGNALS:
             if _ours(sig):

@@ -24,6 +24,7 @@ from onex_export.errors import OnexError, UsageError
 from onex_export.export import manifest as mf
 from onex_export.build import BuildConfig, build
 from onex_export.check.gate import GateConfig
+from onex_export.check.reference import open_pipeline
 from onex_export.export.precision import Fp32Blocks
 from onex_export.export.shapes import DimRange
 from onex_export.export.tensorrt import RTX_DEFAULT_TARGETS
@@ -427,7 +428,7 @@ def test_bf16_on_a_cpu_is_installed_unverified_and_usable(tmp_path):
     head = onnx.load(str(tmp_path / "bf" / "head.onnx"))
     types = {i.name: i.type.tensor_type.elem_type for i in head.graph.input}
     assert types["hidden_states"] == onnx.TensorProto.BFLOAT16 and types["timestep"] == onnx.TensorProto.FLOAT
-    pipe = BuildPipeline(tmp_path / "bf", "torch")  # the runtime accepts it (and says it is unverified)
+    pipe = open_pipeline(tmp_path / "bf", "torch")  # the runtime accepts it (and says it is unverified)
     assert pipe.verified is False
 
 
