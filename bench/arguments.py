@@ -3,8 +3,6 @@
 library's own parsers for skip ranges and shape ranges, and the CLI's error reporting."""
 from __future__ import annotations
 
-import re
-
 import click
 
 from onex_export.config import SkipRange
@@ -50,15 +48,6 @@ class _Resolution(_Int):
         return number
 
 
-class _Device(click.ParamType):
-    name = "device"
-
-    def convert(self, value, param, ctx) -> str:
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", str(value)):
-            self.fail(f"{value!r} is not a device: use cpu, cuda or cuda:N", param, ctx)
-        return str(value)
-
-
 class _Skip(click.ParamType):
     """A skip range, parsed by the library (:meth:`SkipRange.parse`): 1-based, inclusive, as in the paper."""
 
@@ -74,7 +63,7 @@ class _Skip(click.ParamType):
 
 
 POSITIVE_INT, NON_NEGATIVE_INT = _Int(1), _Int(0)
-RESOLUTION, DEVICE, SKIP = _Resolution(), _Device(), _Skip()
+RESOLUTION, SKIP = _Resolution(), _Skip()
 
 
 def command_help(doc: str) -> str:

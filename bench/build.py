@@ -38,6 +38,7 @@ from onex_export.contract import FILENAME, Manifest, read_manifest
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.stages import StageClock
 from onex_export.models.text import SD3_TEXT_LENGTH
+from onex_export.params import FiniteFloat
 
 from .arguments import POSITIVE_INT, RESOLUTION, SKIP, command_help, invoke, run_main
 from .random_weights import ARCHS, write_checkpoint
@@ -282,12 +283,12 @@ def markdown(report: dict) -> str:
 @click.option("--trt", type=click.Choice(["tensorrt-rtx", "tensorrt", "none"]), default="tensorrt-rtx",
               show_default=True)
 @click.option("--gate", type=click.Choice(["opt", "none"]), default="opt", show_default=True)
-@click.option("--weight-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--weight-scale", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
               help="scale of the random linear weights (default initialisation x this; 0.5: issue 25's run)")
-@click.option("--max-graph-gib", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+@click.option("--max-graph-gib", type=FiniteFloat(min=0, min_open=True), default=2.0, show_default=True,
               help="onex-export build's per-graph weight budget")
 @click.option("--naive/--no-naive", default=True, help="run the naive baseline too (--no-naive: skip it)")
-@click.option("--rss-limit-gib", type=click.FloatRange(min=0, min_open=True), default=21.0, show_default=True)
+@click.option("--rss-limit-gib", type=FiniteFloat(min=0, min_open=True), default=21.0, show_default=True)
 @click.option("--workdir", default=None, help="where the checkpoint and builds are written (removed after)")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="default bench/results/build-<arch>-<precision>-<trt>-cpu")

@@ -44,8 +44,9 @@ from onex_export.runtime.graphs import PlanDenoiser, TorchGraph, load_build_grap
 from onex_export.runtime.sampler import Conditioning, TorchDenoiser, sample
 from onex_export.runtime.tensorrt_runner import require_gpu
 from onex_export.schedule import SamplingPlan
+from onex_export.params import DEVICE
 
-from .arguments import DEVICE, NON_NEGATIVE_INT, POSITIVE_INT, RESOLUTION, command_help, invoke, run_main
+from .arguments import NON_NEGATIVE_INT, POSITIVE_INT, RESOLUTION, command_help, invoke, run_main
 from .random_weights import ARCHS, random_transformer
 from .peers import CacheDitPeer, SkipLayersPeer, cache_dit_installed
 from .report import markdown, plot, write_results

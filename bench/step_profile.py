@@ -26,8 +26,9 @@ from onex_export.export.precision import PRECISIONS
 from onex_export.models import build_tiny
 from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.models.zoo import TINY_TEXT_LEN
+from onex_export.params import DEVICE
 
-from .arguments import DEVICE, POSITIVE_INT, RESOLUTION, command_help, invoke, run_main
+from .arguments import POSITIVE_INT, RESOLUTION, command_help, invoke, run_main
 from .random_weights import ARCHS, random_transformer
 from .report import write_results
 

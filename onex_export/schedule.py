@@ -112,6 +112,8 @@ class SamplingPlan:
             raise ValueError(f"sigmas must decrease inside (0, 1], got {self.sigmas}")
         if self.skips[0]:
             raise ValueError("the first step must be a full step: a skipping step needs cached deltas")
+        if not (math.isfinite(self.eta) and math.isfinite(self.guidance_scale)):
+            raise ValueError(f"eta ({self.eta}) and guidance_scale ({self.guidance_scale}) must be finite numbers")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1], got {self.eta}")
         if self.guidance_scale < 1.0:

@@ -134,6 +134,8 @@ def test_benchmark_rejects_bad_combinations(argv, message, capsys, tmp_path):
     ("bench.step_profile", ["--device", "gpu"], "'gpu' is not a device"),
     ("bench.build", ["--resolution", "1000"], "use 992 or 1008"),
     ("bench.build", ["--text-len", "0"], "0 must be at least 1"),
+    ("bench.build", ["--weight-scale", "inf"], "'inf' is not a finite number"),
+    ("bench.quality.__main__", ["--guidance", "nan"], "'nan' is not a finite number"),  # was: the teacher's CFG off, PASSED
 ])
 def test_other_benchmarks_validate_sizes_at_parse_time(module, argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

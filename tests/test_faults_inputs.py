@@ -92,6 +92,7 @@ BAD = [
     (["build", "--text-len", "8"], 2, "does not include the text encoders' 16 tokens"),
     (["build", "--precision", "fp8"], 2, "fp8"),
     (["build", "--compute-capability", "86"], 2, "MAJOR.MINOR"),
+    (["build", "--compute-capability", "8.6", "--trt", "none"], 2, "--trt none builds none"),  # was: ignored
     (["build", "--components", "unet"], 2, "unet"),
     (["build", "--max-graph-gib", "0"], 2, "0"),
     (["build", "--opset", "9"], 2, "9"),
@@ -127,6 +128,15 @@ BAD = [
     (["sample", "--out", "/dev/null"], 2, "not a regular file"),
     (["sample", "--mlp", "wrong-mlp.safetensors"], 1, "wrong-mlp.safetensors"),
     (["sample", "--mode", "teacher", "--guidance", "0.5"], 2, "0.5"),
+    (["sample", "--seed", str(2**64)], 2, "is not in the range 0<=x<=9223372036854775807"),  # was: a traceback
+    (["sample", "--device", "banana"], 2, "'banana' is not a device: use cpu, cuda or cuda:N"),
+    *([(["sample", "--device", "cuda"], 2, "cuda: no such CUDA device is visible here (0 GPUs)")]
+      if not torch.cuda.is_available() else []),  # was: a traceback after the model loaded
+    (["generate", "--build", "{build}", "--prompt", "a cat", "--seed", "-1"], 2, "is not in the range"),
+    (["sample", "--mode", "teacher", "--guidance", "nan"], 2, "'nan' is not a finite number"),  # was: CFG off, PASSED
+    (["sample", "--eta", "nan"], 2, "'nan' is not a finite number"),
+    (["build", "--max-graph-gib", "inf"], 2, "'inf' is not a finite number"),
+    (["probe", "--nfe", "nan"], 2, "'nan' is not a finite number"),
 ]
 
 
@@ -157,7 +167,7 @@ def _with_inf_vae(src: Path, dst: Path) -> Path:
     onnx.save(model, str(dst / "vae.onnx"))
     manifest = mf.read_manifest(dst)
     vae = dataclasses.replace(manifest.graphs["vae"], onnx=mf.file_entry(dst, dst / "vae.onnx"))
-    mf.write_manifest(dst, dataclasses.replace(manifest, graphs={**manifest.graphs, "vae": vae}))
+    mf.write_manifest(dst, dataclasses.replace(manifest, graphs={**manifest.graphs, "vae": vae}).sealed())
     return dst
 
 

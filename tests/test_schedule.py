@@ -110,3 +110,12 @@ def test_a_plan_writes_the_manifest_section_it_reads_back():
     assert SamplingPlan.from_manifest(section) == plan
     assert [s["plan"] for s in section["steps"]] == ["full", "skipping"] and section["sigmas"] == [1.0, 0.75]
     assert section["effective_nfe"] == pytest.approx(1 + 16 / 24) and section["steps"][1]["sigma_next"] == 0.0
+
+
+@pytest.mark.parametrize("make", [lambda: SamplingPlan.one_x(float("nan")), lambda: SamplingPlan.teacher(28, float("nan")),
+                                  lambda: SamplingPlan.teacher(28, float("inf"))])
+def test_a_plan_refuses_non_finite_eta_and_guidance(make):
+    """nan passes `0 <= eta <= 1`'s negation and `guidance < 1` (both false): it would turn CFG off silently."""
+    with pytest.raises(ValueError, match="must be finite numbers"):
+        make()
+    assert SamplingPlan.teacher(28, 7.0).uses_cfg  # a finite scale is taken

@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_optimizer_state_dict)
 
-from onex_export.errors import OnexError
+from onex_export.errors import OnexError, UsageError
 from onex_export.export.install import owner_alive
 from onex_export.fileio import atomic_path, save_tensors_atomic, sha256_file, writing
 from onex_export.locks import exclusive
@@ -156,6 +156,14 @@ def open_run(cfg: YamlConfig, info: DistInfo, resume: bool) -> Path | None:
     of killed saves removed, and the config written."""
     run_dir = Path(cfg.run_dir)
     ckpt = latest(run_dir) if resume else None
+    if ckpt is None and (run_dir / "final").exists():
+        # Checked before anything is written: starting over would replace the finished run's checkpoints and config,
+        # then find final/ holding that run's outputs and stop.
+        raise UsageError(f"{run_dir} holds a finished run ({run_dir / 'final'}): "
+                         + ("--no-resume" if resume is False else "a run without checkpoints")
+                         + " would start over in it and overwrite its checkpoints",
+                         f"move {run_dir / 'final'} (that run's result) and {checkpoints_dir(run_dir)} away, or give "
+                         "this run another run_dir")
     if ckpt is not None:
         on_main(lambda: verify_checksums(ckpt), info, f"{ckpt} does not match its checksums")
         check_resumable(ckpt, cfg)

@@ -6,6 +6,7 @@ resolved config is written beside every checkpoint, so a checkpoint says how it 
 """
 from __future__ import annotations
 
+import math
 import dataclasses
 import typing
 from dataclasses import dataclass
@@ -203,13 +204,16 @@ def _check_types(cfg: YamlConfig) -> None:
                 except ValueError:
                     pass
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if ok and not math.isfinite(value):
+                raise ConfigError(f"{f.name} is {value}: a learning rate, scale or weight must be a finite number",
+                                  f"give {f.name} a number such as {getattr(type(cfg), f.name, 1.0)!r}")
             if ok:
                 object.__setattr__(cfg, f.name, float(value))
         elif hint is str:
             ok = isinstance(value, str)
         else:  # tuple[float, float]
             ok = isinstance(value, (list, tuple)) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
             if ok:
                 object.__setattr__(cfg, f.name, tuple(float(v) for v in value))
         if not ok:

@@ -33,15 +33,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.arguments import DEVICE, POSITIVE_INT, RESOLUTION, SKIP, command_help, invoke, run_main
+from bench.arguments import POSITIVE_INT, RESOLUTION, SKIP, command_help, invoke, run_main
 from onex_export.errors import OnexError, UsageError
 from onex_export.export.precision import PRECISIONS
-from onex_export.fileio import check_destination
+from onex_export.outputs import report_folder
 from onex_export.models import DEFAULT_MODEL
 from onex_export.models.vae import vae_scale
 from onex_export.models.weights import transformer_source
 from onex_export.models.zoo import TRAINED_MODELS, default_mlp_for
 from onex_export.probe.run import calibration_prompts
+from onex_export.params import DEVICE, FiniteFloat
 
 from bench.report import write_results
 from bench.toy.judge import JUDGE_DIR
@@ -186,7 +187,7 @@ def _weight_options(command):
               help="seeds per prompt (LPIPS diversity needs 2+)")
 @click.option("--student-steps", type=POSITIVE_INT, default=4, show_default=True)
 @click.option("--teacher-steps", type=POSITIVE_INT, default=28, show_default=True)
-@click.option("--guidance", type=float, default=7.0, show_default=True, help="the teacher's CFG scale")
+@click.option("--guidance", type=FiniteFloat(), default=7.0, show_default=True, help="the teacher's CFG scale")
 @click.option("--resolution", type=RESOLUTION, default=None, help="pixels (default: the model's native size)")
 @click.option("--device", type=DEVICE, default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True)
@@ -227,21 +228,19 @@ def command(**options) -> int:
     name = Path(args.model).name
     pixels = args.resolution or transformer_source(args.model)[0]["sample_size"] * vae_scale(args.model)
     out = args.out or Path("bench/results") / f"quality-{name}-{pixels}px"
-    for name in ("quality.json", "quality.md", "grid.png", "quality-vs-latency.png"):
-        check_destination(out / name)  # before the work, not after it
     if args.toy_judge is None and args.model in TRAINED_MODELS and JUDGE_DIR.is_dir():
         args.toy_judge = JUDGE_DIR  # the toy world's own model: judged by the shipped judge
     if args.toy_judge is not None:
         check_prompts(config.prompts)
         load_judge(args.toy_judge)  # refused before any model loads
-    report, thumbnails = run(config, weights, args.random_metrics, args.latency, toy_judge=args.toy_judge)
-    # the figures first: the results files, written last, say that the run is complete
-    out.mkdir(parents=True, exist_ok=True)
-    written = [grid(thumbnails, config.prompts[:GRID_PROMPTS], out / "grid.png")]
-    if args.latency is not None:
-        written.append(quality_vs_latency(report, out / "quality-vs-latency.png"))
-    table = markdown(report)
-    write_results(out, "quality", report, table)
+    with report_folder(out, ("quality.json", "quality.md", "grid.png", "quality-vs-latency.png")):  # before the work
+        report, thumbnails = run(config, weights, args.random_metrics, args.latency, toy_judge=args.toy_judge)
+        # the figures first: the results files, written last, say that the run is complete
+        written = [grid(thumbnails, config.prompts[:GRID_PROMPTS], out / "grid.png")]
+        if args.latency is not None:
+            written.append(quality_vs_latency(report, out / "quality-vs-latency.png"))
+        table = markdown(report)
+        write_results(out, "quality", report, table)
     print(table)
     print(f"wrote {out}/quality.json, quality.md, " + ", ".join(p.name for p in written))
     print("PASSED quality: every schedule's images and metrics are finite")

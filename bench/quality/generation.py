@@ -7,6 +7,7 @@ memory together).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,8 @@ class QualityConfig:
                              f"({self.teacher_steps}) must be 1 or more")
         if self.dtype not in PRECISIONS:
             raise UsageError(f"unknown dtype {self.dtype!r}", f"choose one of {', '.join(PRECISIONS)}")
+        if not math.isfinite(self.guidance):
+            raise UsageError(f"--guidance {self.guidance} is not a finite number", "e.g. 7.0 for SD3-Medium")
         if self.guidance <= 1.0:
             raise UsageError(f"--guidance {self.guidance} turns the teacher's CFG off (it needs a scale above 1)",
                              "use the teacher's scale, e.g. 7.0 for SD3-Medium")

@@ -110,6 +110,9 @@ class BuildConfig:
     def __post_init__(self):
         if self.trt not in TRT_CHOICES:
             raise UsageError(f"unknown --trt {self.trt!r}", f"choose one of {', '.join(TRT_CHOICES)}")
+        if self.trt == "none" and self.compute_capabilities:  # would be silently ignored: no engine is built
+            raise UsageError(f"--compute-capability {' '.join(self.compute_capabilities)} targets TensorRT-RTX engines, "
+                             "and --trt none builds none", "drop --compute-capability, or build with --trt tensorrt-rtx")
         if self.opset < MIN_OPSET:
             raise UsageError(f"opset {self.opset} is too old", f"use {MIN_OPSET} or newer")
         if self.max_graph_bytes <= 0:
@@ -427,7 +430,7 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
                           "text" if "text" in comps.names else None, "vae" if "vae" in comps.names else None,
                           shapes.vae_scale, (0.0, 1.0), "fp32"),
         stages=clock.to_json(),
-    )
+    ).sealed()  # what the gate certified: an edit of any claim is caught by verify and the runtime
     log("[5/5] manifest")
     mf.write_manifest(tmp, manifest)
     if manifest.status != "failed" or config.allow_parity_failure:

@@ -10,9 +10,10 @@ from ..models.weights import WeightSource, transformer_source
 from ..models.split import SplitSD3Transformer
 from ..models.weights import split_on_meta
 from ..export.components import load_components
-from ..export.graphs import GraphDef, graph_spec
+from ..export.graphs import GraphDef, build_plans, graph_spec
 from ..export.precision import Fp32Blocks, PrecisionPolicy
 from ..export.shapes import DimRange, ShapeConfig
+from ..schedule import SamplingPlan
 
 
 def reference_split(manifest: Manifest) -> tuple[SplitSD3Transformer, WeightSource]:
@@ -42,6 +43,35 @@ def checked_defs(manifest: Manifest, split: SplitSD3Transformer) -> list[GraphDe
                                 f"onex-export makes {derived}: the build was made by another version",
                                 "rebuild it with `onex-export build` (the same options)")
     return defs
+
+
+def unfounded_claims(manifest: Manifest, defs: list[GraphDef]) -> list[str]:
+    """What the manifest claims that its graphs do not do, re-derived as the build derives it: the skipped range
+    (the segment graphs' blocks), the plans (from the graphs' definitions) and the schedule (the 1.x-NFE plan
+    for the recorded eta). Empty when every claim holds; the seal catches an edit, this catches a claim that
+    was never true, in a build made before seals too."""
+    problems = []
+    segment = [d for d in defs if d.role == "segment"]
+    if segment:
+        first, last = min(d.start for d in segment) + 1, max(d.stop for d in segment)
+        if (first, last) != (manifest.skip.first, manifest.skip.last):
+            problems.append(f"skip: the manifest says {manifest.skip.one_based}, its segment graphs hold blocks "
+                            f"{first}-{last}")
+    derived = build_plans(defs)
+    for name in sorted(set(derived) | set(manifest.plans)):
+        if derived.get(name) != manifest.plans.get(name):
+            problems.append(f"plans: {name!r} is not the plan its graphs give (steps "
+                            f"{[st['graph'] for st in manifest.plans.get(name, {}).get('steps', [])]}, expected "
+                            f"{[st['graph'] for st in derived.get(name, {}).get('steps', [])]})")
+    try:
+        schedule = SamplingPlan.one_x(float(manifest.schedule["eta"])).to_manifest(manifest.model.num_layers,
+                                                                                 manifest.skip.range)
+    except (KeyError, TypeError, ValueError) as exc:
+        return problems + [f"schedule: unreadable ({exc})"]
+    if schedule != manifest.schedule:
+        problems.append(f"schedule: sigmas {manifest.schedule.get('sigmas')} and steps are not the 1.x-NFE schedule "
+                        f"this build runs (sigmas {schedule['sigmas']})")
+    return problems
 
 
 def manifest_components(manifest: Manifest, transformer_config):

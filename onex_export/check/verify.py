@@ -10,7 +10,9 @@ from ..errors import OnexError, UsageError
 from ..runtime.graphs import OrtGraph
 from ..runtime.tensorrt_runner import require_gpu
 from ..export import manifest as mf
-from .from_manifest import checked_defs, manifest_components, manifest_policy, manifest_shapes, reference_split
+from .from_manifest import (
+    checked_defs, manifest_components, manifest_policy, manifest_shapes, reference_split, unfounded_claims,
+)
 from .gate import GateConfig, run_gate
 from ..locks import build_lock
 from ..export.install import recover
@@ -57,6 +59,12 @@ def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool, mod
                                                 **({"mlp": str(mlp)} if mlp else {})))
     log(f"loading the reference {reference.model.source} (float32, one module at a time on {gate.device})")
     split, source = reference_split(reference)
+    defs = checked_defs(manifest, split)
+    if problems := unfounded_claims(manifest, defs):
+        raise mf.ManifestError(f"{folder}'s manifest claims what its graphs do not do:\n    " + "\n    ".join(problems),
+                               "rebuild with `onex-export build`; never edit a build by hand")
+    if manifest.seal is None:
+        log("      no seal (built by an older onex-export): its claims were re-derived from its graphs instead")
     graphs = manifest.graphs
     if engines:
         from ..runtime.tensorrt_runner import TrtGraph
@@ -67,7 +75,7 @@ def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool, mod
         def load(name):
             return OrtGraph(folder / graphs[name].onnx.file, low_memory=True)
     verification = run_gate(
-        split, source, checked_defs(manifest, split), manifest.plans, load, artifact="engine" if engines else "onnx",
+        split, source, defs, manifest.plans, load, artifact="engine" if engines else "onnx",
         backend=manifest.trt if engines else backend, candidate_device="cuda" if engines else "cpu",
         policy=manifest_policy(manifest), shapes=manifest_shapes(manifest), gate=gate,
         eta=manifest.schedule["eta"], components=manifest_components(reference, split.transformer.config), log=log)

@@ -20,6 +20,7 @@ from ..export.graphs import DEFAULT_GRAPH_BYTES
 from ..export.precision import Fp32Blocks
 from ..check.verify import verify
 from ..check.parity import OutputError, format_table
+from ..params import FiniteFloat
 
 from . import _parse_range, _parse_skip, _parsed_by, main
 
@@ -154,7 +155,7 @@ def _echo_build(manifest: Manifest) -> None:
               help="Where the float32 reference of the gate runs (one module at a time).")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="OUTPUT=MAX_REL", callback=_parsed_by(_tolerances),
               help=TOLERANCE_HELP)
-@click.option("--max-graph-gib", type=click.FloatRange(min=0.001), default=DEFAULT_GRAPH_BYTES / 2**30,
+@click.option("--max-graph-gib", type=FiniteFloat(min=0.001), default=DEFAULT_GRAPH_BYTES / 2**30,
               show_default=True, help="Cut a graph where its weights would pass this many GiB (an engine build "
                                       "needs about 3x its graph's weights in memory).")
 @click.option("--allow-parity-failure", is_flag=True, help="Install the build even if the parity gate fails.")

@@ -20,6 +20,7 @@ from ..models.vae import vae_scale
 from ..runtime import Conditioning, TorchDenoiser, sample
 from ..runtime.pipeline import BACKENDS
 from ..schedule import SamplingPlan
+from ..params import DEVICE, SEED, VISIBLE_DEVICE, FiniteFloat
 
 from . import DTYPES, _parse_skip, main
 
@@ -36,18 +37,18 @@ from . import DTYPES, _parse_skip, main
               help="1x: two steps, the second skipping; student: N full steps; teacher: N Euler steps with CFG.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None,
               help="Steps for --mode student (default 4) or teacher (default 28).")
-@click.option("--guidance", type=click.FloatRange(min=1.0), default=7.0, show_default=True,
+@click.option("--guidance", type=FiniteFloat(min=1.0), default=7.0, show_default=True,
               help="CFG scale for --mode teacher.")
-@click.option("--eta", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
+@click.option("--eta", type=FiniteFloat(0.0, 1.0), default=1.0, show_default=True,
               help="Student step: 1 = deterministic Euler, 0 = re-noise like DMD2.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--batch", type=click.IntRange(1, 256), default=1, show_default=True)
 @click.option("--resolution", type=click.IntRange(16, 4096), default=None,
               help="Image size in pixels (latents are 1/8). Default: the model's native size.")
 @click.option("--text-len", type=click.IntRange(1, 1024), default=None,
               help=f"Text tokens. Default: what the model's text encoders give ({TINY_TEXT_LEN} for the tiny "
                    f"models, {SD3_TEXT_LENGTH} for SD3).")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--device", type=VISIBLE_DEVICE, default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Latents file (safetensors). Default: samples/<model>-<mode>-seed<seed>.safetensors")
@@ -127,12 +128,13 @@ def sample_cmd(model, mlp, skip, mode, steps, guidance, eta, seed, batch, resolu
 @click.option("--build", "build_dir", type=click.Path(path_type=Path), required=True,
               help="A build folder written by `onex-export build` (with its text encoders and VAE).")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt (repeatable: one batch).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--images-per-prompt", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option("--resolution", type=click.IntRange(16, 4096), default=None, help="Pixels. Default: the build's optimum.")
 @click.option("--backend", type=click.Choice(list(BACKENDS)), default="onnxruntime",
               show_default=True, help="tensorrt needs an NVIDIA GPU; torch runs the float32 reference model.")
-@click.option("--device", default="cpu", show_default=True, help="torch device for the torch backend.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True,
+              help="cpu, cuda or cuda:N: where the tensorrt and torch backends run.")
 @click.option("--cuda-graph", is_flag=True,
               help="Capture each transformer step as a CUDA graph (GPU: --backend tensorrt, or torch with --device cuda).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("image.png"), show_default=True,

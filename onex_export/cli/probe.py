@@ -7,10 +7,11 @@ import click
 from tqdm import tqdm
 
 from ..errors import UsageError
-from ..fileio import check_destination
+from ..outputs import report_folder
 from ..config import SkipRange
 from ..models import DEFAULT_MODEL
 from ..models.zoo import TRAINED_MODELS
+from ..params import SEED, FiniteFloat
 
 from . import DTYPES, _parse_skip, main
 
@@ -22,8 +23,8 @@ from . import DTYPES, _parse_skip, main
               help="Calibration prompts, one per line. Default: an embedded trained model's own prompts, else 8 "
                    "built-in prompts.")
 @click.option("--max-prompts", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
-@click.option("--seed", "seeds", type=int, multiple=True, help="Noise seed (repeatable). Default: 0.")
-@click.option("--nfe", "nfes", type=float, multiple=True,
+@click.option("--seed", "seeds", type=SEED, multiple=True, help="Noise seed (repeatable). Default: 0.")
+@click.option("--nfe", "nfes", type=FiniteFloat(), multiple=True,
               help="Target effective NFE (repeatable) to recommend a range for. Default: 1.75 and 1.667.")
 @click.option("--lengths", default=None, help="Only ranges of these lengths (e.g. 6,8). Default: every range.")
 @click.option("--resolution", type=click.IntRange(16, 4096), default=None, help="Pixels. Default: the model's native.")
@@ -57,7 +58,6 @@ def probe_cmd(model, prompts_file, max_prompts, seeds, nfes, lengths, resolution
     config = ProbeConfig(model, prompts, tuple(seeds) or (0,), resolution, tuple(nfes) or DEFAULT_NFES,
                          parsed_lengths, dtype, device, random_text, mlp, mlp_skip)
     out = out or Path("probes") / Path(model).name
-    check_destination(out / "probe.json")
     bar = None
 
     def progress(total):
@@ -65,12 +65,13 @@ def probe_cmd(model, prompts_file, max_prompts, seeds, nfes, lengths, resolution
         bar = tqdm(total=total, desc="probe", unit="step", disable=None, leave=False)
         return bar.update
 
-    try:
-        result, recorded = run(config, progress, log=click.echo)
-    finally:
-        if bar is not None:
-            bar.close()
-    paths = write(out, result, recorded)
+    with report_folder(out, ("probe.json", "heatmap.png", "blocks.png")):  # refused now, not after the work
+        try:
+            result, recorded = run(config, progress, log=click.echo)
+        finally:
+            if bar is not None:
+                bar.close()
+        paths = write(out, result, recorded)
     worst = max(result.blocks, key=lambda b: b["e"])
     best = min(result.blocks[:-1], key=lambda b: b["e"])
     click.echo(f"blocks    reuse error e_n from {best['e']:.4f} (block {best['block']}) to {worst['e']:.4f} "

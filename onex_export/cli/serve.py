@@ -9,6 +9,7 @@ import click
 
 from ..exits import errors_reported
 from ..runtime.pipeline import BACKENDS
+from ..params import FiniteFloat
 from . import main
 
 
@@ -27,7 +28,7 @@ from . import main
               help="How long Triton's dynamic batcher holds a request for others to batch it with.")
 @click.option("--max-queue-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Requests waiting beyond this many are refused at once instead of queued.")
-@click.option("--drain-seconds", type=click.FloatRange(min=0), default=60.0, show_default=True,
+@click.option("--drain-seconds", type=FiniteFloat(min=0), default=60.0, show_default=True,
               help="On SIGTERM, how long the requests in flight may still take.")
 @click.option("--access-token-env", default="ONEX_SERVE_ACCESS_TOKEN", show_default=True,
               help="Environment variable holding the token for Triton's management endpoints (statistics, model "

@@ -20,6 +20,7 @@ from ..config import SkipRange
 from ..errors import OnexError
 from ..fileio import sha256_file
 from ..trt import FLAVOURS
+from .integrity import changed_sections, leaves_folder, outside, seal_of
 
 SCHEMA = "onex-export/build-manifest"
 SCHEMA_VERSION = 2
@@ -108,7 +109,7 @@ class FileEntry:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check(bool(self.file) and not self.file.startswith("/"), f"file {self.file!r} is not relative to the build")
+        _check(not leaves_folder(self.file), f"file {self.file!r} leaves the build folder (absolute, or with '..')")
         _check(isinstance(self.bytes, int) and self.bytes >= 0, f"{self.file}: bytes {self.bytes!r} is not a size")
         _check(bool(_SHA256.match(str(self.sha256))), f"{self.file}: sha256 {self.sha256!r} is not a digest")
 
@@ -282,6 +283,11 @@ class TokenizerEntry:
     truncation: bool
     files: tuple[FileEntry, ...]
 
+    def __post_init__(self) -> None:
+        _check(not leaves_folder(self.dir), f"tokenizer folder {self.dir!r} leaves the build folder")
+        for f in self.files:
+            _check(f.file.startswith(self.dir.rstrip("/") + "/"), f"tokenizer file {f.file!r} is not in {self.dir!r}")
+
     @classmethod
     def from_json(cls, data: dict) -> "TokenizerEntry":
         return cls(data["dir"], data["max_length"], data["padding"], data["truncation"],
@@ -362,6 +368,7 @@ class Manifest:
     verifications: tuple[dict, ...]
     pipeline: Pipeline
     stages: dict
+    seal: dict | None = None  # None: built before seals (read, but nothing certifies its claims)
 
     def __post_init__(self) -> None:
         _check(self.status in STATUSES, f"status {self.status!r} is not one of {list(STATUSES)}")
@@ -390,7 +397,7 @@ class Manifest:
                 SkipInfo.from_json(data["skip"]), data["precision"], data["precision_policy"], data["opset"],
                 data["trt"], Shapes.from_json(data["shapes"]), data["schedule"],
                 {k: GraphEntry.from_json(v) for k, v in data["graphs"].items()}, data["plans"], data["weights"],
-                tuple(data["verifications"]), Pipeline.from_json(data["pipeline"]), data["stages"])
+                tuple(data["verifications"]), Pipeline.from_json(data["pipeline"]), data["stages"], data.get("seal"))
         except KeyError as exc:
             raise ManifestError(f"{where} has no {exc} entry where this version needs one",
                                 "rebuild with this version of onex-export") from exc
@@ -406,7 +413,20 @@ class Manifest:
             "trt": self.trt, "shapes": self.shapes.to_json(), "schedule": self.schedule,
             "graphs": {k: v.to_json() for k, v in self.graphs.items()}, "plans": self.plans, "weights": self.weights,
             "verifications": list(self.verifications), "pipeline": self.pipeline.to_json(), "stages": self.stages,
+            **({"seal": self.seal} if self.seal is not None else {}),
         }
+
+    def sealed(self) -> "Manifest":
+        """This manifest with the seal of what it claims now (the build seals what its gate certified)."""
+        return replace(self, seal=seal_of(replace(self, seal=None).to_json()))
+
+    def changed_since_sealed(self) -> list[str]:
+        """The sections edited since the build sealed them; empty when none (or when it was built without a seal)."""
+        return changed_sections(self.to_json()) if self.seal is not None else []
+
+    def paths(self) -> list[str]:
+        """Every path the manifest names inside its folder: the files, and the tokenizers' folders."""
+        return [f.file for f in self.files()] + [t.dir for t in self.pipeline.tokenizers.values()]
 
     def with_verification(self, verification: dict) -> "Manifest":
         """This manifest with ``verification`` appended and the status it gives."""
@@ -431,11 +451,23 @@ def read_manifest(folder: Path) -> Manifest:
     return Manifest.from_json(data, str(path))
 
 
+def check_claims(folder: Path, manifest: Manifest) -> list[str]:
+    """Problems a runtime checks before it loads anything, without reading the files: sections of the manifest
+    edited since the build sealed them, paths that resolve outside ``folder``; empty when none."""
+    changed = manifest.changed_since_sealed()
+    problems = [f"{FILENAME}: {', '.join(changed)} changed since the build certified "
+                f"{'it' if len(changed) == 1 else 'them'} (its seal no longer matches)"] if changed else []
+    return problems + outside(folder, manifest.paths())
+
+
 def check_files(folder: Path, manifest: Manifest) -> list[str]:
-    """Problems with the listed files (missing, size or sha256 mismatch); empty when all match."""
-    problems = []
+    """:func:`check_claims`' problems, then the listed files' (missing, of another size or sha256); empty when the
+    folder is what the build made."""
+    problems = check_claims(folder, manifest)
     for entry in manifest.files():
         path = Path(folder) / entry.file
+        if any(problem.startswith(f"{entry.file}: ") for problem in problems):
+            continue  # a file outside the folder is never read
         if not path.is_file():
             problems.append(f"{entry.file}: missing")
         elif path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:

@@ -103,7 +103,7 @@ class BuildPipeline:
             _check_cuda_graph(backend, device)
         self.folder = Path(folder)
         self.manifest = m = contract.read_manifest(self.folder)
-        if check_files and (problems := contract.check_files(self.folder, m)):
+        if problems := (contract.check_files if check_files else contract.check_claims)(self.folder, m):
             raise contract.ManifestError(f"{self.folder} does not match its manifest:\n    " + "\n    ".join(problems),
                                    "rebuild with `onex-export build`")
         if m.status == "failed":

@@ -50,6 +50,11 @@ def test_frozen_and_round_trips_through_yaml(tmp_path):
     ("timestep_curve=z", "timestep_curve 'z' is not one of"),
     ("lr_fake=fast", "lr_fake must be float"),
     ("noequals", "is not key=value"),
+    # nan passes every bound (each comparison with it is false) and inf passes an upper-open one: refused first
+    ("lr_generator=nan", "lr_generator is nan: a learning rate, scale or weight must be a finite number"),
+    ("lr_fake=.inf", "lr_fake is inf"),
+    ("guidance_scale=nan", "guidance_scale is nan"),
+    ("adam_betas=[0.5, .nan]", "adam_betas must be tuple"),
 ])
 def test_bad_values_are_user_errors(override, message):
     with pytest.raises(ConfigError) as exc:

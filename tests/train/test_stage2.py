@@ -241,3 +241,19 @@ def test_a_finished_run_run_again_prints_its_outputs_but_never_replaces_them(uni
     assert "PASSED" not in longer.stdout
     assert (run_dir / "final" / "mlp.safetensors").read_bytes() == before
     assert (run_dir / "checkpoints" / "step-000012").is_dir()  # the training itself is kept
+
+
+def test_no_resume_on_a_finished_run_is_refused_before_anything_is_written(uninterrupted, tmp_path):
+    """It used to start over, overwrite the finished run's checkpoints and config, and only then stop on final/."""
+    import shutil
+
+    full_dir, _ = uninterrupted
+    run_dir = tmp_path / "finished"
+    shutil.copytree(full_dir, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    before = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    proc = _stage2(*TINY, "--set", f"run_dir={run_dir}", "--no-resume")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{run_dir} holds a finished run ({run_dir / 'final'}): --no-resume would start over" in proc.stderr
+    assert "move" in proc.stderr and "PASSED" not in proc.stdout
+    after = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert after.keys() == before.keys() and all(after[k] == before[k] for k in before)  # not one byte changed
