@@ -78,6 +78,9 @@ class ServeConfig:
     # the torch backend's graphs, handed in by the caller that has the checks (the CLI): the server itself imports
     # only the runtime
     reference: ReferenceGraphs | None = field(default=None, repr=False)
+    # a folder for Triton's model store and sockets, which the caller removes (the CLI's guardian, even after a
+    # kill -9); None: PyTriton's own under ~/.cache/pytriton, removed only by a clean stop
+    workspace: Path | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -279,7 +282,8 @@ def serve(config: ServeConfig, log: Callable[[str], None] = print, stop: threadi
                 if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup, a shell's background job: left ignored
                     previous[sig] = signal.signal(sig, graceful)
         security = TritonSecurityConfig(access_token=config.access_token)
-        with Triton(config=triton_config, security_config=security) as triton:
+        workspace = config.workspace / "triton" if config.workspace else None  # PyTriton makes it: it must not exist
+        with Triton(config=triton_config, security_config=security, workspace=workspace) as triton:
             _bind(triton, model, config, pipeline.manifest.shapes.ranges.batch.max)
             triton.run()
             log(f"ready     model {MODEL_NAME!r}: HTTP :{config.http_port}, gRPC :{config.grpc_port}, "

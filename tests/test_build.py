@@ -430,6 +430,9 @@ def test_bf16_on_a_cpu_is_installed_unverified_and_usable(tmp_path):
     assert types["hidden_states"] == onnx.TensorProto.BFLOAT16 and types["timestep"] == onnx.TensorProto.FLOAT
     pipe = open_pipeline(tmp_path / "bf", "torch")  # the runtime accepts it (and says it is unverified)
     assert pipe.verified is False
+    with pytest.raises(OnexError, match="is a bf16 build, and ONNX Runtime cannot run bf16 graphs on a CPU") as info:
+        BuildPipeline(tmp_path / "bf")  # it used to fail loading a graph, with the hint "rebuild"
+    assert "--backend tensorrt" in info.value.hint and "rebuild" not in info.value.hint
 
 
 def test_gate_none_is_recorded(tmp_path):

@@ -143,3 +143,43 @@ def test_a_symlink_that_leads_out_is_refused_by_verify_and_the_runtime(certified
     (inside / "head.onnx").rename(inside / "head-real.onnx")
     (inside / "head.onnx").symlink_to("head-real.onnx")
     assert mf.check_files(inside, mf.read_manifest(inside)) == []
+
+
+def test_verify_against_a_model_that_changed_since_the_build_says_so(tmp_path):
+    """It used to fail 13 of 15 parity rows without saying why; now it names the graphs whose weights changed."""
+    import torch
+
+    from onex_export.models import build_tiny
+
+    model = build_tiny("tiny-sd3")
+    model.save_pretrained(str(tmp_path / "model"))
+    out = tmp_path / "build"
+    build(BuildConfig(model=str(tmp_path / "model"), skip=SkipRange.parse("3-10"), out=out, trt="none",
+                      components=()))
+    manifest = mf.read_manifest(out)
+    assert all(len(g.weights_sha256) == 64 for g in manifest.graphs.values())
+    with torch.no_grad():
+        model.transformer_blocks[20].ff.net[2].weight.mul_(1.01)  # block 21: in the tail
+    model.save_pretrained(str(tmp_path / "model"))  # the same folder, other weights
+    result = verify_cli(out)
+    assert result.exit_code == 1, result.output
+    assert "the weights of graph tail in" in result.output and "are not the ones this build was made from" in \
+        result.output and "pass --model" in result.output
+    assert len(mf.read_manifest(out).verifications) == 1  # nothing recorded
+
+
+def test_a_read_only_build_is_verified_with_no_record_and_refused_with_that_hint_otherwise(certified, tmp_path,
+                                                                                           monkeypatch):
+    """Root (these tests' user) writes anywhere, so a read-only folder is simulated: os.access answers as it does on
+    a read-only mount. The check itself is real."""
+    copy = _copy(certified, tmp_path / "ro")
+    before = (copy / mf.FILENAME).read_bytes()
+    checked = verify_cli(copy, "--no-record")
+    assert checked.exit_code == 0 and "PASSED verify" in checked.output and "this check not recorded" in checked.output
+    assert (copy / mf.FILENAME).read_bytes() == before and not (tmp_path / ".ro.lock").exists()
+    import onex_export.check.verify as verify_module
+
+    monkeypatch.setattr(verify_module.os, "access", lambda path, mode: mode != verify_module.os.W_OK)
+    refused = verify_cli(copy)
+    assert refused.exit_code == 2 and "is read-only here" in refused.output, refused.output
+    assert "onex-export verify --no-record" in refused.output and (copy / mf.FILENAME).read_bytes() == before

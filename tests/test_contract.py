@@ -88,3 +88,12 @@ def test_a_manifest_is_checked_when_it_is_made_not_only_when_it_is_read(tiny):
         with pytest.raises(ValueError):
             make()
     assert dataclasses.replace(manifest, status="failed").with_verification(manifest.verifications[0]).status == "passed"
+
+
+def test_a_graph_entry_naming_another_graphs_file_is_refused(tiny, tmp_path):
+    """With the right sha256 it passed every file check, and the runtime ran the tail as the head (a KeyError)."""
+    manifest = json.loads((tiny / contract.FILENAME).read_text())
+    manifest["graphs"]["head"]["onnx"] = manifest["graphs"]["tail"]["onnx"]
+    (tmp_path / contract.FILENAME).write_text(json.dumps(manifest))
+    with pytest.raises(contract.ManifestError, match="is malformed: tail.onnx listed for two entries"):
+        contract.read_manifest(tmp_path)

@@ -177,7 +177,7 @@ def test_build_skip_auto_uses_the_probe_and_records_it(probe_dir, tmp_path):
     (["build", "--skip", "auto:1.5", "--probe", "PROBE", "--trt", "none"], "no range of 12 blocks"),
     (["build", "--skip", "auto:1.75", "--probe", "PROBE", "--mlp", "PROBE", "--trt", "none"],
      "an MLP is trained for one range"),
-    (["probe", "--seed", "-1"], "seeds must lie in 0..2^63-1"),
+    (["probe", "--seed", "-1"], "-1 is not in the range 0<=x<=9223372036854775807"),
     (["probe", "--nfe", "2.2"], "between 1 and 2"),
     (["probe", "--lengths", "6", "--nfe", "1.667"], "need ranges of [8] blocks"),
     (["probe", "--lengths", "30"], "does not fit a model of 24 blocks"),
@@ -289,3 +289,19 @@ def test_calibration_prompts_are_a_trained_models_own_unless_a_file_is_given(tmp
     (tmp_path / "empty.txt").write_text("# only a comment\n")
     with pytest.raises(UsageError, match="holds no prompt"):
         calibration_prompts("tiny-sd3", tmp_path / "empty.txt")
+
+
+def test_an_edited_recommendation_is_refused_not_followed(probe_dir, tmp_path):
+    """The probe's recommendation is re-derived from its measured ranges; probe.json edited to recommend another
+    range (here the whole model but its last block, as a careless edit did) is refused with the range the
+    measurements give."""
+    doc = json.loads((probe_dir / "probe.json").read_text())
+    honest = choose_skip(probe_dir / "probe.json", 1.667, "digits-sd3")[0]
+    for rec in doc["recommendations"]:
+        if rec["target_nfe"] == 1.667:
+            rec["skip"] = "1-8" if str(honest) != "1-8" else "2-9"
+    (tmp_path / "probe.json").write_text(json.dumps(doc))
+    with pytest.raises(UsageError, match=f"is not the range its own measurements give \\({honest}\\): the file was "
+                                         "changed after the probe"):
+        choose_skip(tmp_path / "probe.json", 1.667, "digits-sd3")
+    assert choose_skip(probe_dir / "probe.json", 1.75, "digits-sd3")[0].count == 6  # the other NFE is untouched

@@ -12,6 +12,7 @@ from PIL import Image
 from onex_export.cli import main
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError, UsageError
+from onex_export.contract.integrity import seal_of
 from onex_export.export import manifest as mf
 from onex_export.build import BuildConfig, build
 from onex_export.export.shapes import DimRange
@@ -160,10 +161,13 @@ def test_a_server_pipeline_keeps_onnx_runtime_threads_from_spinning(build_dir):
 
 
 def _edit_schedule(build_dir, to, edit):
+    """A copy of the build whose manifest records another schedule, sealed as a build that wrote it would be (an
+    edit left unsealed is refused before anything runs: tests/test_build_integrity.py)."""
     shutil.copytree(build_dir, to)
     path = to / mf.FILENAME
     manifest = json.loads(path.read_text())
     edit(manifest["schedule"])
+    manifest["seal"] = seal_of({k: v for k, v in manifest.items() if k != "seal"})
     path.write_text(json.dumps(manifest))
     return to
 

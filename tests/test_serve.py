@@ -251,6 +251,83 @@ def test_a_second_sigterm_during_the_drain_stops_at_once_with_143(build_dir, tmp
         server.kill()
 
 
+def _server_pid(server) -> int:
+    line = next(l for l in server.output().splitlines() if l.startswith("server    pid "))
+    return int(line.split()[2])
+
+
+def _group(pgid: int) -> list[str]:
+    """Living processes of process group ``pgid`` (from /proc): what a server leaves behind."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = open(f"/proc/{entry}/stat").read()
+                state, _, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+                if int(pgrp) == pgid and state != "Z":
+                    found.append(stat[stat.index("(") + 1:stat.rindex(")")])
+    return found
+
+
+def _workspace(server) -> str:
+    return next(l.split("|")[2].strip() for l in server.output().splitlines() if "model_repository_path[0]" in l)
+
+
+def test_kill_9_of_the_server_with_requests_in_flight_leaves_nothing_running(build_dir, tmp_path):
+    """What the OOM killer does. Before, Triton, its stub and two proxies kept running for 300 s and more and 18 of
+    24 clients got no answer; now the guardian (the pid the user started) stops them, every client gets an answer
+    or a closed connection, and the workspace is gone."""
+    server = Server(build_dir, tmp_path)
+    try:
+        server.wait_ready()
+        pid = _server_pid(server)
+        assert "tritonserver" in _group(pid)  # what there is to leave behind
+        workspace = _workspace(server)
+        assert os.path.basename(os.path.dirname(os.path.dirname(workspace))).startswith("onex-serve-")
+        with flooded(server, 24, 2) as futures:
+            os.kill(pid, signal.SIGKILL)
+            code = server.process.wait(timeout=60)
+            outcomes = [f.exception(timeout=60) for f in futures]  # none hangs
+        assert code == 137, server.output()[-3000:]
+        assert f"the server (pid {pid}) was killed by SIGKILL: stopped the" in server.output()
+        assert _group(pid) == [] and not os.path.exists(os.path.dirname(os.path.dirname(workspace)))
+        failed = [e for e in outcomes if e is not None]
+        assert failed and all("connection" in str(e).lower() or "closed" in str(e).lower() for e in failed), failed
+        print(f"\nkill -9 with 24 requests in flight: {len(outcomes) - len(failed)} answered, {len(failed)} saw the "
+              "connection close")
+    finally:
+        server.kill()
+
+
+def test_kill_9_of_the_guardian_drains_and_stops_the_server(build_dir, tmp_path):
+    server = Server(build_dir, tmp_path)
+    try:
+        server.wait_ready()
+        pid = _server_pid(server)
+        with flooded(server, 8, 2) as futures:
+            server.process.kill()  # the guardian, as `kill -9` of the command the user started
+            done = [f.result(timeout=60) for f in futures]  # the server drains: every request is answered
+        deadline = time.monotonic() + 60
+        while _group(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _group(pid) == [], server.output()[-3000:]
+        assert len(done) == 8 and "PASSED serve: 16 image(s)" in server.output()
+    finally:
+        server.kill()
+
+
+def test_a_start_removes_the_workspaces_of_servers_killed_before_they_could(tmp_path):
+    from onex_export.supervisor import PREFIX, stale_workspaces
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{PREFIX}{finished.stdout.strip()}-abc"
+    alive = tmp_path / f"{PREFIX}{os.getpid()}-def"
+    other = tmp_path / "onex-serve-notes"  # not ours by its name: left alone
+    for folder in (dead, alive, other):
+        folder.mkdir()
+    assert stale_workspaces(tmp_path) == [dead]
+
+
 def test_a_port_in_use_is_refused_before_loading(build_dir, tmp_path):
     with socket.socket() as busy:
         busy.bind(("0.0.0.0", 0))

@@ -250,6 +250,22 @@ def load_trainer_state(path: Path) -> TrainerState:
     return TrainerState(**raw)
 
 
+def check_finite_weights(models: dict[str, nn.Module], ckpt: Path) -> None:
+    """Refuse to resume from ``ckpt`` when the weights it gave ``models`` are not finite (saved by an older version,
+    or damaged in a way its checksums were made after): the first step would diverge and blame no one."""
+    bad = []
+    for name, model in models.items():
+        for key, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # this rank's shard under FSDP2
+            if local.is_floating_point() and not bool(torch.isfinite(local.detach()).all()):
+                bad.append(f"{name}.{key}")
+    if bad:
+        raise DivergedError(f"{ckpt} holds non-finite weights ({len(bad)} tensors, first {', '.join(bad[:3])}): it is "
+                            "no good checkpoint to resume from",
+                            f"resume from an earlier one (write its name into {ckpt.parent / 'latest'}), or start over "
+                            "with --no-resume")
+
+
 def restore(state: TrainerState, models: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer],
             schedulers: dict, rng: torch.Generator, info: DistInfo) -> None:
     """Load optimizer, scheduler and RNG state (the weights were loaded with the models)."""

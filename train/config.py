@@ -218,3 +218,18 @@ def _check_types(cfg: YamlConfig) -> None:
                 object.__setattr__(cfg, f.name, tuple(float(v) for v in value))
         if not ok:
             raise ConfigError(f"{f.name} must be {getattr(hint, '__name__', str(hint))}, got {value!r}")
+
+
+def check_resolution(resolution: int, model: str, vae_model: str) -> None:
+    """Refuse, before a run writes anything or loads a model, a ``resolution`` that ``model``'s transformer cannot take
+    (as ``build`` and ``probe`` do): past its position embedding it failed at the first step with diffusers'
+    ValueError. ``vae_model``: where the VAE that sets the latent scale comes from."""
+    from onex_export.models.vae import vae_scale
+    from onex_export.models.zoo import transformer_config
+
+    config, scale = transformer_config(model), vae_scale(vae_model)
+    limit, step = config["pos_embed_max_size"] * scale, scale * config["patch_size"]
+    if resolution % step or resolution > limit:
+        raise ConfigError(f"resolution {resolution} is not one this model takes: a multiple of {step} up to {limit} "
+                          f"pixels (pos_embed_max_size {config['pos_embed_max_size']} latents)",
+                          f"e.g. resolution={min(limit, 1024)}")

@@ -26,7 +26,7 @@ from onex_export.models.vae import vae_scale
 from onex_export.schedule import student_sigmas
 
 from . import checkpoint
-from .config import ConfigError, Stage1Config
+from .config import ConfigError, Stage1Config, check_resolution
 from .data import EmbeddingStore, build_cache, encoder_spec, read_prompts
 from .distributed import DistInfo, init_distributed, mean_over_ranks, shutdown
 from .dmd import Batch, Parts, draw, iteration
@@ -58,6 +58,7 @@ def run(cfg: Stage1Config, resume: bool = True, kill_after: int | None = None) -
         torch.set_num_threads(cfg.cpu_threads)
     info = init_distributed(cfg.device)
     try:
+        check_resolution(cfg.resolution, cfg.model, cfg.model)  # before the run folder is touched
         with checkpoint.run_lock(Path(cfg.run_dir), info):
             return _run(cfg, info, resume, kill_after)
     finally:
@@ -102,6 +103,7 @@ def _run(cfg: Stage1Config, info: DistInfo, resume: bool, kill_after: int | None
     start = 0
     if ckpt is not None:
         state = checkpoint.load_trainer_state(ckpt)
+        checkpoint.check_finite_weights(named, ckpt)
         checkpoint.restore(state, named, optimizers, schedulers, rng, info)
         start = state.step
     sigmas = student_sigmas(cfg.num_steps)

@@ -49,7 +49,7 @@ from . import checkpoint
 from .cached_path import cached_latents, feature_kd, output_kd, step_two
 from .data import EmbeddingStore, build_cache, encoder_spec, read_prompts
 from .discriminator import ConvNeXtTaps, Discriminator, d_loss, g_loss, open_clip_tower, tiny_tower
-from .config import ConfigError
+from .config import ConfigError, check_resolution
 from .distributed import DistInfo, init_distributed, mean_over_ranks, shard, shutdown
 from .lora import add_lora, build_command, read_outputs, save_outputs
 from .real_images import RealImages, autocast, check_cache, draw, parse_shard
@@ -99,6 +99,7 @@ def run(cfg: Stage2Config, resume: bool = True, kill_after: int | None = None) -
                               "train the tiny tower first (python -m bench.toy makes <work>/tower/tower.safetensors)"
                               if cfg.discriminator == "tiny" else
                               "download open_clip's CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup beforehand")
+        check_resolution(cfg.resolution, cfg.model, cfg.pipeline or cfg.model)  # before the run folder is touched
         with checkpoint.run_lock(Path(cfg.run_dir), info):
             return _run(cfg, info, resume, kill_after)
     finally:
@@ -172,6 +173,7 @@ def _run(cfg: Stage2Config, info: DistInfo, resume: bool, kill_after: int | None
     start = 0
     if ckpt is not None:
         state = checkpoint.load_trainer_state(ckpt)
+        checkpoint.check_finite_weights(_models(parts), ckpt)
         checkpoint.restore(state, _models(parts), parts.opts, {}, rng, info)
         start = state.step
     scale = vae_scale(cfg.pipeline or cfg.model)  # the VAE the images are decoded with
@@ -262,6 +264,7 @@ def pregenerate_real(cfg: Stage2Config, shard: tuple[int, int]) -> tuple[int, in
     try:
         if info.is_distributed:
             raise ConfigError("--pregenerate runs one process per shard", "start one per shard, without torchrun")
+        check_resolution(cfg.resolution, cfg.model, cfg.pipeline or cfg.model)
         tconfig, store, batch = _data(cfg, info)
         check_cache(cfg, store.folder.name)
         real_transformer = load_transformer(cfg.real_model or cfg.model).requires_grad_(False).eval().to(info.device)

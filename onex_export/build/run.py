@@ -252,7 +252,8 @@ def export_stage(config: BuildConfig, loaded: LoadedModel, comps: Components, gr
     for i, (name, g) in enumerate(graphs.items(), 1):
         # a component's key leaves out the transformer's settings: a new --skip or --precision keeps T5's export
         key = _hash(tool, transformer if g.d else None, asdict(g.spec), g.d.to_json() if g.d else name, g.weight_key)
-        entry = partial(GraphEntry, g.d.to_json() if g.d else None, key, g.spec.inputs, g.spec.outputs)
+        entry = partial(GraphEntry, g.d.to_json() if g.d else None, key, g.spec.inputs, g.spec.outputs,
+                        weights_sha256=g.weight_key)
         reused = _reuse(previous, Path(config.out), name, "onnx", key, tmp)
         if reused:
             log(f"[2/5] export {name} ({i}/{len(graphs)}): unchanged, reused")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..contract import Manifest, ManifestError
-from ..models.weights import WeightSource, transformer_source
+from ..models.weights import WeightSource, tensors_digest, transformer_source
 from ..models.split import SplitSD3Transformer
 from ..models.weights import split_on_meta
 from ..export.components import load_components
@@ -72,6 +72,23 @@ def unfounded_claims(manifest: Manifest, defs: list[GraphDef]) -> list[str]:
         problems.append(f"schedule: sigmas {manifest.schedule.get('sigmas')} and steps are not the 1.x-NFE schedule "
                         f"this build runs (sigmas {schedule['sigmas']})")
     return problems
+
+
+def changed_weights(manifest: Manifest, defs: list[GraphDef], split: SplitSD3Transformer,
+                    source: WeightSource) -> list[str]:
+    """The transformer graphs whose weights in the reference (``split``'s MLP, ``source``'s checkpoint) are not the
+    ones the build recorded exporting (``weights_sha256``), hashed as the build hashes them; empty when all match
+    or the build kept no digests."""
+    changed = []
+    for d in defs:
+        recorded = manifest.graphs[d.name].weights_sha256
+        if recorded is None:
+            continue
+        now = (tensors_digest(split.mlp.state_dict().items()) if d.role == "reuse"
+               else source.digest(tuple(n for n in d.module_names() if n != "mlp")))
+        if now != recorded:
+            changed.append(d.name)
+    return changed
 
 
 def manifest_components(manifest: Manifest, transformer_config):

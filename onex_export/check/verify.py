@@ -2,6 +2,7 @@
 on its ONNX graphs (ONNX Runtime) or its engines (TensorRT, GPU), and record the result in the manifest."""
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -11,7 +12,8 @@ from ..runtime.graphs import OrtGraph
 from ..runtime.tensorrt_runner import require_gpu
 from ..export import manifest as mf
 from .from_manifest import (
-    checked_defs, manifest_components, manifest_policy, manifest_shapes, reference_split, unfounded_claims,
+    changed_weights, checked_defs, manifest_components, manifest_policy, manifest_shapes, reference_split,
+    unfounded_claims,
 )
 from .gate import GateConfig, run_gate
 from ..locks import build_lock
@@ -37,6 +39,12 @@ def verify(folder: Path, log: Callable[[str], None] = lambda _: None, backend: s
     folder = Path(folder)
     if not folder.parent.is_dir():
         raise mf.ManifestError(f"no {mf.FILENAME} in {folder}", "point at a folder written by `onex-export build`")
+    if not record:  # a check that writes nothing (a read-only build folder, say): no lock to take either
+        return _verify(folder, log, backend, gate, False, model, mlp)
+    if (folder / mf.FILENAME).is_file() and not (os.access(folder.parent, os.W_OK)
+                                                 and os.access(folder / mf.FILENAME, os.W_OK)):
+        raise UsageError(f"{folder} is read-only here, and verify records its result in the build's manifest "
+                         "(beside it, its lock)", "check it without recording: onex-export verify --no-record")
     with build_lock(folder):  # a build or verify in progress may be about to replace or record in it
         return _verify(folder, log, backend, gate, record, model, mlp)
 
@@ -63,6 +71,13 @@ def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool, mod
     if problems := unfounded_claims(manifest, defs):
         raise mf.ManifestError(f"{folder}'s manifest claims what its graphs do not do:\n    " + "\n    ".join(problems),
                                "rebuild with `onex-export build`; never edit a build by hand")
+    log("      hashing the reference's weights of each graph against those the build exported")
+    if changed := changed_weights(manifest, defs, split, source):
+        raise mf.ManifestError(f"the weights of graph{'s' if len(changed) > 1 else ''} {', '.join(changed)} in "
+                               f"{reference.model.source}" + (f" and {reference.model.mlp}" if reference.model.mlp
+                                                             else "") + " are not the ones this build was made from: "
+                               "the model changed since the build, so every check against it would fail",
+                               "pass --model (and --mlp) with the model the build was made from, or rebuild from this one")
     if manifest.seal is None:
         log("      no seal (built by an older onex-export): its claims were re-derived from its graphs instead")
     graphs = manifest.graphs

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def serve_cmd(build_dir, backend, device, cuda_graph, http_port, grpc_port, metr
               max_queue_size, drain_seconds, access_token_env):
     """Serve a build with a Triton Inference Server (model `onex`: prompt -> image) until SIGTERM or Ctrl-C,
     which let the requests in flight finish and exit 0."""
+    from ..supervisor import supervise
+
+    workspace = supervise(click.echo)  # from here on, the server process: the guardian stops what it leaves
     from ..serving import ServeConfig, serve
 
     token = os.environ.get(access_token_env) or None  # from the environment: a command line is visible to `ps`
@@ -45,21 +49,24 @@ def serve_cmd(build_dir, backend, device, cuda_graph, http_port, grpc_port, metr
     if backend == "torch":  # the float32 reference comes from the checks; the server imports only the runtime
         from ..check.reference import reference_graphs as reference
     config = ServeConfig(build_dir, backend, device, cuda_graph, http_port, grpc_port, metrics_port,
-                         max_queue_delay_us, max_queue_size, drain_seconds, token, reference)
+                         max_queue_delay_us, max_queue_size, drain_seconds, token, reference, workspace)
     try:
         with errors_reported():
             images = serve(config, log=click.echo)
             click.echo(f"PASSED serve: {images} image(s) served from {build_dir}")
     except SystemExit as exc:
-        _leave(exc.code)
-    _leave(0)
+        _leave(exc.code, workspace)
+    _leave(0, workspace)
 
 
-def _leave(code: int | None) -> None:
-    """End the process without the interpreter's finalisation. Triton has stopped and nothing of ours is half
-    written, but native threads of the process (ONNX Runtime's, torch's, the proxy's) can still be alive then,
-    and finalising under them aborted it with SIGABRT ("terminate called without an active exception") in 3 of 6
-    runs of a second SIGTERM here, turning exit 143 into -6."""
+def _leave(code: int | None, workspace: Path | None) -> None:
+    """End the process without the interpreter's finalisation, its workspace removed (also when no guardian is
+    left to do it). Triton has stopped and nothing of ours is half written, but native threads of the process
+    (ONNX Runtime's, torch's, the proxy's) can still be alive then, and finalising under them aborted it with
+    SIGABRT ("terminate called without an active exception") in 3 of 6 runs of a second SIGTERM here, turning
+    exit 143 into -6."""
+    if workspace is not None:
+        shutil.rmtree(workspace, ignore_errors=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)

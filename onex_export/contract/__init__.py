@@ -144,6 +144,7 @@ class GraphEntry:
     engine_key: str | None = None
     profile: dict | None = None
     build_seconds: float | None = None
+    weights_sha256: str | None = None  # the digest of the weights it was exported from (None: built before it was kept)
 
     def __post_init__(self) -> None:
         _check(bool(self.inputs) and bool(self.outputs), "a graph needs inputs and outputs")
@@ -155,11 +156,12 @@ class GraphEntry:
         return cls(data["def"], data["onnx_key"], tuple(map(_tensor_from_json, data["inputs"])),
                    tuple(map(_tensor_from_json, data["outputs"])), data["weight_bytes"], data["export_seconds"],
                    FileEntry.from_json(data["onnx"]), _file_or_none(data["onnx_data"]), _file_or_none(data["engine"]),
-                   data.get("engine_key"), data.get("profile"), data.get("build_seconds"))
+                   data.get("engine_key"), data.get("profile"), data.get("build_seconds"), data.get("weights_sha256"))
 
     def to_json(self) -> dict:
         out = {"def": self.definition, "onnx_key": self.onnx_key, "inputs": [_tensor_json(t) for t in self.inputs],
                "outputs": [_tensor_json(t) for t in self.outputs], "weight_bytes": self.weight_bytes,
+               **({"weights_sha256": self.weights_sha256} if self.weights_sha256 else {}),
                "export_seconds": self.export_seconds, "onnx": self.onnx.to_json(),
                "onnx_data": self.onnx_data.to_json() if self.onnx_data else None}
         for key in ("engine_key", "profile", "build_seconds"):
@@ -376,6 +378,9 @@ class Manifest:
         _check(self.trt in TRT_FLAVOURS, f"trt {self.trt!r} is not one of {list(TRT_FLAVOURS)}")
         _check(bool(self.graphs), "a build has at least one graph")
         _check("full" in self.plans, "a build has a full plan")
+        named = [f.file for f in self.files()]
+        twice = sorted({name for name in named if named.count(name) > 1})
+        _check(not twice, f"{', '.join(twice)} listed for two entries (each graph and tokenizer has files of its own)")
 
     @classmethod
     def from_json(cls, data, where: str = FILENAME) -> "Manifest":

@@ -159,14 +159,16 @@ class ProbeResult:
         return out
 
     def best_for(self, nfe: float) -> dict:
-        """The recommendation for ``nfe`` (computed from the ranges if not among the stored ones)."""
-        for rec in self.recommendations:
-            if math.isclose(rec["target_nfe"], nfe, abs_tol=1e-3):
-                return rec
+        """The recommendation for ``nfe``, always computed from the measured ranges; a stored one that names another
+        range (a probe.json edited after the probe) is an error, not followed."""
         found = ProbeResult(self.num_layers, self.samples, self.blocks, self.ranges).recommend((nfe,))
         if not found:
             raise ValueError(f"the probe measured no range of {skipped_for(nfe, self.num_layers)} blocks "
                              f"(NFE {nfe})")
+        for rec in self.recommendations:
+            if math.isclose(rec["target_nfe"], nfe, abs_tol=1e-3) and rec["skip"] != found[0]["skip"]:
+                raise ValueError(f"its recommendation for NFE {nfe:g}, skip {rec['skip']}, is not the range its own "
+                                 f"measurements give ({found[0]['skip']}): the file was changed after the probe")
         return found[0]
 
 

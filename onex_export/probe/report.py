@@ -127,7 +127,8 @@ def choose_skip(path: Path, nfe: float, model: str) -> tuple[SkipRange, dict]:
     try:
         rec = result.best_for(nfe)
     except ValueError as exc:
-        raise UsageError(f"{exc} in {path}", "probe again without --lengths, or with the length this NFE needs") from exc
+        raise UsageError(f"{exc} in {path}", f"probe {model} again (onex-export probe --model {model}), without "
+                         "--lengths or with the length this NFE needs") from exc
     source = {"probe": os.path.abspath(path), "probe_sha256": sha256_file(path), "target_nfe": nfe,
               "velocity_error": rec["velocity_error"], "latent_error": rec["latent_error"]}
     return SkipRange.parse(rec["skip"]), source

@@ -112,6 +112,10 @@ class BuildPipeline:
         # "unverified" (no backend could check it where it was built, e.g. bf16 on a CPU) is usable: callers
         # see it in self.verified and `onex-export verify --backend tensorrt` on a GPU settles it.
         self.verified = m.status == "passed"
+        if backend == "onnxruntime" and m.precision == "bf16":  # not "rebuild": the build is fine where it is meant to run
+            raise OnexError(f"{self.folder} is a bf16 build, and ONNX Runtime cannot run bf16 graphs on a CPU (which is "
+                            "also why it is unverified)", "run it with --backend tensorrt on an NVIDIA GPU (first "
+                            "`onex-export verify --backend tensorrt` there), or build --precision fp32 or fp16 for the CPU")
         missing = {"text", "vae"} - set(m.pipeline.components)
         if missing:
             raise OnexError(f"{self.folder} has no {' and no '.join(sorted(missing))} graph, so it cannot go from text "

@@ -257,3 +257,29 @@ def test_no_resume_on_a_finished_run_is_refused_before_anything_is_written(unint
     assert "move" in proc.stderr and "PASSED" not in proc.stdout
     after = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
     assert after.keys() == before.keys() and all(after[k] == before[k] for k in before)  # not one byte changed
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_at_resume_not_called_good(tmp_path):
+    """Resuming one used to fail at the first step with "the last good checkpoint ... stays latest"."""
+    from train.checkpoint import DivergedError, check_finite_weights
+
+    mlp = torch.nn.Linear(4, 4)
+    check_finite_weights({"mlp": mlp}, tmp_path / "checkpoints" / "step-000003")  # finite: nothing to say
+    with torch.no_grad():
+        mlp.weight[1, 2] = float("nan")
+    with pytest.raises(DivergedError, match="step-000003 holds non-finite weights \\(1 tensors, first mlp.weight\\)") as info:
+        check_finite_weights({"mlp": mlp}, tmp_path / "checkpoints" / "step-000003")
+    assert "resume from an earlier one" in info.value.hint and str(tmp_path / "checkpoints" / "latest") in info.value.hint
+
+
+@pytest.mark.parametrize("module, config", [("train.stage1", "train/configs/tiny-cpu.yaml"),
+                                            ("train.stage2", "train/configs/stage2-tiny-cpu.yaml")])
+def test_a_resolution_past_the_models_position_embedding_is_refused_before_the_run_folder_is_touched(
+        module, config, tmp_path):
+    """It used to fail at the first step with diffusers' "Height (256) cannot be greater than pos_embed_max_size"."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", module, "--config", config, "--set", f"run_dir={tmp_path / 'run'}",
+                           "--set", "resolution=4096"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "resolution 4096 is not one this model takes: a multiple of 16 up to 256 pixels" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
