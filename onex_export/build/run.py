@@ -50,7 +50,9 @@ from ..trt import flavour_version, load_trt
 from ..export import manifest as mf
 from ..export.components import COMPONENTS, Components, available, load_components, save_tokenizers
 from ..check.gate import GateConfig, failure_summary, run_gate
-from ..export.graphs import DEFAULT_GRAPH_BYTES, GraphDef, SubgraphModule, build_plans, module_bytes, transformer_graphs
+from ..export.graphs import (
+    DEFAULT_GRAPH_BYTES, GraphDef, SubgraphModule, build_plans, module_bytes, transformer_graphs, weights_digest,
+)
 from ..export.install import check_replaceable, install, recover, temp_name
 from ..export.onnx_export import EXPORTER, MIN_OPSET, PROTOBUF_LIMIT, TRACE_DIMS, export_graph, trace_inputs
 from ..export.precision import PrecisionPolicy, apply_precision
@@ -233,8 +235,7 @@ def _graphs(loaded: LoadedModel, defs: list[GraphDef], specs: dict, comps: Compo
     out = {}
     for d in defs:
         prefixes = tuple(n for n in d.module_names() if n != "mlp")
-        weight_key = loaded.mlp_digest if d.role == "reuse" else loaded.source.digest(prefixes)
-        out[d.name] = _Graph(d, specs[d.name], weight_key, prefixes)
+        out[d.name] = _Graph(d, specs[d.name], weights_digest(d, loaded.mlp_digest, loaded.source), prefixes)
     for name in comps.names:
         out[name] = _Graph(None, comps.spec(name), comps.digest(name), ())
     return out

@@ -10,7 +10,7 @@ from ..models.weights import WeightSource, tensors_digest, transformer_source
 from ..models.split import SplitSD3Transformer
 from ..models.weights import split_on_meta
 from ..export.components import load_components
-from ..export.graphs import GraphDef, build_plans, graph_spec
+from ..export.graphs import GraphDef, build_plans, graph_spec, weights_digest
 from ..export.precision import Fp32Blocks, PrecisionPolicy
 from ..export.shapes import DimRange, ShapeConfig
 from ..schedule import SamplingPlan
@@ -79,16 +79,10 @@ def changed_weights(manifest: Manifest, defs: list[GraphDef], split: SplitSD3Tra
     """The transformer graphs whose weights in the reference (``split``'s MLP, ``source``'s checkpoint) are not the
     ones the build recorded exporting (``weights_sha256``), hashed as the build hashes them; empty when all match
     or the build kept no digests."""
-    changed = []
-    for d in defs:
-        recorded = manifest.graphs[d.name].weights_sha256
-        if recorded is None:
-            continue
-        now = (tensors_digest(split.mlp.state_dict().items()) if d.role == "reuse"
-               else source.digest(tuple(n for n in d.module_names() if n != "mlp")))
-        if now != recorded:
-            changed.append(d.name)
-    return changed
+    mlp_digest = tensors_digest(split.mlp.state_dict().items())  # as the build took it: float32, before any cast
+    recorded = {d.name: manifest.graphs[d.name].weights_sha256 for d in defs}
+    return [d.name for d in defs if recorded[d.name] is not None  # an older build kept no digest: nothing to hash
+            and recorded[d.name] != weights_digest(d, mlp_digest, source)]
 
 
 def manifest_components(manifest: Manifest, transformer_config):

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..contract import TORCH_DTYPES, B, GraphSpec, H, N, T, TensorSpec, W
 from ..models.split import SplitSD3Transformer
-from ..models.weights import module_nbytes
+from ..models.weights import WeightSource, module_nbytes
 from .precision import PrecisionPolicy
 
 ROLES = ("head", "segment", "reuse", "tail")
@@ -79,6 +79,12 @@ class GraphDef:
     def from_json(cls, name: str, data: dict) -> "GraphDef":
         return cls(name, data["role"], data["start"], data["stop"], data["embed"], data["project"], data["delta"],
                    data["delta_inputs"])
+
+
+def weights_digest(d: GraphDef, mlp_digest: str, source: WeightSource) -> str:
+    """The identity of the weights graph ``d`` carries: the MLP's digest for the reuse graph, else the digest of its
+    transformer modules in ``source`` (what the build keys its artifacts on and records as ``weights_sha256``)."""
+    return mlp_digest if d.role == "reuse" else source.digest(tuple(n for n in d.module_names() if n != "mlp"))
 
 
 def module_bytes(split: SplitSD3Transformer, names: list[str]) -> int:
