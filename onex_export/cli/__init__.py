@@ -41,6 +41,16 @@ def _parsed_by(parse):
     return callback
 
 
+def check_cuda_graph(backend: str, device: str, cuda_graph: bool) -> None:
+    """--cuda-graph's combinations, in the flags' words (the runtime says the same of its arguments)."""
+    if cuda_graph and backend == "onnxruntime":
+        raise UsageError("--cuda-graph is not available with --backend onnxruntime",
+                         "use --backend tensorrt, or --backend torch --device cuda")
+    if cuda_graph and backend == "torch" and not device.startswith("cuda"):
+        raise UsageError(f"--cuda-graph with --backend torch needs --device cuda, not {device!r}",
+                         "add --device cuda, or drop --cuda-graph")
+
+
 _parse_skip = _parsed_by(SkipRange.parse)
 _parse_range = _parsed_by(DimRange.parse)
 

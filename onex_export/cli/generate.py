@@ -22,7 +22,7 @@ from ..runtime.pipeline import BACKENDS
 from ..schedule import SamplingPlan
 from ..params import DEVICE, SEED, VISIBLE_DEVICE, FiniteFloat
 
-from . import DTYPES, _parse_skip, main
+from . import DTYPES, _parse_skip, check_cuda_graph, main
 
 
 @main.command(name="sample")
@@ -146,6 +146,7 @@ def generate_cmd(build_dir, prompts, seed, images_per_prompt, resolution, backen
     paths = [out if i == 0 else out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
     for path in paths:  # before the work, not after it
         check_destination(path)
+    check_cuda_graph(backend, device, cuda_graph)
     pipe = open_pipeline(build_dir, backend, device, cuda_graph=cuda_graph)
     result = pipe.generate(list(prompts), seed, images_per_prompt, resolution)
     for line in result.truncated:

@@ -11,7 +11,7 @@ import click
 from ..exits import errors_reported
 from ..runtime.pipeline import BACKENDS
 from ..params import FiniteFloat
-from . import main
+from . import check_cuda_graph, main
 
 
 @main.command(name="serve")
@@ -46,6 +46,8 @@ def serve_cmd(build_dir, backend, device, cuda_graph, host, http_port, grpc_port
     """Serve a build with a Triton Inference Server (model `onex`: prompt -> image) until SIGTERM or Ctrl-C,
     which let the requests in flight finish and exit 0."""
     from ..supervisor import supervise
+
+    check_cuda_graph(backend, device, cuda_graph)  # before the guardian starts a server process
 
     workspace = supervise(click.echo)  # from here on, the server process: the guardian stops what it leaves
     from ..serving import ServeConfig, serve

@@ -8,11 +8,12 @@ sampler: tokenize -> ``text`` graph -> 1.x-NFE schedule (full plan, then skippin
 """
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,15 +32,32 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 ReferenceGraphs = Callable[[Path, contract.Manifest, str], dict]
 
 
+def _integer(value, name: str) -> int:
+    """``value`` as an int when it is integer-like (int, numpy integers, 0-d integer tensors), else UsageError."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise UsageError(f"{name} must be an integer, not {value!r}")
+    return operator.index(value)
+
+
 @dataclass(frozen=True)
 class Request:
-    """One caller's request: ``prompts``, each made ``images_per_prompt`` times from ``seed``, at ``resolution``
-    pixels (None: the build's optimum)."""
+    """One caller's request: ``prompts`` (a str is one prompt), each made ``images_per_prompt`` times from
+    ``seed``, at ``resolution`` pixels (None: the build's optimum). Integer-like values (numpy's) are taken."""
 
     prompts: tuple[str, ...]
     seed: int = 0
     images_per_prompt: int = 1
     resolution: int | None = None
+
+    def __post_init__(self) -> None:
+        prompts = (self.prompts,) if isinstance(self.prompts, str) else tuple(self.prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise UsageError(f"prompts must be text, got {[type(p).__name__ for p in prompts]}")
+        object.__setattr__(self, "prompts", prompts)
+        object.__setattr__(self, "seed", _integer(self.seed, "seed"))
+        object.__setattr__(self, "images_per_prompt", _integer(self.images_per_prompt, "images_per_prompt"))
+        if self.resolution is not None:
+            object.__setattr__(self, "resolution", _integer(self.resolution, "resolution"))
 
     @property
     def rows(self) -> int:
@@ -61,6 +79,22 @@ class Generation:
         return to_uint8(self.images).numpy()
 
 
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class PipelineOutput:
+    """What a call of :class:`BuildPipeline` returns, as diffusers' pipelines do: ``images`` in the ``output_type``
+    asked for (``pil``: a list of N PIL images; ``np``: (N, H, W, 3) float32 in [0, 1]; ``pt``: (N, 3, H, W) float in
+    [0, 1]; ``latent``: (N, C, H/8, W/8)), with the ``seed`` used, what the encoders cut (``truncated``) and the
+    ``seconds`` per stage."""
+
+    images: object
+    seed: int
+    truncated: tuple[str, ...]
+    seconds: dict[str, float]
+
+
 def _plan(folder: Path, manifest: contract.Manifest) -> SamplingPlan:
     """The schedule the manifest records (sigmas, each step's plan, eta), checked against the build's plans."""
     try:
@@ -77,11 +111,11 @@ def _plan(folder: Path, manifest: contract.Manifest) -> SamplingPlan:
 
 def _check_cuda_graph(backend: str, device: str) -> None:
     if backend == "onnxruntime":
-        raise UsageError("CUDA-graph capture is not available with --backend onnxruntime",
-                         "use --backend tensorrt, or --backend torch --device cuda")
+        raise UsageError("CUDA-graph capture is not available with the onnxruntime backend",
+                         "use the tensorrt backend, or the torch backend on a cuda device")
     if backend == "torch" and not device.startswith("cuda"):
-        raise UsageError(f"CUDA-graph capture with --backend torch needs --device cuda, not {device!r}",
-                         "add --device cuda, or drop --cuda-graph")
+        raise UsageError(f"CUDA-graph capture with the torch backend needs a cuda device, not {device!r}",
+                         "run on device cuda, or turn CUDA-graph capture off")
     require_cuda()
 
 
@@ -90,13 +124,15 @@ class BuildPipeline:
 
     One object serves a whole process: :meth:`generate` may be called from several threads (the calls run
     one at a time: a captured CUDA graph and the engines' buffers are shared), and :meth:`warm_up` runs a
-    first request before a service reports ready. ``spin=False`` keeps ONNX Runtime's threads from spinning
-    between runs, for a process whose other threads need the CPU (a server's). ``reference`` makes the ``torch``
+    first request before a service reports ready. ``spin=True`` lets ONNX Runtime's worker threads spin between
+    runs; off by default, as measured on 2 cores (digits-sd3 and tiny-sd3, 40 images): spinning gave 6.7-10.8
+    images/s against 40-52 without, alone or from 4 threads, since each graph's session spins its own threads
+    and the idle ones take the CPU from the one that runs. ``reference`` makes the ``torch``
     backend's graphs; the checks hand it in (:func:`onex_export.check.reference.open_pipeline`).
     """
 
     def __init__(self, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", check_files: bool = True,
-                 cuda_graph: bool = False, spin: bool = True, reference: ReferenceGraphs | None = None):
+                 cuda_graph: bool = False, spin: bool = False, reference: ReferenceGraphs | None = None):
         if backend not in BACKENDS:
             raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
         if cuda_graph:
@@ -149,28 +185,63 @@ class BuildPipeline:
         """Raise :class:`UsageError` naming what this build cannot run in ``request``; returns its resolution."""
         r = self.manifest.shapes.ranges
         if not request.prompts:
-            raise UsageError("no prompt given", 'pass --prompt "..." (repeatable)')
+            raise UsageError("no prompt given", "pass at least one prompt")
         if request.images_per_prompt < 1:
             raise UsageError(f"images_per_prompt must be at least 1, not {request.images_per_prompt}")
         if not r.batch.min <= request.rows <= r.batch.max:
             raise UsageError(f"{request.rows} images per call is outside this build's batch range "
                              f"{r.batch.min}-{r.batch.max}",
-                             "split the prompts into smaller calls, or rebuild with a larger --batch")
+                             "split the prompts into smaller calls, or rebuild with a larger batch range")
         resolution = r.resolution.opt if request.resolution is None else request.resolution
         step = self.manifest.pipeline.vae_scale_factor * self.manifest.model.config["patch_size"]
         if not r.resolution.min <= resolution <= r.resolution.max or resolution % step:
             raise UsageError(f"resolution {resolution} is not one this build runs: a multiple of {step} in "
                              f"{r.resolution.min}-{r.resolution.max}",
-                             "ask for one of those, or rebuild with --resolution MIN:OPT:MAX")
+                             "ask for one of those, or rebuild with a resolution range that holds it")
         return resolution
 
-    def generate(self, prompts: list[str], seed: int = 0, images_per_prompt: int = 1,
+    def generate(self, prompts: str | Sequence[str], seed: int = 0, images_per_prompt: int = 1,
                  resolution: int | None = None) -> Generation:
-        """Images for ``prompts`` (each repeated ``images_per_prompt`` times), one batch, one seed.
+        """Images for ``prompts`` (a str is one prompt; each repeated ``images_per_prompt`` times), one batch, one
+        seed (any integer-like value).
 
         Returns images (N, 3, H, W) in [0, 1] and latents (N, C, H/8, W/8) on the CPU, N = prompts x images
         per prompt. Safe to call from several threads."""
-        return self.generate_batch([Request(tuple(prompts), seed, images_per_prompt, resolution)])[0]
+        return self.generate_batch([Request(prompts, seed, images_per_prompt, resolution)])[0]
+
+    def __call__(self, prompt: str | Sequence[str], num_images_per_prompt: int = 1, height: int | None = None,
+                 width: int | None = None, generator: torch.Generator | None = None, seed: int | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
+        """Text to images as a diffusers pipeline is called: ``prompt`` (a str or a list), ``num_images_per_prompt``,
+        ``height`` / ``width`` (square: one resolution the build runs; None: its optimum), and a ``generator`` (drawn
+        from once for the call's seed, so that it advances as in diffusers) or a ``seed`` (neither: a random one,
+        returned). Returns a :class:`PipelineOutput`, or ``(images,)`` with ``return_dict=False``. The schedule is
+        the build's (1.x NFE): there is no steps or guidance argument. Safe to call from several threads."""
+        if output_type not in OUTPUT_TYPES:
+            raise UsageError(f"output_type {output_type!r} is not one of {', '.join(OUTPUT_TYPES)}")
+        if height is not None and width is not None and _integer(height, "height") != _integer(width, "width"):
+            raise UsageError(f"this build makes square images: height {height} and width {width} differ",
+                             "ask for one size (height, width or both equal), or leave both out for the build's own")
+        if generator is not None and seed is not None:
+            raise UsageError("both a generator and a seed were given", "pass one of them")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise UsageError(f"generator must be a torch.Generator, not {type(generator).__name__}",
+                                 "pass torch.Generator().manual_seed(N), or seed=N")
+            seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+        elif seed is None:
+            seed = int(torch.randint(0, 2**63 - 1, (1,)))
+        result = self.generate(prompt, seed, num_images_per_prompt, height if height is not None else width)
+        if output_type == "pil":
+            from PIL import Image
+
+            images = [Image.fromarray(array) for array in result.pixels()]
+        else:
+            images = {"np": lambda: result.images.permute(0, 2, 3, 1).numpy(), "pt": lambda: result.images,
+                      "latent": lambda: result.latents}[output_type]()
+        if not return_dict:
+            return (images,)
+        return PipelineOutput(images, _integer(seed, "seed"), result.truncated, result.seconds)
 
     def generate_batch(self, requests: list[Request]) -> list[Generation]:
         """Several requests, one result each in order. Requests of the same resolution run together in batches
