@@ -253,9 +253,9 @@ def serve(config: ServeConfig, log: Callable[[str], None] = print, stop: threadi
     for port, what in ((config.http_port, "HTTP"), (config.grpc_port, "gRPC"), (config.metrics_port, "metrics")):
         _check_port_free(config.host, port, what)
     start = time.perf_counter()
-    # ONNX Runtime's spinning threads would take the CPU that Triton and its proxy need between runs: on 2 cores,
-    # tiny-sd3 served 7.7 images/s with spinning and 21 without (in-process alone: 45 and 33)
-    pipeline = BuildPipeline(config.build, config.backend, config.device, cuda_graph=config.cuda_graph, spin=False,
+    # ONNX Runtime's threads do not spin (BuildPipeline's default): spinning ones would also take the CPU that Triton
+    # and its proxy need between runs (tiny-sd3 on 2 cores: 7.7 images/s served with spinning, 21 without)
+    pipeline = BuildPipeline(config.build, config.backend, config.device, cuda_graph=config.cuda_graph,
                              reference=config.reference)
     log(f"loaded    {config.build} ({config.backend} on {config.device}) in {time.perf_counter() - start:.1f} s")
     log(f"warm-up   {pipeline.warm_up():.1f} s (the server reports ready only after it)")
