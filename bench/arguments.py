@@ -62,6 +62,14 @@ class _Skip(click.ParamType):
             self.fail(f"{exc.message} ({exc.hint})" if exc.hint else exc.message, param, ctx)
 
 
+def replace_option(command: click.Command) -> click.Command:
+    """``--replace``: a benchmark writes into a folder holding an earlier run's results (the committed ones in
+    bench/results too) only when asked to; a file onex-export did not write there is refused even so."""
+    return click.option("--replace", is_flag=True,
+                        help="replace the results of an earlier run in the output folder (default: refuse, so that a "
+                             "run never replaces committed results by accident)")(command)
+
+
 POSITIVE_INT, NON_NEGATIVE_INT = _Int(1), _Int(0)
 RESOLUTION, SKIP = _Resolution(), _Skip()
 

@@ -14,8 +14,8 @@ monolithic export + engine build of the same checkpoint, in one run.
    one ``torch.onnx.export`` of the whole transformer traced at the real size, one engine.
 
 Each child runs under a memory watchdog: past ``--rss-limit-gib`` (default 21, on a 24 GiB machine) it is
-stopped and the run records where and when, instead of taking the machine down. JSON + Markdown go to
-``bench/results/build-<arch>-<precision>-<trt>-cpu/``.
+stopped and the run records where and when, instead of taking the machine down. JSON + Markdown go to a new
+folder, ``bench/results/build-<arch>-<precision>-<trt>-cpu/`` by default (``--replace`` to replace an earlier run's).
 """
 from __future__ import annotations
 
@@ -37,14 +37,17 @@ import torch
 from onex_export.contract import FILENAME, Manifest, read_manifest
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.stages import StageClock
+from onex_export.outputs import report_folder
 from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.params import FiniteFloat
+from onex_export.trt import load_trt
 
-from .arguments import POSITIVE_INT, RESOLUTION, SKIP, command_help, invoke, run_main
+from .arguments import POSITIVE_INT, RESOLUTION, SKIP, command_help, invoke, replace_option, run_main
 from .random_weights import ARCHS, write_checkpoint
 from .report import write_results
 
 GIB = 2**30
+FILES = ("build.json", "build.md", "build.log", "naive.log")  # the logs with --keep-logs
 
 
 def progress(line: str) -> None:
@@ -291,7 +294,8 @@ def markdown(report: dict) -> str:
 @click.option("--rss-limit-gib", type=FiniteFloat(min=0, min_open=True), default=21.0, show_default=True)
 @click.option("--workdir", default=None, help="where the checkpoint and builds are written (removed after)")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="default bench/results/build-<arch>-<precision>-<trt>-cpu")
+              help="a new folder (default bench/results/build-<arch>-<precision>-<trt>-cpu)")
+@replace_option
 @click.option("--keep-logs", is_flag=True, help="copy the build's log beside the results")
 @click.option("--naive-worker", type=click.Path(path_type=Path), default=None, hidden=True)
 def command(**options) -> int:
@@ -300,11 +304,13 @@ def command(**options) -> int:
     if args.naive_worker is not None:
         naive_worker(args.naive_worker, args.precision, args.resolution, args.text_len, args.trt, Path(args.workdir))
         return 0
+    if args.trt != "none":
+        load_trt(args.trt)  # installed, before minutes of writing the checkpoint
     args.out_dir = args.out or Path("bench/results") / f"build-{args.arch}-{args.precision}-{args.trt}-cpu"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    report = run(args)
-    table = markdown(report)
-    write_results(args.out_dir, "build", report, table)
+    with report_folder(args.out_dir, FILES, replace=args.replace):
+        report = run(args)
+        table = markdown(report)
+        write_results(args.out_dir, "build", report, table)
     print(table)
     print(f"wrote {args.out_dir}/build.json, build.md")
     return 0 if report["onex_export"].get("status") in ("passed", "unverified") else 1

@@ -9,7 +9,9 @@
 Times (median and p90 after warm-up, batch 1 and 4): teacher 28 x 2 (CFG), 4-step, 2-step and 1.x-NFE
 with skip ranges 3-8 and 3-10; and per stage: text encoding, the full and the skipping transformer
 step, the MLP/reuse, one transformer block, VAE decode, end to end. Writes JSON, a Markdown table and
-a PNG plot. Speed-ups are reported next to the NFE-predicted ones so that overhead is visible.
+a PNG plot into a new folder (default bench/results/<arch>-<backend>-<dtype>-<device>; --replace to
+replace an earlier run's). Speed-ups are reported next to the NFE-predicted ones so that overhead is
+visible; one above what its NFE allows is flagged as timing noise.
 """
 from __future__ import annotations
 
@@ -29,14 +31,15 @@ from diffusers import SD3Transformer2DModel
 from onex_export.config import SkipRange
 from onex_export.contract import Manifest
 from onex_export.errors import OnexError
-from onex_export.fileio import check_destination
+from onex_export.fileio import pyplot
+from onex_export.outputs import report_folder
 from onex_export.build import BuildConfig, build
 from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.export.components import component_graphs, load_components
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.shapes import DimRange
 from onex_export.models.vae import SD3_VAE_SCALE, vae_scale
-from onex_export.trt import flavour_version
+from onex_export.trt import flavour_version, load_trt
 from onex_export.models import SplitSD3Transformer, build_tiny
 from onex_export.models.zoo import TINY_TEXT_LEN
 from onex_export.runtime.cuda_graph import CudaGraphDenoiser
@@ -46,7 +49,7 @@ from onex_export.runtime.tensorrt_runner import require_gpu
 from onex_export.schedule import SamplingPlan
 from onex_export.params import DEVICE
 
-from .arguments import NON_NEGATIVE_INT, POSITIVE_INT, RESOLUTION, command_help, invoke, run_main
+from .arguments import NON_NEGATIVE_INT, POSITIVE_INT, RESOLUTION, command_help, invoke, replace_option, run_main
 from .random_weights import ARCHS, random_transformer
 from .peers import CacheDitPeer, SkipLayersPeer, cache_dit_installed
 from .report import markdown, plot, write_results
@@ -54,6 +57,11 @@ from .timing import measure_interleaved
 
 SKIPS = ("3-8", "3-10")
 DTYPES = PRECISIONS
+FILES = ("latency.json", "latency.md", "latency.png")
+# A speed-up over the teacher cannot exceed the ratio of the NFEs (the teacher's 56 over the row's) by more than the
+# timing's noise: above the ratio by more than this share, the figure is reported as noise, not as a speed-up.
+SPEEDUP_TOLERANCE = 0.05
+MLP_SHARE = 0.05  # the bar: the MLP costs at most this share of the skipped segment 3-10 it stands in for
 
 
 def make_transformer(arch: str, dtype: torch.dtype, device: str) -> SD3Transformer2DModel:
@@ -211,7 +219,9 @@ def measure_batch(args, batch: int, cfg, dens: dict, peer_dens: dict, comps, lat
     # The steps are interleaved (their ratio is a bar); the small stages are timed each on its own, since
     # right after a large call the runtimes' spinning worker threads would still compete with them.
     # Single steps are short next to whole schedules, so they get 3x the repeats for steadier medians.
-    timings = measure_interleaved({n: (fn, 3 * args.repeats) for n, (fn, _) in stage_fns.items()}, args.warmup, cuda)
+    timings = measure_interleaved({n: (fn, 3 * args.repeats) for n, (fn, _) in stage_fns.items()}, args.warmup, cuda,
+                                  on_round=lambda i, n: progress(f"batch {batch}: steps, round {i}/{n}")
+                                  if i % 8 == 0 or i == n else None)
     d_img, d_ctx = d_img.to(dtype), d_ctx.to(dtype)  # the 3-10 deltas, for the MLP alone
     small = stage_calls(args.backend, den, split, comps, cfg, batch, latent, (x, text, pooled, ts), (d_img, d_ctx))
     for name, (fn, _) in small.items():
@@ -267,6 +277,7 @@ def run(args) -> dict:
                       "torch backend only" if args.backend != "torch" else "cache-dit is not installed")
                   for name in ("peer: skip_layers 3-10", "peer: cache-dit DBCache 3-10")},
         "results": results,
+        "speedup_noise": speedup_noise(results),
         "bars": bars(results),
     }
 
@@ -281,18 +292,37 @@ def _versions(*packages: str) -> dict:
     return out
 
 
+def speedup_noise(results: list[dict]) -> list[dict]:
+    """The speed-ups over the teacher that exceed what the schedules allow, the NFE ratio (teacher's NFE / the
+    row's), by more than :data:`SPEEDUP_TOLERANCE`: timing noise (a slow round of the teacher, clocks), not speed."""
+    return [{"batch": r["batch"], "schedule": name, "speedup": s["speedup"], "nfe_bound": s["nfe_speedup"]}
+            for r in results for name, s in r["schedules"].items()
+            if s["speedup"] > s["nfe_speedup"] * (1 + SPEEDUP_TOLERANCE)]
+
+
+def noise_warnings(report: dict) -> list[str]:
+    """One line per speed-up flagged by :func:`speedup_noise`, for the command to print."""
+    return [f"warning: batch {n['batch']}, {n['schedule']}: {n['speedup']:.1f}x over teacher 28x2 exceeds the "
+            f"{n['nfe_bound']:.1f}x its NFE allows: timing noise, not a speed-up (see the p90s in the JSON)"
+            for n in report.get("speedup_noise", [])]
+
+
 def bars(results: list[dict]) -> list[dict]:
-    """The issue's performance bars, checked against every batch measured."""
+    """The issue's performance bars, checked against every batch measured. A speed-up flagged as noise meets no
+    bar."""
+    noisy = {(n["batch"], n["schedule"]) for n in speedup_noise(results)}
     out = []
     for r in results:
         d, s = r["derived"], r["schedules"]
         out.append({"batch": r["batch"], "bar": "skipping step <= kept fraction + 0.03 (3-10)",
                     "value": d["skip/full 3-10"], "limit": d["kept fraction 3-10"] + 0.03,
                     "met": d["skip/full 3-10"] <= d["kept fraction 3-10"] + 0.03})
-        out.append({"batch": r["batch"], "bar": "MLP < 1% of one block", "value": d["MLP / one block"],
-                    "limit": 0.01, "met": d["MLP / one block"] < 0.01})
-        out.append({"batch": r["batch"], "bar": "1.x (3-10) >= 30x faster than teacher 28x2",
-                    "value": s["1.x skip 3-10"]["speedup"], "limit": 30.0, "met": s["1.x skip 3-10"]["speedup"] >= 30})
+        out.append({"batch": r["batch"], "bar": "MLP <= 5% of the segment it replaces (3-10)",
+                    "value": d["MLP / skipped segment 3-10"], "limit": MLP_SHARE,
+                    "met": d["MLP / skipped segment 3-10"] <= MLP_SHARE})
+        speedup = s["1.x skip 3-10"]["speedup"]
+        out.append({"batch": r["batch"], "bar": "1.x (3-10) >= 30x faster than teacher 28x2", "value": speedup,
+                    "limit": 30.0, "met": speedup >= 30 and (r["batch"], "1.x skip 3-10") not in noisy})
     return out
 
 
@@ -318,7 +348,8 @@ def default_trt() -> str:
 @click.option("--cuda-graph", is_flag=True,
               help="replay each transformer step as a captured CUDA graph (GPU; cache-dit stays eager)")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="folder for JSON/Markdown/PNG (default bench/results/<name>)")
+              help="a new folder for JSON/Markdown/PNG (default bench/results/<arch>-<backend>-<dtype>-<device>)")
+@replace_option
 def command(**options) -> int:
     args = SimpleNamespace(**options)
     args.batch = list(args.batch) or [1, 4]
@@ -333,22 +364,25 @@ def command(**options) -> int:
         raise click.UsageError("--trt applies to --backend tensorrt only")
     if args.backend == "tensorrt":
         args.trt = args.trt or default_trt()
-    if args.out is not None:  # before the run, not after it
-        check_destination(args.out / "latency.json")
     if cuda:  # --backend tensorrt has --device cuda by now
         require_gpu("run the benchmark on a GPU machine, or with --device cpu and --backend torch or onnxruntime")
-    report = run(args)
-    device = (report["machine"]["gpu"] or "cpu").replace(" ", "-").lower()
+    if args.backend == "tensorrt":
+        load_trt(args.trt)  # installed, before the model is made and the graphs are exported
+    pyplot("bench.latency")  # before the run, not after it, as the output folder is
+    device = (torch.cuda.get_device_name() if cuda else "cpu").replace(" ", "-").lower()
     graph = "-cudagraph" if args.cuda_graph else ""
-    out = args.out or Path("bench/results") / f"{args.arch}-{report['backend']}{graph}-{args.dtype}-{device}"
-    table = markdown(report)
-    write_results(out, "latency", report, table)
-    plot(report, out / "latency.png")
+    backend = args.trt if args.backend == "tensorrt" else args.backend
+    out = args.out or Path("bench/results") / f"{args.arch}-{backend}{graph}-{args.dtype}-{device}"
+    with report_folder(out, FILES, replace=args.replace):
+        report = run(args)
+        table = markdown(report)
+        plot(report, out / "latency.png")  # the figure first: the results files, written last, say it is complete
+        write_results(out, "latency", report, table)
+    for line in noise_warnings(report):
+        print(line, file=sys.stderr)
     print(table)
     print(f"wrote {out}/latency.json, latency.md, latency.png")
     return 0
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,15 +3,18 @@
     python -m bench.serve                                  # builds tiny-sd3 into a temporary folder, CPU
     python -m bench.serve --build engines/my-build --backend tensorrt --clients 1 --clients 4 --clients 16 --clients 64
 
-At each client count, the same requests (one prompt, one image, each its own seed) go first to one in-process
-:class:`BuildPipeline` from that many threads (its calls run one at a time), then to a real `onex-export serve`
-process through tritonclient over gRPC on loopback. Reports images/s and p50/p99 latency per request, the mean
-batch Triton formed (from its statistics), and whether every served image equals the in-process one. Writes
-JSON, a Markdown table and a PNG under bench/results/.
+At each client count, the same requests (one of 4 prompts that fit the model's tokenizers, one image, each its own
+seed) go first to one in-process :class:`BuildPipeline` from that many threads (its calls run one at a time), then
+to a real `onex-export serve` process through tritonclient over gRPC on loopback. Reports images/s and p50/p99
+latency per request, the mean batch Triton formed (from its statistics), and whether every served image equals the
+in-process one. Writes JSON, a Markdown table and a PNG into a new folder (default
+bench/results/serve-<model>-<backend>-<device>; --replace to replace an earlier run's). Progress goes to stderr.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
 import platform
 import secrets
@@ -28,16 +31,37 @@ from types import SimpleNamespace
 import click
 import numpy as np
 
-from onex_export.errors import OnexError
-from onex_export.fileio import check_destination, save_figure
+from onex_export.errors import OnexError, UsageError
+from onex_export.fileio import pyplot, save_figure
 from onex_export.check.reference import open_pipeline
+from onex_export.contract import read_manifest
+from onex_export.outputs import report_folder
+from onex_export.probe.run import calibration_prompts
 from onex_export.runtime.pipeline import BACKENDS, BuildPipeline
 from onex_export.serving import STAGES
 
-from .arguments import NON_NEGATIVE_INT, POSITIVE_INT, command_help, invoke, run_main
+from .arguments import NON_NEGATIVE_INT, POSITIVE_INT, command_help, invoke, replace_option, run_main
 from .report import write_results
 
-PROMPTS = ["a red cube on a table", "a lighthouse at dusk", "a bowl of ramen, top view", "an astronaut riding a horse"]
+FILES = ("serve.json", "serve.md", "serve.png")
+
+
+def progress(line: str) -> None:
+    """Progress goes to stderr, so that stdout carries only the final table."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def require_serving() -> None:
+    """The serve extra, before anything is built or timed: tritonclient (this benchmark's client) and PyTriton
+    (the server's)."""
+    try:
+        importlib.import_module("tritonclient.grpc")
+        found = importlib.util.find_spec("pytriton") is not None
+    except ImportError:
+        found = False
+    if not found:
+        raise UsageError("bench.serve needs tritonclient[grpc] and nvidia-pytriton, which are not installed",
+                         "pip install -c constraints.txt -e '.[serve]'")
 
 
 def free_ports(n: int) -> list[int]:
@@ -142,14 +166,14 @@ def _in_process(args) -> list[dict]:
     levels = []
     for clients in args.clients:
         count = max(args.requests, clients)
-        requests = [(PROMPTS[i % len(PROMPTS)], 1000 * clients + i) for i in range(count + args.warmup)]
+        requests = [(args.prompts[i % len(args.prompts)], 1000 * clients + i) for i in range(count + args.warmup)]
         if args.warmup:
             _run(clients, requests[:args.warmup], local)
         summary, done = _run(clients, requests[args.warmup:], local)
         levels.append({"clients": clients, "in_process": summary, "_reference": {(p, s): x for _, p, s, x in done},
                        "_requests": requests})
-        print(f"in-process  {clients:3d} clients: {summary['images_per_s']:.2f} images/s, p50 "
-              f"{summary['p50_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms", flush=True)
+        progress(f"in-process  {clients:3d} clients: {summary['images_per_s']:.2f} images/s, p50 "
+                 f"{summary['p50_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms")
     return levels
 
 
@@ -158,6 +182,7 @@ def run(args) -> dict:
 
     levels = _in_process(args)
     with tempfile.TemporaryDirectory(prefix="onex-bench-serve-") as tmp:
+        progress("starting  onex-export serve (up to 300 s)")
         server = _Server(args, Path(tmp) / "serve.log")
         try:
             for level in levels:
@@ -179,10 +204,10 @@ def run(args) -> dict:
                 level["served"] = summary
                 for c in connections:
                     c.close()
-                print(f"served      {clients:3d} clients: {summary['images_per_s']:.2f} images/s, p50 "
-                      f"{summary['p50_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms, mean batch "
-                      f"{summary['mean_batch']:.2f} (pipeline p50 {summary['pipeline_p50_ms']:.0f} ms), images identical: "
-                      f"{summary['identical_images']}", flush=True)
+                progress(f"served      {clients:3d} clients: {summary['images_per_s']:.2f} images/s, p50 "
+                         f"{summary['p50_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms, mean batch "
+                         f"{summary['mean_batch']:.2f} (pipeline p50 {summary['pipeline_p50_ms']:.0f} ms), images "
+                         f"identical: {summary['identical_images']}")
         finally:
             code, tail = server.stop(), server.tail()  # the log goes with the temporary folder
     if code != 0:
@@ -219,11 +244,7 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> Path:
     """Throughput, and p50 / p99 latency, against concurrent clients, in-process and served."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("bench.serve")
     clients = [level["clients"] for level in report["levels"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode, colour in (("in_process", "tab:blue"), ("served", "tab:orange")):
@@ -258,27 +279,31 @@ def plot(report: dict, path: Path) -> Path:
               help="requests per client count before timing")
 @click.option("--max-queue-delay-us", type=NON_NEGATIVE_INT, default=2000, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="folder for JSON/Markdown/PNG (default bench/results/<name>)")
+              help="a new folder for JSON/Markdown/PNG (default bench/results/serve-<model>-<backend>-<device>)")
+@replace_option
 def command(**options) -> int:
     args = SimpleNamespace(**options)
     args.clients = list(args.clients) or [1, 4, 16]
-    if args.out is not None:
-        check_destination(args.out / "serve.json")
-    with tempfile.TemporaryDirectory(prefix="onex-bench-build-") as tmp:
+    require_serving()
+    pyplot("bench.serve")
+    model = "tiny-sd3" if args.build is None else read_manifest(args.build).model.source
+    args.prompts = calibration_prompts(model, None, 4)  # prompts that fit the model's tokenizers
+    name = f"serve-{Path(model).name}-{args.backend}-{args.device.replace(':', '')}"
+    out = args.out or Path(__file__).parent / "results" / name
+    with report_folder(out, FILES, replace=args.replace), \
+            tempfile.TemporaryDirectory(prefix="onex-bench-build-") as tmp:
         if args.build is None:
             from onex_export.config import SkipRange
             from onex_export.build import BuildConfig, build
             from onex_export.export.shapes import DimRange
 
             args.build = Path(tmp) / "tiny-sd3"
-            print("building  tiny-sd3, skip 3-10, ONNX only, batch up to 4", flush=True)
+            progress("building  tiny-sd3, skip 3-10, ONNX only, batch up to 4")
             build(BuildConfig(model="tiny-sd3", skip=SkipRange(3, 10), out=args.build, trt="none",
                               batch=DimRange(1, 1, 4)))
         report = run(args)
-    name = f"serve-{Path(report['config']['model']).name}-{args.backend}-{args.device.replace(':', '')}"
-    out = args.out or Path(__file__).parent / "results" / name
-    write_results(out, "serve", report, markdown(report))
-    plot(report, out / "serve.png")
+        plot(report, out / "serve.png")  # the figure first: the results files, written last, say it is complete
+        write_results(out, "serve", report, markdown(report))
     print(markdown(report))
     print(f"wrote {out}/serve.json, serve.md, serve.png")
     return 0

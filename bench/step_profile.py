@@ -6,7 +6,8 @@
 Counts the step's floating-point operations (``torch.utils.flop_counter``), times it (eager, and compiled
 with ``--compile``), divides the FLOPs by a measured matrix-product rate (a large bf16/fp32 GEMM on the same
 device) for the floor, and groups the profiler's kernel times into attention, matrix products, norms and
-the rest. Writes ``profile.json`` and ``profile.md`` to ``bench/results/profile-<arch>-<dtype>-<device>/``.
+the rest. Writes ``profile.json`` and ``profile.md`` to a new folder, ``bench/results/profile-<arch>-<dtype>-<device>/``
+by default (``--replace`` to replace an earlier run's).
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from onex_export.export.precision import PRECISIONS
 from onex_export.models import build_tiny
 from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.models.zoo import TINY_TEXT_LEN
+from onex_export.outputs import report_folder
 from onex_export.params import DEVICE
 
-from .arguments import POSITIVE_INT, RESOLUTION, command_help, invoke, run_main
+from .arguments import POSITIVE_INT, RESOLUTION, command_help, invoke, replace_option, run_main
 from .random_weights import ARCHS, random_transformer
 from .report import write_results
 
@@ -139,17 +141,21 @@ def markdown(r: dict) -> str:
 @click.option("--repeats", type=POSITIVE_INT, default=20, show_default=True)
 @click.option("--matmul-size", type=POSITIVE_INT, default=None, help="default 8192 on a GPU, 1024 on a CPU")
 @click.option("--compile", is_flag=True, help="also time torch.compile's version")
-@click.option("--out", type=click.Path(path_type=Path), default=None)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="a new folder (default bench/results/profile-<arch>-<dtype>-<device>)")
+@replace_option
 def command(**options) -> int:
     args = SimpleNamespace(**options)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise click.UsageError("--device cuda needs an NVIDIA GPU, and none is visible here")
     args.matmul_size = args.matmul_size or (8192 if args.device.startswith("cuda") else 1024)
-    report = run(args)
-    device = (report["gpu"] or "cpu").replace(" ", "-").lower()
+    cuda = args.device.startswith("cuda")
+    device = (torch.cuda.get_device_name() if cuda else "cpu").replace(" ", "-").lower()
     out = args.out or Path("bench/results") / f"profile-{args.arch}-{args.dtype}-{device}"
-    table = markdown(report)
-    write_results(out, "profile", report, table)
+    with report_folder(out, ("profile.json", "profile.md"), replace=args.replace):
+        report = run(args)
+        table = markdown(report)
+        write_results(out, "profile", report, table)
     print(table)
     print(f"wrote {out}/profile.json, profile.md")
     return 0

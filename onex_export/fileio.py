@@ -175,6 +175,22 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1)
 
 
+PLOTS_HINT = "pip install -c constraints.txt -e '.[bench]'"
+
+
+def pyplot(what: str):
+    """matplotlib's pyplot on the Agg backend, or :class:`UsageError` saying that ``what`` needs it. Commands call
+    it before their work too, so that a missing matplotlib is refused before, not after, minutes of measuring."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise UsageError(f"{what} needs matplotlib for its plots, which is not installed", PLOTS_HINT) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """A matplotlib figure laid out and written as a PNG, atomically; the figure is closed."""
     import matplotlib.pyplot as plt

@@ -3,7 +3,9 @@
 ``build`` already follows both rules for build folders (its manifest says the folder is ours; a lock beside it).
 A report folder keeps a record of what the tool wrote into it, ``.onex-export-files.json`` (file name -> sha256):
 a file already there is replaced only when the record lists it with the same sha256, so that a user's own
-``probe.json``, or our ``quality.md`` edited since, is never overwritten. The lock is the build folder's
+``probe.json``, or our ``quality.md`` edited since, is never overwritten. A benchmark's folder (``replace=False``)
+is stricter: its results, committed to the repository with their record, are replaced only on request
+(``--replace``), so that a run goes to a new folder by default. The lock is the build folder's
 (:func:`~onex_export.locks.exclusive`): a second writer is refused at once, naming the first.
 """
 from __future__ import annotations
@@ -37,9 +39,11 @@ def not_ours(folder: Path, names: Iterable[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def report_folder(folder: str | Path, names: Iterable[str], option: str = "--out") -> Iterator[Path]:
+def report_folder(folder: str | Path, names: Iterable[str], option: str = "--out", replace: bool = True
+                  ) -> Iterator[Path]:
     """Hold ``folder`` for writing the files ``names`` (those a run may write): refused (:class:`UsageError`) when
-    one of them is there and not ours, or (:class:`~onex_export.locks.BusyError`) when another process holds it.
+    one of them is there and not ours, or, without ``replace``, there at all (an earlier run's results); or
+    (:class:`~onex_export.locks.BusyError`) when another process holds it.
     Afterwards (failed or not) the record lists what the block wrote. Enter it before the work, so that nothing is
     lost to a refusal at the end."""
     folder, names = Path(folder), list(names)
@@ -54,6 +58,11 @@ def report_folder(folder: str | Path, names: Iterable[str], option: str = "--out
                 raise UsageError(f"{folder} holds {', '.join(foreign)}, which onex-export did not write there (or "
                                  "which changed since): refusing to replace", f"choose another {option}, or move "
                                  f"{'it' if len(foreign) == 1 else 'them'} away")
+            earlier = [name for name in names if (folder / name).exists()]
+            if earlier and not replace:
+                raise UsageError(f"{folder} holds the results of an earlier run ({', '.join(earlier)}): refusing to "
+                                 "replace them", f"choose a new folder with {option} NEW_FOLDER, or pass --replace to "
+                                 "replace them")
             before = {name: sha256_file(folder / name) for name in names if (folder / name).is_file()}
             try:
                 yield folder

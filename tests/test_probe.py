@@ -273,6 +273,7 @@ def test_probe_cli_reports_the_mlp_range(tmp_path):
 def test_calibration_prompts_are_a_trained_models_own_unless_a_file_is_given(tmp_path, monkeypatch):
     from onex_export.models import zoo
     from onex_export.probe import DEFAULT_PROMPTS, calibration_prompts
+    from onex_export.probe.run import TINY_PROMPTS
 
     folder = tmp_path / "toy"
     folder.mkdir()
@@ -285,7 +286,7 @@ def test_calibration_prompts_are_a_trained_models_own_unless_a_file_is_given(tmp
     mine = tmp_path / "mine.txt"
     mine.write_text("a green 3 on the left\n")
     assert calibration_prompts("toy-model", mine) == ("a green 3 on the left",)
-    assert calibration_prompts("tiny-sd3", None, 2) == DEFAULT_PROMPTS[:2]
+    assert calibration_prompts("tiny-sd3", None, 2) == TINY_PROMPTS[:2] == ("a fox", "ramen")  # fit its tokenizers
     (tmp_path / "empty.txt").write_text("# only a comment\n")
     with pytest.raises(UsageError, match="holds no prompt"):
         calibration_prompts("tiny-sd3", tmp_path / "empty.txt")

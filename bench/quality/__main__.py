@@ -9,7 +9,8 @@ random networks in for the metrics without weights (they test the plumbing; thei
 schedules of one run only).
 
 Writes quality.json, quality.md, grid.png (rows = schedules, columns = prompts) and, with --latency
-LATENCY.json (from `python -m bench.latency`), quality-vs-latency.png.
+LATENCY.json (from `python -m bench.latency`), quality-vs-latency.png, into a new folder (--replace to replace an
+earlier run's).
 
   python -m bench.quality --seeds 8                              # digits-sd3 with its MLP and judge; 30 s here
   python -m bench.quality --model tiny-sd3 --random-metrics      # random model and stand-in metrics: plumbing
@@ -31,12 +32,13 @@ from types import SimpleNamespace
 import click
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from bench.arguments import POSITIVE_INT, RESOLUTION, SKIP, command_help, invoke, run_main
+from bench.arguments import POSITIVE_INT, RESOLUTION, SKIP, command_help, invoke, replace_option, run_main
 from onex_export.errors import OnexError, UsageError
 from onex_export.export.precision import PRECISIONS
+from onex_export.fileio import pyplot
 from onex_export.outputs import report_folder
+from onex_export.progress import progress_bar
 from onex_export.models import DEFAULT_MODEL
 from onex_export.models.vae import vae_scale
 from onex_export.models.weights import transformer_source
@@ -117,7 +119,7 @@ def run(config: QualityConfig, weights: MetricWeights, random_metrics: bool, lat
         renderer.prepare()  # text embeddings, then the VAE
         results, thumbnails = {}, {}
         steps = sum(len(schedule.plan.sigmas) for schedule in rows) * len(config.prompts)
-        bar = tqdm(total=steps, desc="sampling", unit="step", file=sys.stderr, leave=False)
+        bar = progress_bar(steps, "sampling")
         for schedule in rows:
             for metric in metrics:
                 metric.reset()
@@ -204,7 +206,8 @@ def _weight_options(command):
 @click.option("--latency", type=click.Path(path_type=Path), default=None,
               help="a bench.latency latency.json: adds the plot of quality vs latency (its schedule names are matched)")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="folder (default bench/results/quality-<model>-<px>px)")
+              help="a new folder (default bench/results/quality-<model>-<px>px)")
+@replace_option
 def command(**options) -> int:
     args = SimpleNamespace(**options)
     import diffusers
@@ -214,6 +217,7 @@ def command(**options) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # a bar per CLIP folder loaded
     skip = args.skip
+    pyplot("bench.quality")  # the grid is drawn after the work: a missing matplotlib is refused before it
     if args.latency is not None and not args.latency.is_file():
         raise click.UsageError(f"--latency {args.latency} is not a file")
     if args.mlp is None and (own := default_mlp_for(args.model, skip)) is not None:
@@ -233,7 +237,8 @@ def command(**options) -> int:
     if args.toy_judge is not None:
         check_prompts(config.prompts)
         load_judge(args.toy_judge)  # refused before any model loads
-    with report_folder(out, ("quality.json", "quality.md", "grid.png", "quality-vs-latency.png")):  # before the work
+    with report_folder(out, ("quality.json", "quality.md", "grid.png", "quality-vs-latency.png"),
+                       replace=args.replace):  # before the work
         report, thumbnails = run(config, weights, args.random_metrics, args.latency, toy_judge=args.toy_judge)
         # the figures first: the results files, written last, say that the run is complete
         written = [grid(thumbnails, config.prompts[:GRID_PROMPTS], out / "grid.png")]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from onex_export.errors import UsageError
-from onex_export.fileio import save_figure
+from onex_export.fileio import pyplot, save_figure
 
 LABELS = {"fid": "FID vs teacher", "clip": "CLIP score", "lpips_diversity": "LPIPS diversity",
           "pickscore": "PickScore", "aesthetic": "aesthetic score", "hpsv2": "HPSv2"}
@@ -43,11 +43,7 @@ def markdown(report: dict) -> str:
 
 def grid(thumbnails: dict[str, list[np.ndarray]], prompts: tuple[str, ...], path: Path) -> Path:
     """Rows = schedules, columns = prompts (each prompt's first seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("bench.quality")
     rows, cols = len(thumbnails), len(prompts)
     fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols + 1.2, 1.8 * rows + 0.4), squeeze=False)
     for r, (name, images) in enumerate(thumbnails.items()):
@@ -76,10 +72,7 @@ def read_latency(path: Path) -> dict[str, float]:
 def quality_vs_latency(report: dict, path: Path) -> Path:
     """One panel per metric: each schedule's value against its batch-1 latency (log scale), one colour per
     schedule across the panels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("bench.quality")
     from matplotlib.ticker import NullFormatter
 
     metrics = list(report["metrics"])

@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from ..errors import UsageError
 from ..outputs import report_folder
+from ..progress import progress_bar
 from ..config import SkipRange
 from ..models import DEFAULT_MODEL
 from ..models.zoo import TRAINED_MODELS
@@ -43,8 +43,9 @@ def probe_cmd(model, prompts_file, max_prompts, seeds, nfes, lengths, resolution
     """Measure which block range step two can skip: every block's reuse error and every range's caching error
     (step two's velocity and the final latents against the uncached run), and recommend a range per NFE."""
     from ..probe import DEFAULT_NFES, ProbeConfig, calibration_prompts, run
-    from ..probe.report import write
+    from ..probe.report import check_plots, write
 
+    check_plots()  # its figures are drawn after minutes of measuring: a missing matplotlib is refused now
     try:
         parsed_lengths = tuple(int(n) for n in lengths.split(",")) if lengths else None
     except ValueError:
@@ -62,7 +63,7 @@ def probe_cmd(model, prompts_file, max_prompts, seeds, nfes, lengths, resolution
 
     def progress(total):
         nonlocal bar
-        bar = tqdm(total=total, desc="probe", unit="step", disable=None, leave=False)
+        bar = progress_bar(total, "probe", "step")
         return bar.update
 
     with report_folder(out, ("probe.json", "heatmap.png", "blocks.png")):  # refused now, not after the work

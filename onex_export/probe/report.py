@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import SkipRange
 from ..errors import UsageError
-from ..fileio import atomic_path, save_figure, sha256_file
+from ..fileio import atomic_path, pyplot, save_figure, sha256_file
 from ..models.zoo import model_source
 from .measure import NORMALISATION, ProbeResult
 
@@ -53,16 +53,9 @@ def write(out: Path, result: ProbeResult, config: dict) -> list[Path]:
                                                                                            out / "blocks.png")]
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise UsageError("the probe's plots need matplotlib, which is not installed",
-                         "pip install -c constraints.txt -e '.[bench]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def check_plots() -> None:
+    """Refuse (:class:`UsageError`) now, before the work, when the plots could not be drawn afterwards."""
+    pyplot("the probe")
 
 
 def heat_map(result: ProbeResult, config: dict, path: Path) -> Path:
@@ -70,7 +63,7 @@ def heat_map(result: ProbeResult, config: dict, path: Path) -> Path:
     recommended ranges marked."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot("the probe")
     n = result.num_layers - 1
     grid = np.full((n, n), np.nan)
     for r in result.ranges:
@@ -100,7 +93,7 @@ def heat_map(result: ProbeResult, config: dict, path: Path) -> Path:
 
 def block_curve(result: ProbeResult, config: dict, path: Path) -> Path:
     """Per block, the reuse error e_n over both streams and per stream."""
-    plt = _pyplot()
+    plt = pyplot("the probe")
     blocks = [b["block"] for b in result.blocks]
     fig, ax = plt.subplots(figsize=(8, 3.8))
     ax.plot(blocks, [b["e"] for b in result.blocks], "o-", label="both streams", color="black")

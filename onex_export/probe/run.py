@@ -22,7 +22,7 @@ from ..models.vae import vae_scale
 from ..config import SkipRange
 from ..models import DEFAULT_MODEL, SplitSD3Transformer, load_compensation, load_transformer
 from ..models.weights import transformer_source
-from ..models.zoo import TRAINED_MODELS, model_source
+from ..models.zoo import TINY_MODELS, TRAINED_MODELS, model_source
 from .measure import DEFAULT_NFES, ProbeResult, candidate_ranges, probe, skipped_for
 
 # Calibration prompts of the kinds the paper evaluates on (objects, scenes, people, text, styles).
@@ -36,6 +36,9 @@ DEFAULT_PROMPTS = (
     "an astronaut riding a horse on the moon",
     "a bouquet of sunflowers in a glass vase",
 )
+# The same kinds for the embedded tiny-* models, whose byte-level CLIP tokenizers keep 6 bytes between their begin
+# and end tokens (8 tokens): longer prompts would be cut to their first 6 bytes ("a phot").
+TINY_PROMPTS = ("a fox", "ramen", "a man", "a city", "a sea", "a sign", "a moon", "a vase")
 
 
 @dataclass(frozen=True)
@@ -88,11 +91,14 @@ def read_prompts(path: Path, max_prompts: int | None = None) -> tuple[str, ...]:
 
 def calibration_prompts(model: str, path: Path | None, max_prompts: int | None = None) -> tuple[str, ...]:
     """The prompts of ``path`` if given; else an embedded trained model's own (a toy world's words: generic prompts
-    would be unknown words to its tokenizer); else :data:`DEFAULT_PROMPTS`. At most ``max_prompts``."""
+    would be unknown words to its tokenizer); else :data:`TINY_PROMPTS` for an embedded tiny model (which fit its
+    tokenizers); else :data:`DEFAULT_PROMPTS`. At most ``max_prompts``."""
     trained = TRAINED_MODELS.get(model)
     if path is None and trained is not None and trained.prompts.is_file():
         path = trained.prompts
-    return read_prompts(path, max_prompts) if path is not None else DEFAULT_PROMPTS[:max_prompts]
+    if path is not None:
+        return read_prompts(path, max_prompts)
+    return (TINY_PROMPTS if model in TINY_MODELS else DEFAULT_PROMPTS)[:max_prompts]
 
 
 def encode_prompts(model: str, config, prompts: tuple[str, ...], random_text: bool
