@@ -32,7 +32,7 @@ import torch
 
 from .. import __version__
 from ..config import BlockRange, SkipRange
-from ..contract import GraphEntry, Manifest, ModelInfo, Pipeline, Range, ShapeRanges, Shapes, SkipInfo
+from ..contract import GraphEntry, GraphSpec, Manifest, ModelInfo, Pipeline, Range, ShapeRanges, Shapes, SkipInfo
 from ..errors import OnexError, UsageError
 from ..fileio import DiskError, free_bytes, sha256_file, writing
 from ..locks import build_lock
@@ -44,9 +44,10 @@ from ..models.weights import (
 from ..models.text import SD3_MAX_TEXT_LENGTH, text_length
 from ..models.vae import vae_scale
 from ..models.zoo import model_source
-from ..runtime.graphs import OrtGraph
+from ..runtime.graphs import AotiGraph, OrtGraph
 from ..schedule import SamplingPlan
 from ..trt import flavour_version, load_trt
+from ..export import aoti
 from ..export import manifest as mf
 from ..export.components import COMPONENTS, Components, available, load_components, save_tokenizers
 from ..check.gate import GateConfig, failure_summary, run_gate
@@ -108,6 +109,7 @@ class BuildConfig:
     eta: float = 1.0
     external_data_threshold: int = PROTOBUF_LIMIT
     max_graph_bytes: int = DEFAULT_GRAPH_BYTES
+    aoti: bool = False  # also compile each graph into an AOTInductor package for this machine's CPU, and gate it
 
     def __post_init__(self):
         if self.trt not in TRT_CHOICES:
@@ -202,12 +204,12 @@ def resolve_shapes(config: BuildConfig, split: SplitSD3Transformer, encoder_toke
 
 def _reuse(previous: Manifest | None, prev_dir: Path, graph: str, kind: str, key: str,
            tmp: Path) -> GraphEntry | None:
-    """Copy an artifact (``kind``: "onnx" or "engine") from the previous build if its key matches and its files
-    are intact; returns the previous build's entry for the graph."""
+    """Copy an artifact (``kind``: "onnx", "engine" or "compiled") from the previous build if its key matches and
+    its files are intact; returns the previous build's entry for the graph."""
     entry = previous.graphs.get(graph) if previous else None
     if entry is None or getattr(entry, f"{kind}_key") != key or getattr(entry, kind) is None:
         return None
-    files = [entry.onnx, *([entry.onnx_data] if entry.onnx_data else [])] if kind == "onnx" else [entry.engine]
+    files = [entry.onnx, *([entry.onnx_data] if entry.onnx_data else [])] if kind == "onnx" else [getattr(entry, kind)]
     for f in files:
         src = prev_dir / f.file
         if not src.is_file() or src.stat().st_size != f.bytes or sha256_file(src) != f.sha256:
@@ -313,15 +315,57 @@ def engine_stage(config: BuildConfig, trt: str, entries: dict[str, GraphEntry], 
     return out
 
 
+def compile_stage(config: BuildConfig, loaded: LoadedModel, comps: Components, graphs: dict[str, _Graph],
+                  entries: dict[str, GraphEntry], ranges: dict, previous: Manifest | None, tmp: Path,
+                  log) -> dict[str, GraphEntry]:
+    """With ``--aoti``: one AOTInductor package per graph (or reuse it), compiled from the module the ONNX came
+    from, its own weights loaded meanwhile; returns the entries with their packages."""
+    if not config.aoti:
+        return entries
+    split, policy, L = loaded.split, config.policy, loaded.split.num_layers
+    patch, out = split.transformer.config.patch_size, {}
+    for i, (name, g) in enumerate(graphs.items(), 1):
+        key = _hash(entries[name].onnx_key, ranges, torch.__version__, platform.machine(), aoti.FLAVOUR)
+        package = partial(replace, entries[name], compiled_key=key)
+        reused = _reuse(previous, Path(config.out), name, "compiled", key, tmp)
+        if reused:
+            log(f"[3/5] aoti {name} ({i}/{len(graphs)}): unchanged, reused")
+            out[name] = package(compile_seconds=0.0, compiled=reused.compiled)
+            continue
+        log(f"[3/5] aoti {name} ({i}/{len(graphs)}): compiling with AOTInductor for the CPU ...")
+        with contextlib.ExitStack() as held:
+            if g.d is not None:
+                held.enter_context(materialized(split.transformer, g.prefixes, loaded.source,
+                                                lambda k: policy.module_dtype(k, L)))
+                module = SubgraphModule(split, g.d, g.spec)
+                held.callback(release, split.transformer, g.prefixes)
+            else:
+                module = comps.load(name)
+            art = aoti.compile_package(module, g.spec, ranges, patch, tmp / f"{name}.pt2")
+            del module
+        log(f"      {name}.pt2 {art.path.stat().st_size / 1e6:.1f} MB in {art.compile_seconds:.1f} s")
+        out[name] = package(compile_seconds=round(art.compile_seconds, 3), compiled=mf.file_entry(
+            tmp, art.path, flavour=aoti.FLAVOUR, torch=torch.__version__, device="cpu"))
+    return out
+
+
 # -- the gate ----------------------------------------------------------------------------------------------
 
 def gate_stage(config: BuildConfig, loaded: LoadedModel, defs: list[GraphDef], plans: dict, shapes: ShapeConfig,
-               comps, tmp: Path, log) -> dict:
-    """The ONNX graphs in ONNX Runtime against the streamed float32 reference (engines need a GPU to run)."""
-    reference = split_on_meta(loaded.config, config.mlp, config.skip)
-    return run_gate(reference, loaded.source, defs, plans, lambda n: OrtGraph(tmp / f"{n}.onnx", low_memory=True), artifact="onnx",
-                    backend="onnxruntime", candidate_device="cpu", policy=config.policy, shapes=shapes,
-                    gate=config.gate, eta=config.eta, components=comps, log=log)
+               comps, tmp: Path, entries: dict[str, GraphEntry], log) -> tuple[dict, ...]:
+    """The ONNX graphs in ONNX Runtime against the streamed float32 reference (engines need a GPU to run), and
+    with ``--aoti`` the AOTInductor packages the same way: one verification each."""
+    candidates = [("onnx", "onnxruntime", lambda n: OrtGraph(tmp / f"{n}.onnx", low_memory=True))]
+    if config.aoti:
+        candidates.append(("compiled", "aoti", lambda n: AotiGraph(tmp / f"{n}.pt2", GraphSpec(
+            n, entries[n].inputs, entries[n].outputs))))
+    out = []
+    for artifact, backend, load in candidates:
+        reference = split_on_meta(loaded.config, config.mlp, config.skip)
+        out.append(run_gate(reference, loaded.source, defs, plans, load, artifact=artifact, backend=backend,
+                            candidate_device="cpu", policy=config.policy, shapes=shapes, gate=config.gate,
+                            eta=config.eta, components=comps, log=log))
+    return tuple(out)
 
 
 # -- the whole build -----------------------------------------------------------------------------------------
@@ -406,15 +450,19 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
         entries = export_stage(config, loaded, comps, graphs, previous, tmp, versions, log)
     with clock.stage("engines"):
         entries = engine_stage(config, trt, entries, specs, shapes, cfg.patch_size, previous, tmp, versions, log)
+        entries = compile_stage(config, loaded, comps, graphs, entries, shapes.dim_ranges(cfg.patch_size), previous,
+                                tmp, log)
     with clock.stage("gate"):
-        log(f"[4/5] parity gate ({config.gate.mode}): ONNX Runtime vs PyTorch float32 on {config.gate.device}"
+        log(f"[4/5] parity gate ({config.gate.mode}): ONNX Runtime{' and AOTInductor' if config.aoti else ''} vs "
+            f"PyTorch float32 on {config.gate.device}"
             + (" (engines run only on a GPU: onex-export verify --backend tensorrt)" if trt != "none" else ""))
-        verification = gate_stage(config, loaded, defs, plans, shapes, comps, tmp, log)
+        verifications = gate_stage(config, loaded, defs, plans, shapes, comps, tmp, entries, log)
+        verification = next((v for v in verifications if v["status"] == "failed"), verifications[0])
     graph_bytes = sum(entries[d.name].weight_bytes for d in defs)
     model_bytes = module_bytes(loaded.split, [*top_level_prefixes(loaded.split.transformer), "mlp"])
     manifest = Manifest(
         name=out.name, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        status=mf.derive_status([verification]), tool=versions,
+        status=mf.derive_status(list(verifications)), tool=versions,
         model=ModelInfo(model_source(config.model),
                         os.path.abspath(config.mlp) if config.mlp else None,  # absolute: verify runs from anywhere
                         loaded.split.num_layers, public_config(cfg)),
@@ -427,7 +475,7 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
         graphs=entries, plans=plans,
         weights={"model_bytes": model_bytes, "graph_bytes": graph_bytes, "duplication_ratio": graph_bytes / model_bytes,
                  "max_graph_bytes": config.max_graph_bytes},
-        verifications=(verification,),
+        verifications=verifications,
         pipeline=Pipeline(tuple(comps.names), save_tokenizers(comps.tokenizers, tmp) if comps.tokenizers else {},
                           "text" if "text" in comps.names else None, "vae" if "vae" in comps.names else None,
                           shapes.vae_scale, (0.0, 1.0), "fp32"),

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import OnexError, UsageError
-from ..runtime.graphs import OrtGraph
+from ..runtime.graphs import OrtGraph, aoti_graph, check_aoti
 from ..runtime.tensorrt_runner import require_gpu
 from ..export import manifest as mf
 from .from_manifest import (
@@ -25,13 +25,14 @@ def verify(folder: Path, log: Callable[[str], None] = lambda _: None, backend: s
            mlp: Path | None = None) -> tuple[mf.Manifest, dict]:
     """Return ``(manifest, verification)``; raises :class:`~manifest.ManifestError` on a file mismatch.
 
-    ``backend`` runs the build's ONNX graphs ("onnxruntime", CPU) or its engines ("tensorrt", GPU only).
+    ``backend`` runs the build's ONNX graphs ("onnxruntime", CPU), its AOTInductor packages ("aoti") or its engines
+    ("tensorrt", GPU only).
     With ``record`` the verification is appended to the manifest (atomically) and its status re-derived.
     ``model`` and ``mlp`` say where the reference the build was made from is now, when it has moved
     since (the manifest records the paths the build was given).
     """
-    if backend not in ("onnxruntime", "tensorrt"):
-        raise UsageError(f"verify cannot run backend {backend!r}", "choose onnxruntime or tensorrt")
+    if backend not in ("onnxruntime", "aoti", "tensorrt"):
+        raise UsageError(f"verify cannot run backend {backend!r}", "choose onnxruntime, aoti or tensorrt")
     if backend == "tensorrt":
         require_gpu("verify with --backend onnxruntime here, and with --backend tensorrt on a GPU")
     if gate.mode == "none":
@@ -60,6 +61,8 @@ def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool, mod
         raise mf.ManifestError(f"{folder} does not match its manifest:\n    " + "\n    ".join(problems),
                                "rebuild with `onex-export build`; never edit a build by hand")
     engines = backend == "tensorrt"
+    if backend == "aoti":
+        check_aoti(folder, manifest)
     if engines and manifest.trt == "none":
         raise OnexError(f"{folder} has no engines (built with --trt none)",
                         "rebuild with --trt tensorrt or tensorrt-rtx, or verify with --backend onnxruntime")
@@ -86,11 +89,15 @@ def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool, mod
 
         def load(name):
             return TrtGraph(folder / graphs[name].engine.file, manifest.trt)
+    elif backend == "aoti":
+        def load(name):
+            return aoti_graph(folder, manifest, name)
     else:
         def load(name):
             return OrtGraph(folder / graphs[name].onnx.file, low_memory=True)
     verification = run_gate(
-        split, source, defs, manifest.plans, load, artifact="engine" if engines else "onnx",
+        split, source, defs, manifest.plans, load,
+        artifact="engine" if engines else "compiled" if backend == "aoti" else "onnx",
         backend=manifest.trt if engines else backend, candidate_device="cuda" if engines else "cpu",
         policy=manifest_policy(manifest), shapes=manifest_shapes(manifest), gate=gate,
         eta=manifest.schedule["eta"], components=manifest_components(reference, split.transformer.config), log=log)

@@ -43,8 +43,8 @@ def _parsed_by(parse):
 
 def check_cuda_graph(backend: str, device: str, cuda_graph: bool) -> None:
     """--cuda-graph's combinations, in the flags' words (the runtime says the same of its arguments)."""
-    if cuda_graph and backend == "onnxruntime":
-        raise UsageError("--cuda-graph is not available with --backend onnxruntime",
+    if cuda_graph and backend in ("onnxruntime", "aoti"):
+        raise UsageError(f"--cuda-graph is not available with --backend {backend} (it runs on the CPU)",
                          "use --backend tensorrt, or --backend torch --device cuda")
     if cuda_graph and backend == "torch" and not device.startswith("cuda"):
         raise UsageError(f"--cuda-graph with --backend torch needs --device cuda, not {device!r}",

@@ -145,6 +145,10 @@ class GraphEntry:
     profile: dict | None = None
     build_seconds: float | None = None
     weights_sha256: str | None = None  # the digest of the weights it was exported from (None: built before it was kept)
+    # its AOTInductor package (None without one; extra: flavour "aoti", the torch version and device it runs on)
+    compiled: FileEntry | None = None
+    compiled_key: str | None = None
+    compile_seconds: float | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.inputs) and bool(self.outputs), "a graph needs inputs and outputs")
@@ -156,7 +160,8 @@ class GraphEntry:
         return cls(data["def"], data["onnx_key"], tuple(map(_tensor_from_json, data["inputs"])),
                    tuple(map(_tensor_from_json, data["outputs"])), data["weight_bytes"], data["export_seconds"],
                    FileEntry.from_json(data["onnx"]), _file_or_none(data["onnx_data"]), _file_or_none(data["engine"]),
-                   data.get("engine_key"), data.get("profile"), data.get("build_seconds"), data.get("weights_sha256"))
+                   data.get("engine_key"), data.get("profile"), data.get("build_seconds"), data.get("weights_sha256"),
+                   _file_or_none(data.get("compiled")), data.get("compiled_key"), data.get("compile_seconds"))
 
     def to_json(self) -> dict:
         out = {"def": self.definition, "onnx_key": self.onnx_key, "inputs": [_tensor_json(t) for t in self.inputs],
@@ -168,11 +173,14 @@ class GraphEntry:
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["engine"] = self.engine.to_json() if self.engine else None
+        if self.compiled is not None:
+            out.update(compiled=self.compiled.to_json(), compiled_key=self.compiled_key,
+                       compile_seconds=self.compile_seconds)
         return out
 
     def files(self) -> list[FileEntry]:
-        """The graph's files: ONNX, its external data, the engine (those it has)."""
-        return [f for f in (self.onnx, self.onnx_data, self.engine) if f is not None]
+        """The graph's files: ONNX, its external data, the engine, the AOTInductor package (those it has)."""
+        return [f for f in (self.onnx, self.onnx_data, self.engine, self.compiled) if f is not None]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Runners with one interface: a graph is a callable ``graph(**inputs) -> {output: tensor}``, and a
 :class:`PlanDenoiser` chains graphs through the manifest's plans into the sampler's two calls.
 
-Backends: :class:`TorchGraph` (the PyTorch reference) and :class:`OrtGraph` (ONNX Runtime).
+Backends: :class:`TorchGraph` (the PyTorch reference), :class:`OrtGraph` (ONNX Runtime) and :class:`AotiGraph`
+(AOTInductor packages).
 """
 from __future__ import annotations
 
@@ -79,11 +80,57 @@ class OrtGraph:
         return {name: torch.from_numpy(np.asarray(o)) for name, o in zip(self.output_names, outs)}
 
 
+class AotiGraph:
+    """An AOTInductor package (``.pt2``) loaded by torch alone, returning named outputs. It runs on the device it
+    was compiled for, under the torch version that compiled it."""
+
+    def __init__(self, path: Path, spec: GraphSpec, device: str = "cpu"):
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as exc:  # torch raises RuntimeError and friends from the loader
+            raise OnexError(f"torch cannot load the AOTInductor package {path}: {exc}",
+                            "rebuild with `onex-export build --aoti` under this torch") from exc
+        self.spec, self.device = spec, device
+
+    @torch.no_grad()
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        args = [inputs[t.name].to(self.device, TORCH_DTYPES[t.dtype]).contiguous() for t in self.spec.inputs]
+        outs = self.runner(*args)
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        return {t.name: o for t, o in zip(self.spec.outputs, outs)}
+
+
+def check_aoti(folder: Path, manifest: Manifest) -> None:
+    """Raise :class:`OnexError` unless every graph of the build has an AOTInductor package this torch can load."""
+    missing = [n for n, g in manifest.graphs.items() if g.compiled is None]
+    if missing:
+        raise OnexError(f"{folder} has no AOTInductor package for {', '.join(missing)} (built without --aoti)",
+                        "rebuild with --aoti, or run another backend")
+    wanted = {g.compiled.extra.get("torch") for g in manifest.graphs.values()}
+    if wanted != {torch.__version__}:
+        raise OnexError(f"{folder}'s AOTInductor packages were compiled by torch {', '.join(sorted(map(str, wanted)))}, "
+                        f"and this is torch {torch.__version__}: a package runs only under the torch that made it",
+                        "install that torch, or rebuild with --aoti under this one")
+
+
+def aoti_graph(folder: Path, manifest: Manifest, name: str) -> AotiGraph:
+    g = manifest.graphs[name]
+    return AotiGraph(folder / g.compiled.file, GraphSpec(name, g.inputs, g.outputs), g.compiled.extra["device"])
+
+
+def _aoti_graphs(folder: Path, manifest: Manifest) -> dict:
+    check_aoti(folder, manifest)
+    return {n: AotiGraph(folder / g.compiled.file, GraphSpec(n, g.inputs, g.outputs), g.compiled.extra["device"])
+            for n, g in manifest.graphs.items()}
+
+
 def load_build_graphs(folder: Path, manifest: Manifest, backend: str, spin: bool = True) -> dict:
-    """A build folder's graphs as runners: its ONNX files in ONNX Runtime (``spin``: see :class:`OrtGraph`), or its
-    engines ("tensorrt", GPU only)."""
+    """A build folder's graphs as runners: its ONNX files in ONNX Runtime (``spin``: see :class:`OrtGraph`), its
+    AOTInductor packages ("aoti"), or its engines ("tensorrt", GPU only)."""
     if backend == "onnxruntime":
         return {n: OrtGraph(folder / g.onnx.file, spin=spin) for n, g in manifest.graphs.items()}
+    if backend == "aoti":
+        return _aoti_graphs(folder, manifest)
     from .tensorrt_runner import TrtGraph, require_gpu
 
     require_gpu()

@@ -27,7 +27,7 @@ from .graphs import PlanDenoiser, load_build_graphs
 from .sampler import Conditioning, sample
 from ..contract.tokenizers import load_build_tokenizers
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "aoti", "tensorrt")
 # The torch backend's graphs, made by the checks (onex_export.check.reference): (folder, manifest, device) -> graphs
 ReferenceGraphs = Callable[[Path, contract.Manifest, str], dict]
 
@@ -110,8 +110,8 @@ def _plan(folder: Path, manifest: contract.Manifest) -> SamplingPlan:
 
 
 def _check_cuda_graph(backend: str, device: str) -> None:
-    if backend == "onnxruntime":
-        raise UsageError("CUDA-graph capture is not available with the onnxruntime backend",
+    if backend in ("onnxruntime", "aoti"):
+        raise UsageError(f"CUDA-graph capture is not available with the {backend} backend (it runs on the CPU)",
                          "use the tensorrt backend, or the torch backend on a cuda device")
     if backend == "torch" and not device.startswith("cuda"):
         raise UsageError(f"CUDA-graph capture with the torch backend needs a cuda device, not {device!r}",
