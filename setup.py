@@ -15,6 +15,7 @@ QUALITY = ["torchmetrics>=1.9,<2", "torch-fidelity>=0.4,<0.5", "lpips>=0.1.4,<0.
 # the toy world (bench.toy, train/toy): scikit-learn's bundled handwritten digits
 TOY = ["scikit-learn>=1.9,<2"]
 RTX = ["tensorrt-rtx-cu13-bindings>=1.7.1,<1.8", "tensorrt-rtx-cu13-libs>=1.7.1,<1.8"]
+CPP = ["nlohmann-json>=3.12,<4"]  # header-only JSON for the C++ runner (PyPI repackaging of nlohmann/json)
 
 setup(
     name="onex-export",
@@ -45,10 +46,12 @@ setup(
         "train": ["PyYAML>=6,<7", "peft>=0.21.2,<1", "open-clip-torch>=3.3,<4", *TOY],
         # `onex-export serve`: PyTriton carries a real Triton Inference Server; tritonclient talks to it
         "serve": SERVE,
+        # cpp/onex_runner.cpp (the C++ runner of --aoti builds) reads manifest.json with nlohmann/json's header
+        "cpp": CPP,
         # jsonschema: the tests validate real manifests against onex_export/schemas/manifest.schema.json
         "test": ["pytest>=9.2,<10", "matplotlib>=3.11,<4", "cache-dit>=1.5.3,<2", "PyYAML>=6,<7", "peft>=0.21.2,<1",
                  "jsonschema>=4.26,<5",
-                 *RTX, *SERVE, *QUALITY, *TOY],
+                 *RTX, *SERVE, *QUALITY, *TOY, *CPP],
     },
     entry_points={"console_scripts": ["onex-export=onex_export.cli:main"]},
 )

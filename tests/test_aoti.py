@@ -5,8 +5,11 @@ torch."""
 import dataclasses
 import json
 import re
+import subprocess
+from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -21,6 +24,7 @@ from onex_export.export import manifest as mf
 from onex_export.export.aoti import dynamic_shapes, example_dims
 from onex_export.export.shapes import DimRange
 from onex_export.runtime.pipeline import BuildPipeline
+from onex_export.runtime.sampler import Conditioning, initial_noise, sample
 
 GRAPHS = {"head", "segment", "reuse", "tail", "text", "vae"}
 
@@ -126,3 +130,75 @@ def test_dynamic_shapes_follow_the_build_ranges():
     assert str(x[2]) == "2*latent_height_patches" and (x[2].min, x[2].max) == (8, 32)  # multiples of the patch
     assert dynamic_shapes(dataclasses.replace(spec, inputs=spec.inputs[1:2]), {B: (1, 1, 1), T: (5, 5, 5)}, 2) \
         == (None,)
+
+
+# --- the C++ runner (cpp/): built with CMake against the installed torch's libtorch, run on the same build ---
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    """cpp/onex_runner.cpp compiled as README's C++ section shows (about 30 s here)."""
+    import nlohmann_json
+
+    folder = tmp_path_factory.mktemp("cpp")
+    torch_dir = Path(torch.__file__).parent
+    json_include = Path(nlohmann_json.__file__).parent / "include"
+    for args in (["cmake", "-S", str(ROOT / "cpp"), "-B", str(folder), "-DCMAKE_BUILD_TYPE=Release",
+                  f"-DTORCH_DIR={torch_dir}", f"-DNLOHMANN_JSON_INCLUDE={json_include}"],
+                 ["cmake", "--build", str(folder), "-j2"]):
+        done = subprocess.run(args, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return folder / "onex-runner"
+
+
+def _inputs(out, tmp_path, prompts, seed):
+    """Text embeddings, pooled projections and noise as the Python runtime makes them, written as raw float32;
+    returns the runner's arguments and the runtime's own latents from the same inputs."""
+    pipe = BuildPipeline(out, "aoti")
+    tok = pipe.tokenizers(prompts)
+    text = pipe.graphs["text"](ids_l=tok.ids_l, ids_g=tok.ids_g, ids_t5=tok.ids_t5)
+    cond = Conditioning(text["encoder_hidden_states"].float(), text["pooled_projections"].float())
+    channels, size = pipe.manifest.model.config["in_channels"], 128 // pipe.manifest.pipeline.vae_scale_factor
+    expected = sample(pipe.denoiser, pipe.plan, cond, (channels, size, size), seed)
+    noise = initial_noise((len(prompts), channels, size, size), torch.Generator().manual_seed(seed))
+    files = {}
+    for name, tensor in (("text", cond.text), ("pooled", cond.pooled), ("noise", noise)):
+        files[name] = tmp_path / f"{name}.f32"
+        tensor.contiguous().numpy().astype("<f4").tofile(files[name])
+    args = ["--batch", str(len(prompts)), "--latent-size", str(size), "--text-len", str(cond.text.shape[1]),
+            *(a for name, path in files.items() for a in (f"--{name}", str(path))), "--out", str(tmp_path / "latents.f32")]
+    return args, expected
+
+
+def test_the_cpp_runner_gives_the_python_runtimes_latents(built, runner, tmp_path):
+    out = built[0]
+    args, expected = _inputs(out, tmp_path, ["a red cube", "x"], seed=5)
+    done = subprocess.run([str(runner), str(out), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "PASSED onex-runner: latents (2, 16, 16, 16)" in done.stdout
+    got = torch.from_numpy(np.fromfile(tmp_path / "latents.f32", dtype="<f4").reshape(expected.shape))
+    assert (got - expected).abs().max() < 1e-4  # the fp32 tolerance (measured: 0, the same kernels)
+    assert torch.isfinite(got).all() and got.abs().max() > 0.1  # real latents, not zeros
+    print(f"\nC++ runner vs Python runtime (aoti): max abs {(got - expected).abs().max():.2e}")
+
+
+def test_the_cpp_runner_refuses_bad_input_with_a_reason(built, runner, tmp_path):
+    out = built[0]
+    args, _ = _inputs(out, tmp_path, ["a red cube"], seed=1)
+    short = tmp_path / "short.f32"
+    short.write_bytes(b"\0" * 12)  # 3 floats, not (1, 16, 16, 16)
+    bad = [str(short) if a.endswith("noise.f32") else a for a in args]
+    done = subprocess.run([str(runner), str(out), *bad], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "short.f32 does not hold 4096 float32 values" in done.stderr
+    assert not (tmp_path / "latents.f32").exists()
+    usage = subprocess.run([str(runner), str(out), "--batch", "1"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "missing --latent-size" in usage.stderr
+
+    def drop(data):
+        for g in data["graphs"].values():
+            del g["compiled"], g["compiled_key"], g["compile_seconds"]
+
+    bare = subprocess.run([str(runner), str(_edited(out, tmp_path, drop)), *args], capture_output=True, text=True)
+    assert bare.returncode == 1 and "has no AOTInductor package for graph head: build it with --aoti" in bare.stderr
