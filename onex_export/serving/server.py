@@ -274,8 +274,7 @@ def serve(config: ServeConfig, log: Callable[[str], None] = print, stop: threadi
                                  grpc_port=config.grpc_port, metrics_address=config.host,
                                  metrics_port=config.metrics_port, log_verbose=0,
                                  # by the time Triton is told to exit, the drain below has let the requests
-                                 # finish; what Triton would still wait for is clients' idle keep-alive
-                                 # connections (up to 30 s by default)
+                                 # finish (EXIT_TIMEOUT and _stop_triton say what it still waits for)
                                  exit_timeout_secs=EXIT_TIMEOUT)
     try:
         if threading.current_thread() is threading.main_thread():
