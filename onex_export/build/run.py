@@ -32,7 +32,7 @@ import torch
 
 from .. import __version__
 from ..config import BlockRange, SkipRange
-from ..contract import GraphEntry, GraphSpec, Manifest, ModelInfo, Pipeline, Range, ShapeRanges, Shapes, SkipInfo
+from ..contract import GraphEntry, Manifest, ModelInfo, Pipeline, Range, ShapeRanges, Shapes, SkipInfo
 from ..errors import OnexError, UsageError
 from ..fileio import DiskError, free_bytes, sha256_file, writing
 from ..locks import build_lock
@@ -44,7 +44,7 @@ from ..models.weights import (
 from ..models.text import SD3_MAX_TEXT_LENGTH, text_length
 from ..models.vae import vae_scale
 from ..models.zoo import model_source
-from ..runtime.graphs import AotiGraph, OrtGraph
+from ..runtime.graphs import OrtGraph, aoti_graph
 from ..schedule import SamplingPlan
 from ..trt import flavour_version, load_trt
 from ..export import aoti
@@ -357,8 +357,7 @@ def gate_stage(config: BuildConfig, loaded: LoadedModel, defs: list[GraphDef], p
     with ``--aoti`` the AOTInductor packages the same way: one verification each."""
     candidates = [("onnx", "onnxruntime", lambda n: OrtGraph(tmp / f"{n}.onnx", low_memory=True))]
     if config.aoti:
-        candidates.append(("compiled", "aoti", lambda n: AotiGraph(tmp / f"{n}.pt2", GraphSpec(
-            n, entries[n].inputs, entries[n].outputs))))
+        candidates.append(("compiled", "aoti", lambda n: aoti_graph(tmp, n, entries[n])))
     out = []
     for artifact, backend, load in candidates:
         reference = split_on_meta(loaded.config, config.mlp, config.skip)

@@ -91,7 +91,7 @@ def _verify(folder: Path, log, backend: str, gate: GateConfig, record: bool, mod
             return TrtGraph(folder / graphs[name].engine.file, manifest.trt)
     elif backend == "aoti":
         def load(name):
-            return aoti_graph(folder, manifest, name)
+            return aoti_graph(folder, name, graphs[name])
     else:
         def load(name):
             return OrtGraph(folder / graphs[name].onnx.file, low_memory=True)

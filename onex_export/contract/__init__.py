@@ -169,13 +169,12 @@ class GraphEntry:
                **({"weights_sha256": self.weights_sha256} if self.weights_sha256 else {}),
                "export_seconds": self.export_seconds, "onnx": self.onnx.to_json(),
                "onnx_data": self.onnx_data.to_json() if self.onnx_data else None}
-        for key in ("engine_key", "profile", "build_seconds"):
+        for key in ("engine_key", "profile", "build_seconds", "compiled_key", "compile_seconds"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["engine"] = self.engine.to_json() if self.engine else None
         if self.compiled is not None:
-            out.update(compiled=self.compiled.to_json(), compiled_key=self.compiled_key,
-                       compile_seconds=self.compile_seconds)
+            out["compiled"] = self.compiled.to_json()
         return out
 
     def files(self) -> list[FileEntry]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import OnexError
-from ..contract import TORCH_DTYPES, GraphSpec, Manifest, run_plan
+from ..contract import TORCH_DTYPES, GraphEntry, GraphSpec, Manifest, run_plan
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -113,15 +113,15 @@ def check_aoti(folder: Path, manifest: Manifest) -> None:
                         "install that torch, or rebuild with --aoti under this one")
 
 
-def aoti_graph(folder: Path, manifest: Manifest, name: str) -> AotiGraph:
-    g = manifest.graphs[name]
-    return AotiGraph(folder / g.compiled.file, GraphSpec(name, g.inputs, g.outputs), g.compiled.extra["device"])
+def aoti_graph(folder: Path, name: str, entry: GraphEntry) -> AotiGraph:
+    """Graph ``name``'s AOTInductor package in ``folder``, as its manifest ``entry`` lists it."""
+    return AotiGraph(folder / entry.compiled.file, GraphSpec(name, entry.inputs, entry.outputs),
+                     entry.compiled.extra["device"])
 
 
 def _aoti_graphs(folder: Path, manifest: Manifest) -> dict:
     check_aoti(folder, manifest)
-    return {n: AotiGraph(folder / g.compiled.file, GraphSpec(n, g.inputs, g.outputs), g.compiled.extra["device"])
-            for n, g in manifest.graphs.items()}
+    return {n: aoti_graph(folder, n, g) for n, g in manifest.graphs.items()}
 
 
 def load_build_graphs(folder: Path, manifest: Manifest, backend: str, spin: bool = True) -> dict:

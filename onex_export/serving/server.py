@@ -70,6 +70,11 @@ class ServeConfig:
     # kill -9); None: PyTriton's own under ~/.cache/pytriton, removed only by a clean stop
     workspace: Path | None = None
 
+    @property
+    def local_host(self) -> str:
+        """The address this process reaches Triton on (its own metrics and management calls)."""
+        return LOOPBACK if self.host == "0.0.0.0" else self.host
+
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise UsageError(f"unknown backend {self.backend!r}", f"choose one of {', '.join(BACKENDS)}")
@@ -107,8 +112,7 @@ def _pending_requests(config: ServeConfig) -> Callable[[], int | None]:
     """Reads Triton's gauge of requests waiting in model ``onex``'s queue (None when the metrics cannot be read)."""
     import urllib.request
 
-    host = LOOPBACK if config.host == "0.0.0.0" else config.host
-    url = f"http://{host}:{config.metrics_port}/metrics"
+    url = f"http://{config.local_host}:{config.metrics_port}/metrics"
     prefix = f'nv_inference_pending_request_count{{model="{MODEL_NAME}"'
 
     def pending() -> int | None:
@@ -143,8 +147,7 @@ def _stop_triton(config: ServeConfig, token: str) -> None:
     os.kill(servers[0], signal.SIGINT)
     if not _connections(config.http_port):
         return
-    host = LOOPBACK if config.host == "0.0.0.0" else config.host
-    with contextlib.closing(tritonclient.grpc.InferenceServerClient(f"{host}:{config.grpc_port}")) as client, \
+    with contextlib.closing(tritonclient.grpc.InferenceServerClient(f"{config.local_host}:{config.grpc_port}")) as client, \
             contextlib.suppress(InferenceServerException):  # refused when Triton is past that point: it unloads
         client.unload_model(MODEL_NAME, headers={"triton-grpc-protocol-triton-access-token": token})
 
