@@ -224,7 +224,8 @@ def summarize_build(child: dict, manifest: Manifest | None) -> dict:
                gate={"status": v["status"], "reason": v.get("reason"), "seconds": v.get("seconds"),
                      "rows": len(v["rows"]), "failed_rows": sum(not r["passed"] for r in v["rows"]),
                      "worst_max_rel": max((r["max_rel"] for r in v["rows"]), default=None),
-                     "range_check": {k: (v["range_check"] or {}).get(k) for k in ("limit", "first_overflow")}})
+                     "range_check": {k: (v["range_check"] or {}).get(k) for k in ("limit", "first_overflow")},
+                     "time_by_graph": v.get("time_by_graph", []), "shared_runs": v.get("shared_runs", 0)})
     return out
 
 
@@ -273,6 +274,11 @@ def markdown(report: dict) -> str:
         lines += ["", f"Gate: {gt['status']}" + (f" ({gt['reason']})" if gt["reason"] else "") +
                   (f", {gt['rows']} outputs compared, {gt['failed_rows']} failed, worst max rel {gt['worst_max_rel']:.3g}"
                    if gt["rows"] else "") + f"; fp16 range check: {gt['range_check']}."]
+        if gt.get("time_by_graph"):
+            lines += ["", f"Gate time by graph (loading included; {gt['shared_runs']} run(s) shared by a graph's check "
+                      "and the chain):", "", "| side | graph | runs | seconds | share |", "|---|---|---|---|---|"]
+            for r in sorted(gt["time_by_graph"], key=lambda r: -r["seconds"]):
+                lines.append(f"| {r['side']} | {r['graph']} | {r['runs']} | {r['seconds']:.1f} | {100 * r['share']:.1f}% |")
     lines.append(f"\nBuild status: {ours.get('status', 'no manifest: exit ' + str(ours['exit_code']))}.")
     return "\n".join(lines) + "\n"
 

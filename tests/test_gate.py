@@ -136,6 +136,59 @@ def test_gate_pins_a_wrong_graph_and_passes_the_right_ones():
     assert "delta_img" in info.value.hint and "latents" in info.value.hint
 
 
+# The tiny build's verification rows: each graph on the reference's inputs, then the chained schedule.
+ROWS = [("graph head", "img_out"), ("graph head", "ctx_out"), ("graph head", "temb"), ("graph segment", "img_out"),
+        ("graph segment", "ctx_out"), ("graph segment", "delta_img"), ("graph segment", "delta_ctx"),
+        ("graph tail", "velocity"), ("graph reuse", "img_out"), ("graph reuse", "ctx_out"),
+        ("1.x-nfe step 1", "velocity"), ("1.x-nfe step 1", "delta_img"), ("1.x-nfe step 1", "delta_ctx"),
+        ("1.x-nfe step 2", "velocity"), ("1.x-nfe schedule", "latents")]
+
+
+def test_a_run_is_shared_only_where_the_check_and_the_chain_feed_a_graph_the_same_inputs():
+    """Step 1's first graph (head) gets the same noise and text in its check and in the chain: one run serves both.
+    With a head that differs from the reference in the last bits, every other chained call has inputs of its own
+    and runs again; with a candidate equal to the reference bit for bit, step 1's segment and tail and step 2's
+    reuse are fed exactly their checks' inputs too. Each graph's runs and seconds are recorded; no row is lost."""
+    ref_split, source = streamed()
+    defs, specs = transformer_graphs(ref_split, PrecisionPolicy("fp32"))
+    shapes = ShapeConfig(DimRange(1, 1, 1), DimRange(128, 128, 128), DimRange(16, 16, 16), 8)
+    equal = SplitSD3Transformer(build_tiny("tiny-sd3"), SKIP).eval()
+    head_off = SplitSD3Transformer(build_tiny("tiny-sd3"), SKIP).eval()
+    with torch.no_grad():
+        head_off.transformer.transformer_blocks[0].ff.net[2].weight.mul_(1 + 1e-6)
+
+    def gate(model):
+        calls, lines = [], []
+
+        def load(name):
+            graph = TorchGraph(SubgraphModule(model, next(d for d in defs if d.name == name), specs[name]), specs[name])
+            return lambda **inputs: calls.append(name) or graph(**inputs)
+
+        record = run_gate(streamed()[0], source, defs, build_plans(defs), load, artifact="onnx",
+                          backend="onnxruntime", candidate_device="cpu", policy=PrecisionPolicy("fp32"),
+                          shapes=shapes, gate=GateConfig(), log=lines.append)
+        return record, sorted(calls), lines
+
+    record, calls, lines = gate(head_off)
+    assert record["shared_runs"] == 1
+    # checks: head, segment, tail, reuse; step 1: segment, tail (head shared); step 2: head, reuse, tail
+    assert calls == sorted(["head", "segment", "tail", "reuse", "segment", "tail", "head", "reuse", "tail"])
+    rows = [(r["case"].rsplit(" ", 3)[0], r["output"]) for r in record["rows"]]
+    assert rows == ROWS  # every row of the gate before runs were shared, in its order
+    runs = {(r["side"], r["graph"]): r["runs"] for r in record["time_by_graph"]}
+    assert runs == {("reference", "head"): 2, ("reference", "segment"): 1, ("reference", "tail"): 2,
+                    ("reference", "reuse"): 1, ("onnx", "head"): 2, ("onnx", "segment"): 2, ("onnx", "tail"): 3,
+                    ("onnx", "reuse"): 2}
+    assert abs(sum(r["share"] for r in record["time_by_graph"]) - 1) < 1e-3
+    assert any(line.strip().startswith("gate time by graph") for line in lines)
+    assert sum("the check's run (same inputs)" in line for line in lines) == 1
+
+    record, calls, _ = gate(equal)
+    assert record["status"] == "passed" and record["shared_runs"] == 4
+    assert [(r["case"].rsplit(" ", 3)[0], r["output"]) for r in record["rows"]] == ROWS
+    assert calls == sorted(["head", "segment", "tail", "reuse", "head", "tail"])
+
+
 def test_each_output_is_judged_by_its_own_tolerance_when_one_is_given():
     """Both outputs are 1% off the reference (relative error 0.01): the default (0.005) fails both, an override of
     0.02 for one passes it and leaves the other failing; a near-miss cosine still fails an overridden output."""

@@ -212,25 +212,43 @@ def _keeping_fp32_blocks(verification: dict, lo: int, hi: int) -> tuple[int, int
     return lo, hi
 
 
-def _timed(graph: Callable, label: str, log: Callable[[str], None]) -> Callable:
-    """A runner that logs how long each call took and the process's memory after it (progress on long gates)."""
-    def call(**inputs):
-        start = time.perf_counter()
-        out = graph(**inputs)
-        log(f"        {label}: {time.perf_counter() - start:.1f} s, resident {rss_bytes() / 2**30:.1f} GiB")
-        return out
-    return call
+class _Clock:
+    """Seconds and runs per (side, graph) for the gate's time table; every call logs its time and the memory."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log, self.seconds, self.runs = log, {}, {}
+
+    def add(self, side: str, name: str, seconds: float, runs: int = 0) -> None:
+        key = (side, name)
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+        self.runs[key] = self.runs.get(key, 0) + runs
+
+    def timed(self, graph: Callable, side: str, name: str) -> Callable:
+        def call(**inputs):
+            start = time.perf_counter()
+            out = graph(**inputs)
+            seconds = time.perf_counter() - start
+            self.add(side, name, seconds, 1)
+            self.log(f"        {side} {name}: {seconds:.1f} s, resident {rss_bytes() / 2**30:.1f} GiB")
+            return out
+        return call
+
+    def table(self) -> list[dict]:
+        """One row per (side, graph): runs, seconds (loading included) and share of the whole."""
+        total = sum(self.seconds.values()) or 1.0
+        return [{"side": side, "graph": name, "runs": self.runs[(side, name)], "seconds": round(s, 3),
+                 "share": round(s / total, 4)} for (side, name), s in self.seconds.items()]
 
 
 class _Recorder:
     """Graph runners that keep the inputs and outputs of the first call of each graph (moved to the CPU)."""
 
-    def __init__(self, graphs: dict, log: Callable[[str], None]):
-        self.graphs, self.first, self.log = graphs, {}, log
+    def __init__(self, graphs: dict, clock: _Clock):
+        self.graphs, self.first, self.clock = graphs, {}, clock
 
     def __getitem__(self, name):
         def call(**inputs):
-            out = _timed(self.graphs[name], f"reference {name}", self.log)(**inputs)
+            out = self.clock.timed(self.graphs[name], "reference", name)(**inputs)
             if name not in self.first:
                 self.first[name] = ({k: v.detach().cpu() for k, v in inputs.items()},
                                     {k: v.detach().cpu() for k, v in out.items()})
@@ -240,24 +258,43 @@ class _Recorder:
 
 class _OneAtATime:
     """Candidate graphs loaded on first use and dropped when another is needed; checks each graph once, on its
-    recorded reference inputs, while it is loaded."""
+    recorded reference inputs, while it is loaded. A chained call with exactly the inputs of that check (step
+    1's first graph: the same noise and text) gets the check's outputs instead of a second identical run."""
 
-    def __init__(self, load: Callable[[str], Callable], records: dict, check: Callable, artifact: str,
-                 log: Callable[[str], None]):
-        self.load, self.records, self.check, self.artifact, self.log = load, records, check, artifact, log
-        self.name, self.graph, self.checked = None, None, set()
+    def __init__(self, load: Callable[[str], Callable], records: dict, check: Callable, artifact: str, clock: _Clock):
+        self.load, self.records, self.check, self.artifact, self.clock = load, records, check, artifact, clock
+        self.name, self.graph, self.checked, self.shared = None, None, {}, 0
 
     def __getitem__(self, name):
         if name != self.name:
-            self.graph = None  # free the previous graph before loading the next
-            gc.collect()
-            return_freed_memory()
-            self.name, self.graph = name, _timed(_guarded(self.load(name), name, self.artifact),
-                                                 f"{self.artifact} {name}", self.log)
+            self.close()  # free the previous graph before loading the next
+            start = time.perf_counter()
+            graph = _guarded(self.load(name), name, self.artifact)
+            self.clock.add(self.artifact, name, time.perf_counter() - start)
+            self.name, self.graph = name, self.clock.timed(graph, self.artifact, name)
         if name not in self.checked and name in self.records:
-            self.checked.add(name)
-            self.check(name, self.graph, *self.records[name])
-        return self.graph
+            inputs, outputs = self.records[name]
+            self.checked[name] = (inputs, self.graph(**inputs))
+            self.check(name, outputs, self.checked[name][1])
+        return functools.partial(self._call, name)
+
+    def close(self) -> None:
+        """Drop the loaded graph (not kept while the next shape's reference or the components run)."""
+        self.name, self.graph = None, None
+        gc.collect()
+        return_freed_memory()
+
+    def _call(self, name, **inputs):
+        if name in self.checked and _same(inputs, self.checked[name][0]):
+            self.shared += 1
+            self.clock.log(f"        {self.artifact} {name}: the check's run (same inputs)")
+            return self.checked[name][1]
+        return self.graph(**inputs)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].shape == b[k].shape and a[k].dtype == b[k].dtype and torch.equal(a[k].cpu(), b[k]) for k in a)
 
 
 def _guarded(graph: Callable, name: str, artifact: str) -> Callable:
@@ -301,7 +338,7 @@ def run_gate(ref_split: SplitSD3Transformer, source: WeightSource, defs: list[Gr
     tols = _tolerances(tol, gate, [o.name for g in ref_graphs.values() for o in g.spec.outputs] + ["latents"]
                        + [o.name for n in (components.names if components else ()) for o in components.spec(n).outputs])
     reference = StreamedReference(ref_split, source, gate.device)
-    rows = []
+    rows, clock, shared = [], _Clock(log), 0
     plan = SamplingPlan.one_x(eta)
     cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # a float32 reference means float32 matrix products
@@ -312,17 +349,20 @@ def run_gate(ref_split: SplitSD3Transformer, source: WeightSource, defs: list[Gr
             cond = conditioning(cfg.joint_attention_dim, cfg.pooled_projection_dim, batch, text_len, gate.seed)
             latent = (cfg.in_channels, res // shapes.vae_scale, res // shapes.vae_scale)
             log(f"      reference {tag} on {gate.device} (float32, one module at a time)")
-            recorder = _Recorder(ref_graphs, log)
+            recorder = _Recorder(ref_graphs, clock)
             ref_steps = _StepTap(PlanDenoiser(recorder, plans))
             with torch.no_grad():
                 ref = sample(ref_steps, plan, cond, latent, gate.seed, device=gate.device)
 
-            def check(name, graph, inputs, outputs, tag=tag):
-                rows.extend(compare(f"graph {name} {tag}", outputs, graph(**inputs), tols))
+            def check(name, want, got, tag=tag):
+                rows.extend(compare(f"graph {name} {tag}", want, got, tols))
 
             log(f"      {artifact} graphs {tag} on {backend}, one at a time")
-            cand_steps = _StepTap(PlanDenoiser(_OneAtATime(load_candidate, recorder.first, check, artifact, log), plans))
+            candidates = _OneAtATime(load_candidate, recorder.first, check, artifact, clock)
+            cand_steps = _StepTap(PlanDenoiser(candidates, plans))
             got = sample(cand_steps, plan, cond, latent, gate.seed, device=candidate_device)
+            shared += candidates.shared
+            candidates.close()
             rows += compare(f"1.x-nfe step 1 {tag}", ref_steps.outputs[0], cand_steps.outputs[0], tols)
             rows += compare(f"1.x-nfe step 2 {tag}", ref_steps.outputs[1], cand_steps.outputs[1], tols)
             rows += compare(f"1.x-nfe schedule {tag}", {"latents": ref}, {"latents": got}, tols)
@@ -331,7 +371,11 @@ def run_gate(ref_split: SplitSD3Transformer, source: WeightSource, defs: list[Gr
         reference.close()
     record["range_check"] = range_check(reference.max_abs, policy, ref_split.num_layers)
     if components is not None and components.names:
-        rows += _component_rows(components, load_candidate, backend, shapes, gate)
+        rows += _component_rows(components, load_candidate, backend, shapes, gate, clock)
+    record["time_by_graph"] = clock.table()
+    record["shared_runs"] = shared
+    for line in time_table(record["time_by_graph"], shared):
+        log(line)
     status = "passed" if rows and all(r.passed for r in rows) else "failed"
     if record["range_check"]["first_overflow"]:
         status = "failed"  # found, not shipped: an engine may overflow where ONNX Runtime happened not to
@@ -343,6 +387,17 @@ def run_gate(ref_split: SplitSD3Transformer, source: WeightSource, defs: list[Gr
         record["tolerance_per_output"] = {name: asdict(t) for name, t in tols.per_output}
     return dict(record, status=status, tolerance=asdict(tol), rows=rows_to_json(rows),
                 seconds=round(time.perf_counter() - start, 3))
+
+
+def time_table(rows: list[dict], shared: int = 0) -> list[str]:
+    """The gate's time by graph, largest first, as log lines (``rows``: a verification's ``time_by_graph``)."""
+    total = sum(r["seconds"] for r in rows)
+    lines = [f"      gate time by graph ({total:.1f} s in all; loading included; {shared} run(s) shared by a "
+             "graph's check and the chain):"]
+    for r in sorted(rows, key=lambda r: -r["seconds"]):
+        lines.append(f"        {r['side']:>11} {r['graph']:<10} {r['runs']:>2} run(s) {r['seconds']:8.1f} s "
+                     f"{100 * r['share']:5.1f}%")
+    return lines
 
 
 class _StepTap:
@@ -372,7 +427,7 @@ def _tolerances(default, gate: GateConfig, outputs: list[str]) -> Tolerances:
 
 
 def _component_rows(components: Components, load_candidate, backend: str, shapes: ShapeConfig,
-                    gate: GateConfig) -> list:
+                    gate: GateConfig, clock: _Clock) -> list:
     """Components are float32 graphs whatever the transformer's precision. Each is loaded, run and dropped
     before its candidate is loaded: a real T5-XXL is 19 GB in float32."""
     seed = gate.seed
@@ -380,10 +435,14 @@ def _component_rows(components: Components, load_candidate, backend: str, shapes
     rows = []
     for name in components.names:
         inputs = components.inputs(name, shapes.batch.opt, shapes.resolution.opt // shapes.vae_scale, seed)
+        start = time.perf_counter()
         module, spec = components.load(name), components.spec(name)
-        want = TorchGraph(module, spec)(**inputs)
+        clock.add("reference", name, time.perf_counter() - start)
+        want = clock.timed(TorchGraph(module, spec), "reference", name)(**inputs)
         del module
         gc.collect()
+        start = time.perf_counter()
         candidate = _guarded(load_candidate(name), name, "component")
-        rows += compare(f"{name} b{shapes.batch.opt}", want, candidate(**inputs), tol)
+        clock.add("component", name, time.perf_counter() - start)
+        rows += compare(f"{name} b{shapes.batch.opt}", want, clock.timed(candidate, "component", name)(**inputs), tol)
     return rows

@@ -39,20 +39,25 @@ def _session(path: Path, providers: tuple[str, ...], low_memory: bool, spin: boo
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if low_memory:
-        # One-off runs (the gate): give every buffer back after the run instead of keeping an arena, and skip
-        # graph rewrites, which keep float32 copies of fp16 weights (SD3-Medium's 1.9 GiB tail graph: 4.6 GiB
-        # resident and 9.5 GiB peak optimised, 2.0 and 7.1 as exported; and faster to load and run).
-        options.enable_cpu_mem_arena = False
+        # One-off runs (the gate), measured on SD3-Medium's fp16 graphs at 1024 px (2 cores, ONNX Runtime 1.31):
+        # - no graph rewrites: they keep float32 copies of fp16 weights (segment: 7.1 GiB peak optimised, 6.0 not),
+        #   and are not faster here (18.6-21.3 s a run either way);
+        # - the memory arena on, growing by what is asked: without it each 24 x 4429^2 attention buffer is a fresh
+        #   allocation, and the segment took 49-57 s a run;
+        # - no memory pattern (one block for the whole plan, allocated beside the arena from the second run on):
+        #   with it, the process grew from 12.4 to 16.2 GiB resident over the segment's second run.
         options.enable_mem_pattern = False
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        providers = [(p, {"arena_extend_strategy": "kSameAsRequested"}) if p == "CPUExecutionProvider" else p
+                     for p in providers]
     return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
 class OrtGraph:
-    """An ONNX graph in an ONNX Runtime session (CPU unless other providers are given). ``low_memory`` trades
-    ONNX Runtime's memory arena and graph optimisations (fast repeated runs) for memory. ``spin=False`` stops its
-    worker threads from spinning between runs: slower for one caller alone, faster where other threads need the
-    cores (a server's)."""
+    """An ONNX graph in an ONNX Runtime session (CPU unless other providers are given). ``low_memory`` drops ONNX
+    Runtime's graph optimisations and memory pattern (for one-off runs; see ``_session``). ``spin=False`` stops
+    its worker threads from spinning between runs: slower for one caller alone, faster where other threads need
+    the cores (a server's)."""
 
     def __init__(self, path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",), low_memory: bool = False,
                  spin: bool = True):
@@ -77,7 +82,9 @@ class OrtGraph:
             dtype = _NUMPY_TYPES[self.input_types[name]]
             feeds[name] = inputs[name].detach().cpu().numpy().astype(dtype, copy=False)
         outs = self.session.run(self.output_names, feeds)
-        return {name: torch.from_numpy(np.asarray(o)) for name, o in zip(self.output_names, outs)}
+        # Copies: an output ONNX Runtime hands back can live in its arena and keep all of it (gigabytes after an
+        # attention at 1024 px) alive after the session is gone, for as long as the caller keeps the output.
+        return {name: torch.from_numpy(np.array(o, copy=True)) for name, o in zip(self.output_names, outs)}
 
 
 class AotiGraph:
