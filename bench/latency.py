@@ -38,7 +38,7 @@ from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.export.components import component_graphs, load_components
 from onex_export.export.precision import PRECISIONS
 from onex_export.export.shapes import DimRange
-from onex_export.models.vae import SD3_VAE_SCALE, vae_scale
+from onex_export.models.vae import SD3_VAE_SCALE, LatentDecoder, vae_scale
 from onex_export.trt import flavour_version, load_trt
 from onex_export.models import SplitSD3Transformer, build_tiny
 from onex_export.models.zoo import TINY_TEXT_LEN
@@ -50,7 +50,7 @@ from onex_export.schedule import SamplingPlan
 from onex_export.params import DEVICE
 
 from .arguments import NON_NEGATIVE_INT, POSITIVE_INT, RESOLUTION, command_help, invoke, replace_option, run_main
-from .random_weights import ARCHS, random_transformer
+from .random_weights import ARCHS, random_text_encoder, random_transformer, random_vae, text_ids
 from .peers import CacheDitPeer, SkipLayersPeer, cache_dit_installed
 from .report import markdown, plot, write_results
 from .timing import measure_interleaved
@@ -125,13 +125,18 @@ def peers(args, transformer, dens: dict) -> dict:
 # How the per-stage rows are measured on each backend: every stage runs on the benchmarked backend.
 _GRAPH_STAGES = {"MLP (both streams)": "the reuse graph (the MLP and the two adds)",
                  "one block": "the segment graph(s) (blocks 3-10, with the deltas) / 8"}
+REAL_PARTS = {"text encoding": "CLIP-L + CLIP-G + T5-XXL encoder at published sizes, random weights, PyTorch, "
+                              "77 + 77 + 256 tokens",
+              "VAE decode": "SD3's VAE decoder (84 M parameters with its encoder), random weights, PyTorch"}
+T5_XXL_GB = {"fp32": 19.0, "fp16": 9.5, "bf16": 9.5}
 STAGE_METHODS = {"torch": {"MLP (both streams)": "the MLP module", "one block": "block 6 alone"},
                  "onnxruntime": _GRAPH_STAGES, "tensorrt": _GRAPH_STAGES}
 
 
 def stage_calls(backend: str, den, split, comps, cfg, batch: int, latent: tuple, step_inputs: tuple,
-                deltas: tuple) -> dict:
-    """Stage name -> (call, divisor): the MLP, one block, text encoding and VAE decode on ``backend``."""
+                deltas: tuple, parts: tuple | None = None) -> dict:
+    """Stage name -> (call, divisor): the MLP, one block, text encoding and VAE decode on ``backend``; ``parts``
+    (text encoder, latent decoder): a real architecture's components, in PyTorch whatever the backend."""
     x, text, pooled, ts = step_inputs
     calls = {}
     if backend == "torch":
@@ -149,6 +154,12 @@ def stage_calls(backend: str, den, split, comps, cfg, batch: int, latent: tuple,
         inputs = {name: comps.inputs(name, batch, latent[1]) for name in comps.names}
         calls["text encoding"] = (lambda: graphs["text"](**inputs["text"]), 1)
         calls["VAE decode"] = (lambda: graphs["vae"](**inputs["vae"]), 1)
+    if parts is not None:
+        encoder, decoder = parts
+        ids = {k: v.to(x.device) for k, v in text_ids(batch).items()}
+        z = torch.randn(batch, *latent, generator=torch.Generator().manual_seed(1)).to(x.device, x.dtype)
+        calls["text encoding"] = (lambda: encoder(**ids), 1)
+        calls["VAE decode"] = (lambda: decoder(z), 1)
     return calls
 
 
@@ -175,7 +186,7 @@ def progress(line: str) -> None:
 
 
 def measure_batch(args, batch: int, cfg, dens: dict, peer_dens: dict, comps, latent: tuple, text_len: int, dtype,
-                  cuda: bool) -> dict:
+                  cuda: bool, parts: tuple | None = None) -> dict:
     """Every schedule and stage at one batch size, each group timed in interleaved rounds."""
     g = torch.Generator().manual_seed(0)
     cond = Conditioning(torch.randn(batch, text_len, cfg.joint_attention_dim, generator=g),
@@ -223,12 +234,13 @@ def measure_batch(args, batch: int, cfg, dens: dict, peer_dens: dict, comps, lat
                                   on_round=lambda i, n: progress(f"batch {batch}: steps, round {i}/{n}")
                                   if i % 8 == 0 or i == n else None)
     d_img, d_ctx = d_img.to(dtype), d_ctx.to(dtype)  # the 3-10 deltas, for the MLP alone
-    small = stage_calls(args.backend, den, split, comps, cfg, batch, latent, (x, text, pooled, ts), (d_img, d_ctx))
+    small = stage_calls(args.backend, den, split, comps, cfg, batch, latent, (x, text, pooled, ts), (d_img, d_ctx),
+                        parts)
     for name, (fn, _) in small.items():
         timings[name] = measure_interleaved({name: (fn, 3 * args.repeats)}, args.warmup, cuda)[name]
     stages = {n: {"median_ms": timings[n].median_ms / per, "p90_ms": timings[n].p90_ms / per, "runs": timings[n].runs}
               for n, (_, per) in (stage_fns | small).items()}
-    if comps is not None:
+    if "text encoding" in stages:
         stages["end to end 1.x skip 3-10"] = {
             k: stages["text encoding"][k] + schedules["1.x skip 3-10"][k] + stages["VAE decode"][k]
             for k in ("median_ms", "p90_ms")} | {"runs": args.repeats}  # sums of medians, not a measured run
@@ -254,11 +266,12 @@ def run(args) -> dict:
     resolution = args.resolution or cfg.sample_size * scale
     latent = (cfg.in_channels, resolution // scale, resolution // scale)
     text_len = SD3_TEXT_LENGTH if args.arch in ARCHS else TINY_TEXT_LEN
-    comps = load_components(args.arch, cfg, ("text", "vae")) if args.arch not in ARCHS else None
+    comps = load_components(args.arch, cfg, ("text", "vae")) if args.arch not in ARCHS and components_on(args) else None
+    parts = real_parts(args, dtype) if args.arch in ARCHS and components_on(args) else None
     with tempfile.TemporaryDirectory(prefix="onex-bench-") as tmp:  # ONNX graphs live only for the run
         dens = denoisers(args, transformer, resolution, Path(tmp))
         peer_dens = peers(args, transformer, dens)
-        results = [measure_batch(args, b, cfg, dens, peer_dens, comps, latent, text_len, dtype, cuda)
+        results = [measure_batch(args, b, cfg, dens, peer_dens, comps, latent, text_len, dtype, cuda, parts)
                    for b in args.batch]
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -272,7 +285,10 @@ def run(args) -> dict:
         "config": {"arch": args.arch, "resolution": resolution, "text_len": text_len, "batches": args.batch,
                    "cuda_graph": args.cuda_graph,
                    "warmup": args.warmup, "repeats": args.repeats, "num_layers": cfg.num_layers},
-        "stage_methods": STAGE_METHODS[args.backend],
+        "stage_methods": STAGE_METHODS[args.backend] | (REAL_PARTS if parts else {}),
+        "components": ("measured" if comps is not None or parts else
+                       "not measured (--components: SD3's encoders and VAE at real size; T5-XXL's encoder is "
+                       f"{T5_XXL_GB[args.dtype]} GB in {args.dtype})" if args.arch in ARCHS else "not measured"),
         "peers": {name: "measured" if name in peer_dens else "not measured: " + (
                       "torch backend only" if args.backend != "torch" else "cache-dit is not installed")
                   for name in ("peer: skip_layers 3-10", "peer: cache-dit DBCache 3-10")},
@@ -280,6 +296,21 @@ def run(args) -> dict:
         "speedup_noise": speedup_noise(results),
         "bars": bars(results),
     }
+
+
+def components_on(args) -> bool:
+    """--components / --no-components; unset: on, but for a real architecture on the CPU (T5-XXL's encoder alone
+    is 19 GB in float32)."""
+    if args.components is not None:
+        return args.components
+    return args.arch not in ARCHS or args.device.startswith("cuda")
+
+
+def real_parts(args, dtype) -> tuple:
+    """SD3's text encoders and VAE decoder at their published sizes, random weights, in ``dtype`` on the device."""
+    progress("making SD3's text encoders (CLIP-L, CLIP-G, T5-XXL) and VAE at real size, random weights")
+    encoder = random_text_encoder(dtype, args.device)
+    return encoder, LatentDecoder(random_vae()).to(args.device, dtype).eval()
 
 
 def _versions(*packages: str) -> dict:
@@ -347,6 +378,9 @@ def default_trt() -> str:
 @click.option("--repeats", type=POSITIVE_INT, default=8, show_default=True)
 @click.option("--cuda-graph", is_flag=True,
               help="replay each transformer step as a captured CUDA graph (GPU; cache-dit stays eager)")
+@click.option("--components/--no-components", default=None,
+              help="time the text encoders and VAE decoder too; real architectures get SD3's at their published sizes "
+                   "with random weights (default: on with CUDA, off on the CPU)")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="a new folder for JSON/Markdown/PNG (default bench/results/<arch>-<backend>-<dtype>-<device>)")
 @replace_option

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from onex_export.fileio import atomic_path, default_mode
+from onex_export.models.text import SD3_T5_LENGTH, SD3TextEncoder
 from onex_export.models.weights import INDEX_NAME, WEIGHTS_NAME, WeightSource, materialize, meta_transformer, top_level_prefixes
 
 # Real architectures with random weights: latency and build cost do not depend on the weight values.
@@ -42,6 +43,14 @@ SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, down_block_typ
                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
                use_post_quant_conv=False)
+# SD3's text encoders at their published sizes (the text_encoder, text_encoder_2 and text_encoder_3 configs of the
+# SD3-Medium pipeline; SD3.5 ships the same three): CLIP-L 123 M, CLIP-G 695 M and T5-XXL's encoder 4.76 B parameters.
+SD3_CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
+                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+SD3_CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
+                  num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu")
+SD3_T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                  feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128)
 SHARD_BYTES = 10 * 10**9  # diffusers' default max_shard_size ("10GB"): SD3-Medium is one file, SD3.5-Large two
 
 
@@ -104,6 +113,36 @@ def random_vae(seed: int = 0) -> AutoencoderKL:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoencoderKL(**SD3_VAE).eval()
+
+
+def random_text_encoder(dtype: torch.dtype, device: str = "cpu", seed: int = 0,
+                        max_layers: int | None = None) -> SD3TextEncoder:
+    """SD3's three text encoders at their published sizes with transformers' random initialisation, made directly
+    in ``dtype`` on ``device`` (never a float32 copy: T5-XXL's encoder is 19 GB in float32, 9.5 in bf16).
+    ``max_layers`` caps each encoder's depth (tests: real widths, few layers). Outputs (B, 77 + 256, 4096) and
+    (B, 2048): the joint and pooled widths of SD3-Medium and SD3.5-Large."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    def depth(key: str, config: dict) -> dict:
+        return {**config, key: min(config[key], max_layers or config[key])}
+
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        clip_l = CLIPTextModelWithProjection._from_config(CLIPTextConfig(**depth("num_hidden_layers", SD3_CLIP_L)),
+                                                          dtype=dtype)
+        clip_g = CLIPTextModelWithProjection._from_config(CLIPTextConfig(**depth("num_hidden_layers", SD3_CLIP_G)),
+                                                          dtype=dtype)
+        t5 = T5EncoderModel._from_config(T5Config(**depth("num_layers", SD3_T5_XXL)), dtype=dtype)
+    return SD3TextEncoder(clip_l, clip_g, t5).eval()
+
+
+def text_ids(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded token ids for :func:`random_text_encoder`: full-length CLIP (77) and T5 (256) rows, by input name."""
+    g = torch.Generator().manual_seed(seed)
+    clip = SD3_CLIP_L["max_position_embeddings"]
+    return {"ids_l": torch.randint(0, SD3_CLIP_L["vocab_size"], (batch, clip), generator=g),
+            "ids_g": torch.randint(0, SD3_CLIP_G["vocab_size"], (batch, clip), generator=g),
+            "ids_t5": torch.randint(0, SD3_T5_XXL["vocab_size"], (batch, SD3_T5_LENGTH), generator=g)}
 
 
 def write_checkpoint(config: dict, folder: Path, dtype: torch.dtype, seed: int = 0, shard_bytes: int = SHARD_BYTES,

@@ -38,6 +38,8 @@ def markdown(report: dict) -> str:
     methods = report.get("stage_methods", {})
     if methods:
         lines += ["Stage rows measured as: " + "; ".join(f"{k}: {v}" for k, v in methods.items()) + ".", ""]
+    if report.get("components", "measured") != "measured":
+        lines += [f"Text encoders and VAE: {report['components']}.", ""]
     lines += ["## Performance bars", "", "| batch | bar | value | limit | met |", "|---|---|---|---|---|"]
     lines += [f"| {b['batch']} | {b['bar']} | {b['value']:.4f} | {b['limit']:.4f} | {'yes' if b['met'] else 'NO'} |"
               for b in report["bars"]]

@@ -11,7 +11,7 @@ from PIL import Image
 from bench import latency
 from bench.arguments import run_main
 from bench.latency import main
-from bench.random_weights import random_transformer
+from bench.random_weights import ARCHS, random_text_encoder, random_transformer, text_ids
 from bench.timing import measure_interleaved
 from onex_export.config import SkipRange
 from onex_export.errors import OnexError
@@ -69,10 +69,7 @@ def test_benchmark_onnxruntime_backend(tmp_path):
 def test_random_weight_architecture_is_built_from_a_saved_folder(tmp_path, monkeypatch):
     """The real architectures (random weights) reach a build through a temporary diffusers folder; a tiny
     config stands in for SD3-Medium here, whose 8 GB of fp32 weights a CPU test cannot afford."""
-    monkeypatch.setitem(latency.ARCHS, "mini-real", dict(
-        sample_size=8, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=24, caption_projection_dim=16, pooled_projection_dim=12, out_channels=16,
-        pos_embed_max_size=16))
+    monkeypatch.setitem(latency.ARCHS, "mini-real", MINI_REAL)
     args = argparse.Namespace(arch="mini-real", backend="onnxruntime", device="cpu", dtype="fp32", batch=[1])
     transformer = latency.make_transformer("mini-real", torch.float32, "cpu")  # seed 0
     dens = latency.denoisers(args, transformer, 64, tmp_path)
@@ -89,6 +86,50 @@ def test_random_weight_architecture_is_built_from_a_saved_folder(tmp_path, monke
     # Negative control: the same architecture drawn from another seed does not match.
     other = TorchDenoiser(SplitSD3Transformer(random_transformer("mini-real", torch.float32, "cpu", seed=1), SkipRange(3, 10)))
     assert (other.full(x, text, pooled, ts)[0] - dens["3-10"][0].full(x, text, pooled, ts)[0]).abs().max().item() > 1e-3
+
+
+MINI_REAL = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=8, num_attention_heads=2,
+                 joint_attention_dim=24, caption_projection_dim=16, pooled_projection_dim=12, out_channels=16,
+                 pos_embed_max_size=16)
+
+
+def test_sd3_text_encoders_at_real_width_give_what_the_real_transformers_take():
+    """CLIP-L, CLIP-G and T5-XXL at their published widths (one layer each here: the full T5-XXL encoder is 9.5 GB
+    in bf16) are made in bf16 directly, and give (B, 77 + 256, 4096) and (B, 2048): SD3-Medium's and
+    SD3.5-Large's joint and pooled widths."""
+    encoder = random_text_encoder(torch.bfloat16, max_layers=1)
+    assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}
+    assert encoder.t5.config.d_model == 4096 and encoder.t5.config.d_ff == 10240 and encoder.t5.config.num_heads == 64
+    assert encoder.clip_g.config.hidden_size == 1280 and encoder.clip_l.config.hidden_size == 768
+    with torch.no_grad():
+        embeds, pooled = encoder(**text_ids(2))
+        other = random_text_encoder(torch.bfloat16, seed=1, max_layers=1)(**text_ids(2))[0]
+    assert embeds.shape == (2, SD3_TEXT_LENGTH, 4096) and pooled.shape == (2, 2048)
+    for arch in ("sd3-medium", "sd35-large"):
+        assert (ARCHS[arch]["joint_attention_dim"], ARCHS[arch]["pooled_projection_dim"]) == (4096, 2048)
+    assert torch.isfinite(embeds).all() and 0.1 < embeds.float().std().item() < 10
+    assert (embeds - other).abs().max().item() > 0.1  # another seed, other weights
+
+
+def test_real_architecture_reports_its_text_encoders_and_vae_when_asked(tmp_path, monkeypatch):
+    """A real architecture on the CPU leaves the components out unless --components (T5-XXL's 19 GB in float32);
+    with it, text encoding, VAE decode and the end-to-end sum are reported. A small transformer and one-layer
+    encoders at real width stand in for the real sizes."""
+    monkeypatch.setitem(latency.ARCHS, "mini-real", MINI_REAL)
+    monkeypatch.setattr(latency, "random_text_encoder",
+                        lambda dtype, device: random_text_encoder(dtype, device, max_layers=1))
+    common = ["--arch", "mini-real", "--repeats", "1", "--warmup", "0", "--batch", "1"]
+    assert main([*common, "--out", str(tmp_path / "without")]) == 0
+    report = json.loads((tmp_path / "without" / "latency.json").read_text())
+    assert "text encoding" not in report["results"][0]["stages"] and report["components"].startswith("not measured")
+    assert "Text encoders and VAE: not measured" in (tmp_path / "without" / "latency.md").read_text()
+    assert main([*common, "--components", "--out", str(tmp_path / "with")]) == 0
+    report = json.loads((tmp_path / "with" / "latency.json").read_text())
+    stages = report["results"][0]["stages"]
+    assert report["components"] == "measured" and "T5-XXL" in report["stage_methods"]["text encoding"]
+    assert stages["end to end 1.x skip 3-10"]["median_ms"] == pytest.approx(
+        stages["text encoding"]["median_ms"] + report["results"][0]["schedules"]["1.x skip 3-10"]["median_ms"]
+        + stages["VAE decode"]["median_ms"])
 
 
 def test_benchmark_builds_accept_a_gate_that_cannot_run_here_but_not_a_failed_one(tmp_path):

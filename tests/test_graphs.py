@@ -136,3 +136,27 @@ def test_a_graph_traced_at_one_size_runs_at_every_size(split, tmp_path):
         assert (outs[-1] - ref).abs().max() < 1e-5
     assert (outs[0] - outs[1]).abs().max() < 1e-5
     assert tuple(outs[0].shape) == (1, 16, 12, 8)
+
+
+def test_an_exported_file_whose_shapes_do_not_agree_is_refused(tmp_path, monkeypatch):
+    """The exporter is replaced (mock) by one that writes a file ONNX's checker accepts but whose shapes contradict
+    each other (a MatMul of 2x3 by 4x5): strict shape inference, run with its output thrown away, must still
+    refuse it."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from onex_export.contract import GraphSpec, TensorSpec
+
+    def bad_export(module, args, f, **kwargs):
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])], "bad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])],
+            [helper.make_tensor("w", TensorProto.FLOAT, [4, 5], [0.0] * 20)])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), f)
+
+    monkeypatch.setattr(torch.onnx, "export", bad_export)
+    spec = GraphSpec("bad", (TensorSpec("x", (2, 3), "float32"),), (TensorSpec("y", (2, 5), "float32"),))
+    bad_export(None, None, str(tmp_path / "plain.onnx"))
+    onnx.checker.check_model(str(tmp_path / "plain.onnx"))  # the checker alone lets it through
+    with pytest.raises(onnx.shape_inference.InferenceError, match="MatMul"):
+        export_graph(torch.nn.Identity(), spec, (torch.zeros(2, 3),), tmp_path, 80)

@@ -15,7 +15,8 @@ Memory: the reference never exists whole. Its transformer sits on the ``meta`` d
 (embedders, one block, the output projection) is loaded in float32 from the checkpoint just before it
 runs and dropped just after, on ``device`` ("cuda" with ``--gate-device cuda``), and the freed memory is handed
 back to the OS each time (:func:`~onex_export.models.weights.return_freed_memory`). Candidate graphs are loaded
-one at a time. Only the first call of each graph keeps its reference inputs and outputs (per graph, its output
+one at a time; a graph's check and its chained call share one run where their inputs are identical (step 1's first
+graph). Each graph's time, loading included, is logged at the end and recorded (``time_by_graph``). Only the first call of each graph keeps its reference inputs and outputs (per graph, its output
 streams and deltas: 80 MiB for SD3.5-Large at 1024 px; what the reference's memory grows by during the gate).
 """
 from __future__ import annotations
