@@ -38,13 +38,19 @@ def not_ours(folder: Path, names: Iterable[str]) -> list[str]:
             and not ((folder / name).is_file() and record.get(name) == sha256_file(folder / name))]
 
 
+def _stamp(path: Path) -> tuple[str, int]:
+    """(sha256, modification time): a file rewritten with the same bytes is still this run's."""
+    return sha256_file(path), path.stat().st_mtime_ns
+
+
 @contextlib.contextmanager
 def report_folder(folder: str | Path, names: Iterable[str], option: str = "--out", replace: bool = True
                   ) -> Iterator[Path]:
     """Hold ``folder`` for writing the files ``names`` (those a run may write): refused (:class:`UsageError`) when
     one of them is there and not ours, or, without ``replace``, there at all (an earlier run's results); or
     (:class:`~onex_export.locks.BusyError`) when another process holds it.
-    Afterwards (failed or not) the record lists what the block wrote. Enter it before the work, so that nothing is
+    Afterwards (failed or not) the record lists what the block wrote; when the block finished, files of ``names``
+    from an earlier run that it did not write again are removed. Enter it before the work, so that nothing is
     lost to a refusal at the end."""
     folder, names = Path(folder), list(names)
     for name in names:
@@ -63,15 +69,23 @@ def report_folder(folder: str | Path, names: Iterable[str], option: str = "--out
                 raise UsageError(f"{folder} holds the results of an earlier run ({', '.join(earlier)}): refusing to "
                                  "replace them", f"choose a new folder with {option} NEW_FOLDER, or pass --replace to "
                                  "replace them")
-            before = {name: sha256_file(folder / name) for name in names if (folder / name).is_file()}
+            before = {name: _stamp(folder / name) for name in names if (folder / name).is_file()}
+            finished = False
             try:
                 yield folder
+                finished = True
             finally:  # also after a failure: a figure written before it is ours, and may be replaced next time
-                now = {name: sha256_file(folder / name) for name in names if (folder / name).is_file()}
-                written = {name: digest for name, digest in now.items() if before.get(name) != digest}
-                if written:
+                now = {name: _stamp(folder / name) for name in names if (folder / name).is_file()}
+                written = {name: stamp[0] for name, stamp in now.items() if before.get(name) != stamp}
+                # A finished run replaces the earlier one whole: its files this run did not write (ours: checked
+                # above) would pass for this run's (bench.build --no-naive beside an earlier naive.log).
+                stale = [name for name in before if finished and name in now and name not in written]
+                for name in stale:
+                    (folder / name).unlink()
+                if written or stale:
+                    record = {k: v for k, v in {**_record(folder), **written}.items() if k not in stale}
                     with atomic_path(folder / RECORD) as tmp:
-                        tmp.write_text(json.dumps({**_record(folder), **written}, indent=2, sort_keys=True) + "\n")
+                        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     finally:
         if created:
             with contextlib.suppress(OSError):

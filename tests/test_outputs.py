@@ -69,6 +69,33 @@ def test_the_record_is_per_file_and_by_content(tmp_path):
             pass
 
 
+def test_a_finished_run_replaces_the_earlier_one_whole_and_a_failed_one_keeps_it(tmp_path):
+    """bench.build --no-naive --replace once left the earlier run's naive.log beside its own results, recorded as
+    ours. A run that finishes removes the earlier run's files it did not write again (a file rewritten with the
+    same bytes is kept); a run that fails removes nothing; a file of another name is never touched."""
+    import json
+    import os
+
+    folder = tmp_path / "r"
+    names = ["build.md", "naive.log", "same.md"]
+    with report_folder(folder, names):
+        for name in names:
+            (folder / name).write_text(f"first run: {name}\n")
+    (folder / "notes.txt").write_text("a user's\n")
+    os.utime(folder / "same.md", ns=(10**18, 10**18))  # runs are seconds apart, not within the clock's tick
+    with pytest.raises(RuntimeError):
+        with report_folder(folder, names):
+            (folder / "build.md").write_text("second run, failed half way\n")
+            raise RuntimeError("failed")
+    assert (folder / "naive.log").read_text() == "first run: naive.log\n"  # a failed run keeps the earlier files
+    with report_folder(folder, names):
+        (folder / "build.md").write_text("third run\n")
+        (folder / "same.md").write_text("first run: same.md\n")  # the same bytes, written again
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["build.md", "notes.txt", "same.md"]
+    assert sorted(json.loads((folder / ".onex-export-files.json").read_text())) == ["build.md", "same.md"]
+    assert not_ours(folder, names) == []
+
+
 def test_bench_quality_refuses_a_users_own_report_before_any_model_loads(tmp_path):
     out = tmp_path / "quality"
     out.mkdir()
