@@ -216,3 +216,36 @@ def test_step_profile_counts_flops_and_groups_the_time(tmp_path):
     assert report["eager_ms"] > 0 and sum(report["groups_ms"].values()) > 0
     assert "matrix products" in report["groups_ms"]
     assert "| eager |" in (tmp_path / "profile.md").read_text()
+
+
+def test_the_gpu_check_script_dry_runs_on_the_cpu(tmp_path):
+    """bench/gpu_check.sh is what a GPU session runs in its few minutes: it must work before it gets there. On the
+    CPU with tiny-sd3 it runs each step, logs each exit and time, and leaves JSON and Markdown only (8 files come
+    back from a GPU machine: no figures)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path / "out"), DEVICE="cpu", ARCH="tiny-sd3", DTYPE="fp32", RES="128",
+               REPEATS="1", PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (tmp_path / "out" / "gpu_check.log").read_text().splitlines()
+    assert [line.split(":")[0] for line in log] == ["latency", "step-profile"]
+    assert all(": exit 0 in " in line for line in log)
+    files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")
+                   if p.is_file() and not p.name.startswith("."))
+    assert files == ["gpu_check.log", "latency.out", "latency/latency.json", "latency/latency.md",
+                     "step-profile.out", "step-profile/profile.json", "step-profile/profile.md"]
+    report = json.loads((tmp_path / "out" / "latency" / "latency.json").read_text())
+    assert report["components"] == "measured" and "end to end 1.x skip 3-10" in report["results"][0]["stages"]
+
+    env.update(ARCH="no-such-model", OUT=str(tmp_path / "bad"))  # a failing step is reported, and the exit says so
+    done = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 1 and done.stdout.startswith("latency: exit 1 in ")
+    assert "step-profile: exit 1 in " in done.stdout  # the next step still ran
+    assert "unknown embedded model 'no-such-model'" in (tmp_path / "bad" / "latency.out").read_text()
