@@ -55,7 +55,8 @@ def progress(line: str) -> None:
 
 
 class Watchdog:
-    """Samples a child's resident memory; kills it past ``limit`` bytes. ``peak`` is the largest sample."""
+    """Samples a child's resident memory, its own children's included; kills it past ``limit`` bytes. ``peak`` is
+    the largest sample."""
 
     def __init__(self, proc: subprocess.Popen, limit: int, interval: float = 0.2):
         self.proc, self.limit, self.interval = proc, limit, interval
@@ -64,12 +65,19 @@ class Watchdog:
         self._thread.start()
 
     def _rss(self) -> int:
-        try:
-            text = Path(f"/proc/{self.proc.pid}/status").read_text()
-        except OSError:
-            return 0
-        match = re.search(r"VmRSS:\s+(\d+) kB", text)
-        return int(match.group(1)) * 1024 if match else 0
+        """The child's resident memory with that of its own children (the build's gate reference process)."""
+        total, pending = 0, [self.proc.pid]
+        while pending:
+            pid = pending.pop()
+            try:
+                text = Path(f"/proc/{pid}/status").read_text()
+                pending += [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                            for c in (t / "children").read_text().split()]
+            except OSError:
+                continue  # gone meanwhile
+            match = re.search(r"VmRSS:\s+(\d+) kB", text)
+            total += int(match.group(1)) * 1024 if match else 0
+        return total
 
     def _run(self) -> None:
         while self.proc.poll() is None:
@@ -225,7 +233,8 @@ def summarize_build(child: dict, manifest: Manifest | None) -> dict:
                      "rows": len(v["rows"]), "failed_rows": sum(not r["passed"] for r in v["rows"]),
                      "worst_max_rel": max((r["max_rel"] for r in v["rows"]), default=None),
                      "range_check": {k: (v["range_check"] or {}).get(k) for k in ("limit", "first_overflow")},
-                     "time_by_graph": v.get("time_by_graph", []), "shared_runs": v.get("shared_runs", 0)})
+                     "time_by_graph": v.get("time_by_graph", []), "shared_runs": v.get("shared_runs", 0),
+                     "reference_process": v.get("reference_process")})
     return out
 
 
@@ -279,6 +288,11 @@ def markdown(report: dict) -> str:
                       "and the chain):", "", "| side | graph | runs | seconds | share |", "|---|---|---|---|---|"]
             for r in sorted(gt["time_by_graph"], key=lambda r: -r["seconds"]):
                 lines.append(f"| {r['side']} | {r['graph']} | {r['runs']} | {r['seconds']:.1f} | {100 * r['share']:.1f}% |")
+        if gt.get("reference_process"):
+            rp = gt["reference_process"]
+            lines += ["", f"The reference rows were made by a second process during export and engines: "
+                      f"{rp['seconds']:.1f} s, the gate waited {rp['waited_seconds']:.1f} s for it; its peak "
+                      f"{rp['peak_rss_bytes'] / GIB:.2f} GiB (in the whole build's peak above, measured with its children)."]
     lines.append(f"\nBuild status: {ours.get('status', 'no manifest: exit ' + str(ours['exit_code']))}.")
     return "\n".join(lines) + "\n"
 

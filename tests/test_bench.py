@@ -249,3 +249,22 @@ def test_the_gpu_check_script_dry_runs_on_the_cpu(tmp_path):
     assert done.returncode == 1 and done.stdout.startswith("latency: exit 1 in ")
     assert "step-profile: exit 1 in " in done.stdout  # the next step still ran
     assert "unknown embedded model 'no-such-model'" in (tmp_path / "bad" / "latency.out").read_text()
+
+
+def test_the_build_watchdog_counts_the_memory_of_the_childs_own_children():
+    """A build runs its gate's reference in a second process: bench.build's memory figure and limit must see it.
+    Here the child holds 20 MiB and its own child 300 MiB (touched, so resident)."""
+    import subprocess
+    import sys
+
+    from bench.build import Watchdog
+
+    grandchild = "b = bytearray(300 * 2**20); import time; time.sleep(4)"
+    child = (f"import subprocess, sys; a = bytearray(20 * 2**20); "
+             f"subprocess.run([sys.executable, '-c', {grandchild!r}])")
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    dog = Watchdog(proc, limit=2**40, interval=0.1)
+    proc.wait()
+    dog.join()
+    assert proc.returncode == 0
+    assert dog.peak > 320 * 2**20, f"peak {dog.peak / 2**20:.0f} MiB: the grandchild's 300 MiB were not counted"

@@ -56,6 +56,29 @@ def test_streamed_reference_equals_the_model_in_memory_with_one_block_loaded_at_
     assert set(ref.max_abs) >= {"pos_embed", "transformer_blocks.0", "transformer_blocks.23", "proj_out"}
 
 
+def test_streamed_reference_records_the_largest_value_and_keeps_a_nan():
+    """The range check's figures: each module's largest |output| (here: the last projection's, against the output
+    itself), and a NaN from broken weights recorded for the block that made it, not lost to a later max()."""
+    model = build_tiny("tiny-sd3")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    split = SplitSD3Transformer(meta_transformer(dict(model.config)), SKIP, CompensationMLP.for_transformer(model))
+    ref = StreamedReference(split, StateDictSource(state), "cpu")
+    with torch.no_grad():
+        v, _, _ = split.full(*inputs())
+    ref.close()
+    assert ref.max_abs["proj_out"] == float(v.abs().max()) > 0  # the velocity is proj_out's output, unpatchified
+    assert not any(value != value for value in ref.max_abs.values())
+    state["transformer_blocks.8.ff.net.2.weight"][0, 0] = float("nan")  # block 9 (1-based)
+    split = SplitSD3Transformer(meta_transformer(dict(model.config)), SKIP, CompensationMLP.for_transformer(model))
+    ref = StreamedReference(split, StateDictSource(state), "cpu")
+    with torch.no_grad():
+        split.full(*inputs())
+    ref.close()
+    assert ref.max_abs["transformer_blocks.7"] == ref.max_abs["transformer_blocks.7"]  # finite before it
+    assert ref.max_abs["transformer_blocks.8"] != ref.max_abs["transformer_blocks.8"]
+    assert range_check(ref.max_abs, PrecisionPolicy("fp16"), 24)["nonfinite"] == "transformer_blocks.8"
+
+
 def test_range_check_names_the_first_block_over_fp16_and_skips_float32_blocks():
     values = {"pos_embed": 10.0, "transformer_blocks.0": 100.0, "transformer_blocks.6": 7e4,
               "transformer_blocks.7": 1e5, "transformer_blocks.8": 30.0, "proj_out": 5.0}

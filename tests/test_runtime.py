@@ -2,6 +2,7 @@
 PyTorch reference, on the embedded tiny-sd3 with its tiny text encoders and VAE."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,37 +243,83 @@ def test_batched_requests_give_each_request_its_own_images(build_dir):
         pipe.generate_batch([Request(("a",), images_per_prompt=4)])
 
 
-def test_an_output_kept_after_its_session_does_not_keep_the_sessions_memory(tmp_path):
-    """ONNX Runtime's outputs can live in its arena; kept by the caller (the gate keeps step 1's deltas and each
-    check's outputs), they held every dropped session's arena alive: SD3-Medium's fp16 gate grew to 19.7 GiB and
-    was killed. Here a 256 MiB intermediate (an 8192^2 float32 product) is in the arena; the 4-byte output is kept
-    and the session dropped: the process must give the intermediate back (it kept 272 MiB without the copy)."""
-    import gc
+def _rss() -> int:
     import re
 
+    return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def _faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _square_graph(folder: Path, n: int = 8192) -> Path:
+    """x [n, 1] @ xt [1, n] summed: one n^2 float32 intermediate (256 MiB at 8192) in ONNX Runtime's arena, a
+    4-byte output."""
     import onnx
     from onnx import TensorProto, helper
 
-    from onex_export.models.weights import return_freed_memory
-    from onex_export.runtime.graphs import OrtGraph
-
-    def rss():
-        return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
-
-    n = 8192
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "xt"], ["big"]), helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0)],
         "arena", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, 1]),
                   helper.make_tensor_value_info("xt", TensorProto.FLOAT, [1, n])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), tmp_path / "g.onnx")
-    x = torch.randn(n, 1, generator=torch.Generator().manual_seed(0))
-    before = rss()
-    session = OrtGraph(tmp_path / "g.onnx", low_memory=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), folder / "g.onnx")
+    return folder / "g.onnx"
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_an_output_kept_after_its_session_does_not_keep_the_sessions_memory(tmp_path, low_memory):
+    """ONNX Runtime's outputs can live in its arena; kept by the caller (the gate keeps step 1's deltas and each
+    check's outputs), they held every dropped session's arena alive: SD3-Medium's fp16 gate grew to 19.7 GiB and
+    was killed. Here a 256 MiB intermediate is in the arena (the session's own, or with ``low_memory`` the shared
+    one, given back by ``release_shared_arena``); the 4-byte output is kept and the session dropped: the process
+    must give the intermediate back (it kept 272 MiB without the copy)."""
+    import gc
+
+    from onex_export.models.weights import return_freed_memory
+    from onex_export.runtime.graphs import OrtGraph, release_shared_arena
+
+    path = _square_graph(tmp_path)
+    x = torch.randn(8192, 1, generator=torch.Generator().manual_seed(0))
+    release_shared_arena()
+    before = _rss()
+    session = OrtGraph(path, low_memory=low_memory)
     out = session(x=x, xt=x.T.contiguous())
     del session
     gc.collect()
+    release_shared_arena()
     return_freed_memory()
-    kept = rss() - before
+    kept = _rss() - before
     assert out["y"].item() == pytest.approx(float(x.sum()) ** 2, rel=1e-4)  # the output is still right
     assert kept < 128 * 2**20, f"{kept / 2**20:.0f} MiB still resident after the session was dropped"
+
+
+def test_lean_sessions_reuse_one_arena_until_it_is_released(tmp_path):
+    """The gate loads graph after graph: a ``low_memory`` session's first run takes its working memory from the
+    shared arena that the previous session filled, instead of fresh pages the kernel must fault in and zero (at
+    4 KiB a page: 65536 faults for the 256 MiB intermediate here); after ``release_shared_arena`` they are fresh again."""
+    import gc
+
+    from onex_export.runtime.graphs import OrtGraph, release_shared_arena
+
+    path = _square_graph(tmp_path)
+    x = torch.randn(8192, 1, generator=torch.Generator().manual_seed(0))
+    feeds = {"x": x, "xt": x.T.contiguous()}
+    release_shared_arena()
+    faults = []
+    for release in (False, True, False):
+        session = OrtGraph(path, low_memory=True)
+        start = _faults()
+        session(**feeds)
+        faults.append(_faults() - start)
+        del session
+        gc.collect()
+        if release:
+            release_shared_arena()
+    pages = 8192 * 8192 * 4 // 4096
+    first, reused, after_release = faults
+    assert first > pages // 2 and after_release > pages // 2, faults  # fresh memory: faulted in
+    assert reused < pages // 8, faults  # the arena's: already resident

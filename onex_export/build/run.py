@@ -50,6 +50,7 @@ from ..trt import flavour_version, load_trt
 from ..export import aoti
 from ..export import manifest as mf
 from ..export.components import COMPONENTS, Components, available, load_components, save_tokenizers
+from ..check.background import BackgroundReference, in_background, job_for_build
 from ..check.gate import GateConfig, failure_summary, run_gate
 from ..export.graphs import (
     DEFAULT_GRAPH_BYTES, GraphDef, SubgraphModule, build_plans, module_bytes, transformer_graphs, weights_digest,
@@ -110,6 +111,7 @@ class BuildConfig:
     external_data_threshold: int = PROTOBUF_LIMIT
     max_graph_bytes: int = DEFAULT_GRAPH_BYTES
     aoti: bool = False  # also compile each graph into an AOTInductor package for this machine's CPU, and gate it
+    reference_process: bool | None = None  # the gate's reference made during export by a second process; None: auto
 
     def __post_init__(self):
         if self.trt not in TRT_CHOICES:
@@ -352,18 +354,21 @@ def compile_stage(config: BuildConfig, loaded: LoadedModel, comps: Components, g
 # -- the gate ----------------------------------------------------------------------------------------------
 
 def gate_stage(config: BuildConfig, loaded: LoadedModel, defs: list[GraphDef], plans: dict, shapes: ShapeConfig,
-               comps, tmp: Path, entries: dict[str, GraphEntry], log) -> tuple[dict, ...]:
+               comps, tmp: Path, entries: dict[str, GraphEntry], background: BackgroundReference | None,
+               log) -> tuple[dict, ...]:
     """The ONNX graphs in ONNX Runtime against the streamed float32 reference (engines need a GPU to run), and
-    with ``--aoti`` the AOTInductor packages the same way: one verification each."""
+    with ``--aoti`` the AOTInductor packages the same way: one verification each. The reference is the one made
+    in ``background`` where there is one."""
     candidates = [("onnx", "onnxruntime", lambda n: OrtGraph(tmp / f"{n}.onnx", low_memory=True))]
     if config.aoti:
         candidates.append(("compiled", "aoti", lambda n: aoti_graph(tmp, n, entries[n])))
+    made = background.result(log) if background is not None else None
     out = []
     for artifact, backend, load in candidates:
         reference = split_on_meta(loaded.config, config.mlp, config.skip)
         out.append(run_gate(reference, loaded.source, defs, plans, load, artifact=artifact, backend=backend,
                             candidate_device="cpu", policy=config.policy, shapes=shapes, gate=config.gate,
-                            eta=config.eta, components=comps, log=log))
+                            eta=config.eta, components=comps, reference=made, log=log))
     return tuple(out)
 
 
@@ -445,18 +450,19 @@ def _write_build(config: BuildConfig, loaded: LoadedModel, comps: Components, tr
     ``<out>.failed``)."""
     out, cfg = Path(config.out), loaded.split.transformer.config
     tmp.mkdir()
-    with clock.stage("export"):
-        entries = export_stage(config, loaded, comps, graphs, previous, tmp, versions, log)
-    with clock.stage("engines"):
-        entries = engine_stage(config, trt, entries, specs, shapes, cfg.patch_size, previous, tmp, versions, log)
-        entries = compile_stage(config, loaded, comps, graphs, entries, shapes.dim_ranges(cfg.patch_size), previous,
-                                tmp, log)
-    with clock.stage("gate"):
-        log(f"[4/5] parity gate ({config.gate.mode}): ONNX Runtime{' and AOTInductor' if config.aoti else ''} vs "
-            f"PyTorch float32 on {config.gate.device}"
-            + (" (engines run only on a GPU: onex-export verify --backend tensorrt)" if trt != "none" else ""))
-        verifications = gate_stage(config, loaded, defs, plans, shapes, comps, tmp, entries, log)
-        verification = next((v for v in verifications if v["status"] == "failed"), verifications[0])
+    with in_background(job_for_build(config, loaded.split, defs, plans, shapes), tmp) as background:
+        with clock.stage("export"):
+            entries = export_stage(config, loaded, comps, graphs, previous, tmp, versions, log)
+        with clock.stage("engines"):
+            entries = engine_stage(config, trt, entries, specs, shapes, cfg.patch_size, previous, tmp, versions, log)
+            entries = compile_stage(config, loaded, comps, graphs, entries, shapes.dim_ranges(cfg.patch_size),
+                                    previous, tmp, log)
+        with clock.stage("gate"):
+            log(f"[4/5] parity gate ({config.gate.mode}): ONNX Runtime{' and AOTInductor' if config.aoti else ''} vs "
+                f"PyTorch float32 on {config.gate.device}"
+                + (" (engines run only on a GPU: onex-export verify --backend tensorrt)" if trt != "none" else ""))
+            verifications = gate_stage(config, loaded, defs, plans, shapes, comps, tmp, entries, background, log)
+            verification = next((v for v in verifications if v["status"] == "failed"), verifications[0])
     graph_bytes = sum(entries[d.name].weight_bytes for d in defs)
     model_bytes = module_bytes(loaded.split, [*top_level_prefixes(loaded.split.transformer), "mlp"])
     manifest = Manifest(

@@ -15,9 +15,12 @@ Memory: the reference never exists whole. Its transformer sits on the ``meta`` d
 (embedders, one block, the output projection) is loaded in float32 from the checkpoint just before it
 runs and dropped just after, on ``device`` ("cuda" with ``--gate-device cuda``), and the freed memory is handed
 back to the OS each time (:func:`~onex_export.models.weights.return_freed_memory`). Candidate graphs are loaded
-one at a time; a graph's check and its chained call share one run where their inputs are identical (step 1's first
-graph). Each graph's time, loading included, is logged at the end and recorded (``time_by_graph``). Only the first call of each graph keeps its reference inputs and outputs (per graph, its output
-streams and deltas: 80 MiB for SD3.5-Large at 1024 px; what the reference's memory grows by during the gate).
+one at a time (ONNX Runtime's sessions in one shared arena, given back after the last graph, so that each graph's
+first run does not pay the kernel for fresh memory); a graph's check and its chained call share one run where
+their inputs are identical (step 1's first graph). Each graph's time, loading included, is logged at the end and
+recorded (``time_by_graph``). Only the first call of each graph keeps its reference inputs and outputs (per
+graph, its output streams and deltas: 80 MiB for SD3.5-Large at 1024 px; what the reference's memory grows by
+during the gate).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ from ..errors import OnexError, UsageError
 from ..models.split import SplitSD3Transformer
 from ..models.weights import WeightSource, materialize, release, return_freed_memory, top_level_prefixes
 from .parity import Tolerances, compare, rows_to_json, tolerance_for
-from ..runtime.graphs import PlanDenoiser, TorchGraph
+from ..runtime.graphs import PlanDenoiser, TorchGraph, release_shared_arena
 from ..runtime.sampler import Conditioning, sample
 from ..schedule import SamplingPlan
 from ..export.components import Components
@@ -118,7 +121,12 @@ class StreamedReference:
         outs = output if isinstance(output, tuple) else (output,)
         for o in outs:
             if isinstance(o, torch.Tensor) and o.is_floating_point() and o.numel():
-                self.max_abs[prefix] = max(self.max_abs.get(prefix, 0.0), float(o.detach().abs().max()))
+                previous = self.max_abs.get(prefix, 0.0)
+                if math.isnan(previous):
+                    return  # a NaN, once seen, is what the range check must report
+                lo, hi = torch.aminmax(o.detach())  # NaN in both where there is one; no |o| copy (10x faster)
+                value = max(-float(lo), float(hi))
+                self.max_abs[prefix] = value if math.isnan(value) or value > previous else previous
 
     def close(self) -> None:
         for h in self._hooks:
@@ -312,15 +320,61 @@ def _guarded(graph: Callable, name: str, artifact: str) -> Callable:
     return call
 
 
+@dataclass
+class ReferencePass:
+    """The float32 reference at each shape point of a gate (``points``: ``point`` (batch, resolution, text_len),
+    ``first``: each graph's first inputs and outputs, ``steps``: what each step returned, ``latents``), the largest
+    |value| per module (the range check's), the time per graph (``times``: (graph, seconds, runs)) and, when a
+    second process made it, its ``seconds``, ``waited_seconds`` (after the build's engines) and ``peak_rss_bytes``."""
+
+    points: list[dict]
+    max_abs: dict[str, float]
+    times: list[tuple[str, float, int]]
+    process: dict | None = None
+
+
+def reference_pass(ref_split: SplitSD3Transformer, source: WeightSource, defs: list[GraphDef], plans: dict,
+                   shapes: ShapeConfig, gate: GateConfig, eta: float = 1.0,
+                   log: Callable[[str], None] = lambda _: None) -> ReferencePass:
+    """The streamed float32 reference through the 1.x schedule at each of the gate's shape points; ``ref_split``: a
+    float32 split model on ``meta`` (its MLP loaded), ``source`` its checkpoint. Needs no candidate: a build makes it
+    in another process while it exports (see :mod:`.background`)."""
+    cfg, fp32 = ref_split.transformer.config, PrecisionPolicy("fp32")
+    specs = {d.name: graph_spec(ref_split, d, fp32) for d in defs}
+    ref_graphs = {d.name: TorchGraph(SubgraphModule(ref_split, d, specs[d.name]), specs[d.name]) for d in defs}
+    reference = StreamedReference(ref_split, source, gate.device)
+    clock, points = _Clock(log), []
+    plan = SamplingPlan.one_x(eta)
+    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # a float32 reference means float32 matrix products
+    try:
+        for batch, res, text_len in shape_points(shapes, gate.mode):
+            cond = conditioning(cfg.joint_attention_dim, cfg.pooled_projection_dim, batch, text_len, gate.seed)
+            latent = (cfg.in_channels, res // shapes.vae_scale, res // shapes.vae_scale)
+            log(f"      reference b{batch} {res}px t{text_len} on {gate.device} (float32, one module at a time)")
+            recorder = _Recorder(ref_graphs, clock)
+            steps = _StepTap(PlanDenoiser(recorder, plans))
+            with torch.no_grad():
+                latents = sample(steps, plan, cond, latent, gate.seed, device=gate.device)
+            points.append({"point": (batch, res, text_len), "first": recorder.first, "steps": steps.outputs,
+                           "latents": latents.cpu()})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
+        reference.close()
+    times = [(name, seconds, clock.runs[(side, name)]) for (side, name), seconds in clock.seconds.items()]
+    return ReferencePass(points, dict(reference.max_abs), times)
+
+
 def run_gate(ref_split: SplitSD3Transformer, source: WeightSource, defs: list[GraphDef], plans: dict,
              load_candidate: Callable[[str], Callable], *, artifact: str, backend: str, candidate_device: str,
              policy: PrecisionPolicy, shapes: ShapeConfig, gate: GateConfig, eta: float = 1.0,
-             components: Components | None = None, log: Callable[[str], None] = lambda _: None) -> dict:
+             components: Components | None = None, reference: ReferencePass | None = None,
+             log: Callable[[str], None] = lambda _: None) -> dict:
     """Check candidate graphs against the streamed float32 reference; returns a verification record.
 
     ``ref_split`` is a float32 split model on ``meta`` (its MLP loaded), ``source`` its checkpoint.
-    ``load_candidate(name)`` gives a graph runner ``graph(**inputs) -> {output: tensor}``.
-    """
+    ``load_candidate(name)`` gives a graph runner ``graph(**inputs) -> {output: tensor}``. ``reference``: the
+    :func:`reference_pass` of these graphs, shapes and gate where it is made already (else it is made here)."""
     record = {"artifact": artifact, "backend": backend, "device": candidate_device, "reference_device": gate.device,
               "precision": policy.precision, "fp32_blocks": str(policy.fp32_blocks) if policy.fp32_blocks else None,
               "mode": gate.mode, "shapes": [], "rows": [], "range_check": None,
@@ -334,45 +388,41 @@ def run_gate(ref_split: SplitSD3Transformer, source: WeightSource, defs: list[Gr
     start = time.perf_counter()
     cfg = ref_split.transformer.config
     fp32 = PrecisionPolicy("fp32")
-    ref_graphs = {d.name: TorchGraph(SubgraphModule(ref_split, d, graph_spec(ref_split, d, fp32)),
-                                     graph_spec(ref_split, d, fp32)) for d in defs}
-    tols = _tolerances(tol, gate, [o.name for g in ref_graphs.values() for o in g.spec.outputs] + ["latents"]
+    tols = _tolerances(tol, gate, [o.name for d in defs for o in graph_spec(ref_split, d, fp32).outputs] + ["latents"]
                        + [o.name for n in (components.names if components else ()) for o in components.spec(n).outputs])
-    reference = StreamedReference(ref_split, source, gate.device)
+    if reference is None:
+        reference = reference_pass(ref_split, source, defs, plans, shapes, gate, eta, log)
+    if [p["point"] for p in reference.points] != shape_points(shapes, gate.mode):
+        raise RuntimeError("the reference pass was made for other shape points than this gate's")  # a bug, not input
     rows, clock, shared = [], _Clock(log), 0
+    for name, seconds, runs in reference.times:
+        clock.add("reference", name, seconds, runs)
     plan = SamplingPlan.one_x(eta)
-    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # a float32 reference means float32 matrix products
-    try:
-        for batch, res, text_len in shape_points(shapes, gate.mode):
-            tag = f"b{batch} {res}px t{text_len}"
-            record["shapes"].append([batch, res, text_len])
-            cond = conditioning(cfg.joint_attention_dim, cfg.pooled_projection_dim, batch, text_len, gate.seed)
-            latent = (cfg.in_channels, res // shapes.vae_scale, res // shapes.vae_scale)
-            log(f"      reference {tag} on {gate.device} (float32, one module at a time)")
-            recorder = _Recorder(ref_graphs, clock)
-            ref_steps = _StepTap(PlanDenoiser(recorder, plans))
-            with torch.no_grad():
-                ref = sample(ref_steps, plan, cond, latent, gate.seed, device=gate.device)
+    for ref in reference.points:
+        batch, res, text_len = ref["point"]
+        tag = f"b{batch} {res}px t{text_len}"
+        record["shapes"].append([batch, res, text_len])
+        cond = conditioning(cfg.joint_attention_dim, cfg.pooled_projection_dim, batch, text_len, gate.seed)
+        latent = (cfg.in_channels, res // shapes.vae_scale, res // shapes.vae_scale)
 
-            def check(name, want, got, tag=tag):
-                rows.extend(compare(f"graph {name} {tag}", want, got, tols))
+        def check(name, want, got, tag=tag):
+            rows.extend(compare(f"graph {name} {tag}", want, got, tols))
 
-            log(f"      {artifact} graphs {tag} on {backend}, one at a time")
-            candidates = _OneAtATime(load_candidate, recorder.first, check, artifact, clock)
-            cand_steps = _StepTap(PlanDenoiser(candidates, plans))
-            got = sample(cand_steps, plan, cond, latent, gate.seed, device=candidate_device)
-            shared += candidates.shared
-            candidates.close()
-            rows += compare(f"1.x-nfe step 1 {tag}", ref_steps.outputs[0], cand_steps.outputs[0], tols)
-            rows += compare(f"1.x-nfe step 2 {tag}", ref_steps.outputs[1], cand_steps.outputs[1], tols)
-            rows += compare(f"1.x-nfe schedule {tag}", {"latents": ref}, {"latents": got}, tols)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
-        reference.close()
+        log(f"      {artifact} graphs {tag} on {backend}, one at a time")
+        candidates = _OneAtATime(load_candidate, ref["first"], check, artifact, clock)
+        cand_steps = _StepTap(PlanDenoiser(candidates, plans))
+        got = sample(cand_steps, plan, cond, latent, gate.seed, device=candidate_device)
+        shared += candidates.shared
+        candidates.close()
+        release_shared_arena()  # ONNX Runtime's, kept between the graphs; not while the next reference runs
+        rows += compare(f"1.x-nfe step 1 {tag}", ref["steps"][0], cand_steps.outputs[0], tols)
+        rows += compare(f"1.x-nfe step 2 {tag}", ref["steps"][1], cand_steps.outputs[1], tols)
+        rows += compare(f"1.x-nfe schedule {tag}", {"latents": ref["latents"]}, {"latents": got}, tols)
     record["range_check"] = range_check(reference.max_abs, policy, ref_split.num_layers)
+    record["reference_process"] = reference.process
     if components is not None and components.names:
         rows += _component_rows(components, load_candidate, backend, shapes, gate, clock)
+        release_shared_arena()
     record["time_by_graph"] = clock.table()
     record["shared_runs"] = shared
     for line in time_table(record["time_by_graph"], shared):

@@ -6,6 +6,7 @@ Backends: :class:`TorchGraph` (the PyTorch reference), :class:`OrtGraph` (ONNX R
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,46 @@ class TorchGraph:
         return {t.name: o for t, o in zip(self.spec.outputs, outs)}
 
 
+_SHARED_ARENA = {"registered": False}  # ONNX Runtime has no call that unregisters it
+
+
+def _use_shared_arena(options) -> None:
+    """Make a session allocate from the process's shared CPU arena (registered on first use, growing by what is
+    asked, like the sessions' own)."""
+    import onnxruntime as ort
+
+    if not _SHARED_ARENA["registered"]:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))  # kSameAsRequested
+        _SHARED_ARENA["registered"] = True
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
+@functools.cache
+def _identity_graph() -> bytes:
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [value],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
+
+def release_shared_arena() -> None:
+    """Give the shared arena's free memory back to the system, once the ``low_memory`` sessions are dropped (ONNX
+    Runtime frees each region of it with nothing left in it: shrinking is a run option, so a one-op graph runs)."""
+    if not _SHARED_ARENA["registered"]:
+        return
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    _use_shared_arena(options)
+    session = ort.InferenceSession(_identity_graph(), options, providers=["CPUExecutionProvider"])
+    shrink = ort.RunOptions()
+    shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    session.run(None, {"x": np.zeros(1, np.float32)}, shrink)
+
+
 def _session(path: Path, providers: tuple[str, ...], low_memory: bool, spin: bool = True):
     import onnxruntime as ort
 
@@ -45,17 +86,22 @@ def _session(path: Path, providers: tuple[str, ...], low_memory: bool, spin: boo
         # - the memory arena on, growing by what is asked: without it each 24 x 4429^2 attention buffer is a fresh
         #   allocation, and the segment took 49-57 s a run;
         # - no memory pattern (one block for the whole plan, allocated beside the arena from the second run on):
-        #   with it, the process grew from 12.4 to 16.2 GiB resident over the segment's second run.
+        #   with it, the process grew from 12.4 to 16.2 GiB resident over the segment's second run;
+        # - one arena for the process, shared by every such session: a session's own arena is new memory, and the
+        #   kernel's page faults on it (zeroing each page) made a graph's first run up to 50% slower than its second
+        #   (head 8.5 s a run with its own arena, 5.5 s in the shared one; segment's first run spent 14 of 43 CPU
+        #   seconds in the kernel). The shared arena keeps its memory until :func:`release_shared_arena`.
         options.enable_mem_pattern = False
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        providers = [(p, {"arena_extend_strategy": "kSameAsRequested"}) if p == "CPUExecutionProvider" else p
-                     for p in providers]
+        if "CPUExecutionProvider" in providers:
+            _use_shared_arena(options)
     return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
 class OrtGraph:
     """An ONNX graph in an ONNX Runtime session (CPU unless other providers are given). ``low_memory`` drops ONNX
-    Runtime's graph optimisations and memory pattern (for one-off runs; see ``_session``). ``spin=False`` stops
+    Runtime's graph optimisations and memory pattern and allocates from one arena shared by such sessions (for
+    one-off runs one graph after another, as in the gate; see ``_session``; :func:`release_shared_arena` after). ``spin=False`` stops
     its worker threads from spinning between runs: slower for one caller alone, faster where other threads need
     the cores (a server's)."""
 
