@@ -68,3 +68,25 @@ def test_closing_stops_a_reference_still_running(tmp_path):
     assert not reference.process.is_alive() and reference.process.exitcode != 0
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_a_second_process_only_where_the_gate_runs_and_the_model_is_big_enough():
+    from types import SimpleNamespace
+
+    from onex_export.check.background import job_for_build
+
+    config, _ = transformer_source("tiny-sd3")
+    split = split_on_meta(config, None, SKIP)
+    defs = transformer_graphs(split, PrecisionPolicy("fp32"))[0]
+    shapes = ShapeConfig(DimRange(1, 1, 1), DimRange(32, 32, 32), DimRange(16, 16, 16), 8)
+
+    def job(reference_process, mode="opt", precision="fp16"):
+        cfg = SimpleNamespace(model="tiny-sd3", mlp=None, skip=SKIP, gate=GateConfig(mode=mode), eta=1.0,
+                              precision=precision, reference_process=reference_process)
+        return job_for_build(cfg, split, defs, build_plans(defs), shapes)
+
+    assert job(None) is None  # tiny-sd3 is far below 256 MiB of weights: the build's own process makes it
+    made = job(True)
+    assert (made.model, made.skip, [d.name for d in made.defs]) == ("tiny-sd3", SKIP, [d.name for d in defs])
+    assert job(True, mode="none") is None  # no gate, no reference
+    assert job(True, precision="bf16") is None  # nothing here runs bf16 graphs: the gate records not-run

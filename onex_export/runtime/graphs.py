@@ -101,9 +101,9 @@ def _session(path: Path, providers: tuple[str, ...], low_memory: bool, spin: boo
 class OrtGraph:
     """An ONNX graph in an ONNX Runtime session (CPU unless other providers are given). ``low_memory`` drops ONNX
     Runtime's graph optimisations and memory pattern and allocates from one arena shared by such sessions (for
-    one-off runs one graph after another, as in the gate; see ``_session``; :func:`release_shared_arena` after). ``spin=False`` stops
-    its worker threads from spinning between runs: slower for one caller alone, faster where other threads need
-    the cores (a server's)."""
+    one-off runs of one graph after another, as in the gate; see ``_session``; :func:`release_shared_arena`
+    after). ``spin=False`` stops its worker threads from spinning between runs: slower for one caller alone,
+    faster where other threads need the cores (a server's)."""
 
     def __init__(self, path: Path, providers: tuple[str, ...] = ("CPUExecutionProvider",), low_memory: bool = False,
                  spin: bool = True):
