@@ -36,7 +36,7 @@ import torch
 
 from onex_export.contract import FILENAME, Manifest, read_manifest
 from onex_export.export.precision import PRECISIONS
-from onex_export.export.stages import StageClock
+from onex_export.export.stages import StageClock, rss_bytes
 from onex_export.outputs import report_folder
 from onex_export.models.text import SD3_TEXT_LENGTH
 from onex_export.params import FiniteFloat
@@ -69,14 +69,12 @@ class Watchdog:
         total, pending = 0, [self.proc.pid]
         while pending:
             pid = pending.pop()
+            total += rss_bytes(pid)
             try:
-                text = Path(f"/proc/{pid}/status").read_text()
                 pending += [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
                             for c in (t / "children").read_text().split()]
             except OSError:
                 continue  # gone meanwhile
-            match = re.search(r"VmRSS:\s+(\d+) kB", text)
-            total += int(match.group(1)) * 1024 if match else 0
         return total
 
     def _run(self) -> None:

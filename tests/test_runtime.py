@@ -243,12 +243,6 @@ def test_batched_requests_give_each_request_its_own_images(build_dir):
         pipe.generate_batch([Request(("a",), images_per_prompt=4)])
 
 
-def _rss() -> int:
-    import re
-
-    return int(re.search(r"VmRSS:\s+(\d+)", open("/proc/self/status").read()).group(1)) * 1024
-
-
 def _faults() -> int:
     import resource
 
@@ -279,20 +273,21 @@ def test_an_output_kept_after_its_session_does_not_keep_the_sessions_memory(tmp_
     must give the intermediate back (it kept 272 MiB without the copy)."""
     import gc
 
+    from onex_export.export.stages import rss_bytes
     from onex_export.models.weights import return_freed_memory
     from onex_export.runtime.graphs import OrtGraph, release_shared_arena
 
     path = _square_graph(tmp_path)
     x = torch.randn(8192, 1, generator=torch.Generator().manual_seed(0))
     release_shared_arena()
-    before = _rss()
+    before = rss_bytes()
     session = OrtGraph(path, low_memory=low_memory)
     out = session(x=x, xt=x.T.contiguous())
     del session
     gc.collect()
     release_shared_arena()
     return_freed_memory()
-    kept = _rss() - before
+    kept = rss_bytes() - before
     assert out["y"].item() == pytest.approx(float(x.sum()) ** 2, rel=1e-4)  # the output is still right
     assert kept < 128 * 2**20, f"{kept / 2**20:.0f} MiB still resident after the session was dropped"
 

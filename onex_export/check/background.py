@@ -101,7 +101,6 @@ class BackgroundReference:
         self.full_speed = context.Event()
         self.process = context.Process(target=_work, args=(job, str(self.path), self.full_speed),
                                        name="onex-gate-reference", daemon=True)
-        self.started = time.perf_counter()
         self.process.start()
 
     def result(self, log: Callable[[str], None] = lambda _: None) -> ReferencePass:

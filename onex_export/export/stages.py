@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-_STATUS = Path("/proc/self/status")
-
-
 def reset_peak_rss() -> bool:
     """Reset the process's peak resident memory to its current value; False where the OS does not allow it."""
     try:
@@ -27,18 +24,18 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _status_bytes(field: str) -> int | None:
-    """A ``VmRSS``/``VmHWM``-style field of ``/proc/self/status`` in bytes, or None where there is none."""
+def _status_bytes(field: str, pid: int | str = "self") -> int | None:
+    """A ``VmRSS``/``VmHWM``-style field of ``/proc/<pid>/status`` in bytes, or None where there is none."""
     try:
-        match = re.search(rf"{field}:\s+(\d+) kB", _STATUS.read_text())
+        match = re.search(rf"{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
     except OSError:
         return None
     return int(match.group(1)) * 1024 if match else None
 
 
-def rss_bytes() -> int:
-    """The process's resident memory now (0 where the OS does not say)."""
-    return _status_bytes("VmRSS") or 0
+def rss_bytes(pid: int | str = "self") -> int:
+    """The resident memory now of this process (or of process ``pid``); 0 where the OS does not say."""
+    return _status_bytes("VmRSS", pid) or 0
 
 
 def peak_rss_bytes() -> int:
